@@ -1,0 +1,114 @@
+"""DeviceLoader: the whole dataset on one device, batches cut by index, views made on the device."""
+
+from __future__ import annotations
+
+import math
+from typing import Iterator, NamedTuple, Sequence
+
+import torch
+
+from .datasets import ImageDataset
+from .views import AugmentSpec, hash_ints, make_view
+
+__all__ = ["Batch", "DeviceLoader"]
+
+_STREAM_ORDER = 0x0D0E  # keeps the epoch order independent of the per-sample view hashes
+
+
+class Batch(NamedTuple):
+    """One batch: inputs x float32 (B,C,H,W), labels y int64 (B,), dataset indices int64 (B,)."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+    index: torch.Tensor
+
+
+class DeviceLoader:
+    """Iterates seeded, augmented (train) or sequential (eval) batches of a dataset held on `device`.
+
+    Train order is a permutation drawn from a CPU generator seeded by hash(seed, epoch), padded to a
+    multiple of world_size by repeating its start, and sharded as order[rank::world_size] (like
+    DistributedSampler). Eval order is 0..N-1 sharded the same way without padding, so every
+    sample is evaluated exactly once across ranks.
+    """
+
+    def __init__(
+        self,
+        dataset: ImageDataset,
+        *,
+        batch_size: int,
+        mean: Sequence[float],
+        std: Sequence[float],
+        spec: AugmentSpec = AugmentSpec(),
+        train: bool = True,
+        seed: int = 0,
+        device: str | torch.device = "cpu",
+        drop_last: bool | None = None,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}.")
+        if not (isinstance(world_size, int) and world_size >= 1 and isinstance(rank, int) and 0 <= rank < world_size):
+            raise ValueError(
+                f"rank must be in 0..world_size-1 with world_size >= 1, got rank={rank}, world_size={world_size}."
+            )
+        if len(dataset) == 0:
+            raise ValueError("the dataset is empty; a DeviceLoader needs at least one sample.")
+        self.device = torch.device(device)
+        self.images = dataset.images.to(self.device)
+        self.labels = dataset.labels.to(self.device)
+        self.mean = tuple(float(m) for m in mean)
+        self.std = tuple(float(s) for s in std)
+        if len(self.mean) != dataset.in_channels or len(self.std) != dataset.in_channels:
+            raise ValueError(
+                f"mean and std need {dataset.in_channels} values (one per channel), "
+                f"got {len(self.mean)} and {len(self.std)}."
+            )
+        self.spec = spec
+        self.train = train
+        self.seed = seed
+        self.batch_size = batch_size
+        self.drop_last = train if drop_last is None else drop_last
+        self.rank = rank
+        self.world_size = world_size
+
+    @property
+    def num_samples(self) -> int:
+        """Samples this rank sees per epoch (padding included)."""
+        n = len(self.labels)
+        if self.train:
+            return math.ceil(n / self.world_size)
+        return len(range(self.rank, n, self.world_size))
+
+    def __len__(self) -> int:
+        n = self.num_samples
+        return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
+
+    def indices(self, epoch: int | None) -> torch.Tensor:
+        """This rank's dataset indices for `epoch`, in iteration order (int64, on the loader's device)."""
+        n = len(self.labels)
+        if not self.train:
+            return torch.arange(self.rank, n, self.world_size, device=self.device)
+        if epoch is None:
+            raise ValueError("a training DeviceLoader needs an integer epoch: the order and the views depend on it.")
+        gen = torch.Generator().manual_seed(hash_ints(self.seed, epoch, _STREAM_ORDER))
+        order = torch.randperm(n, generator=gen)
+        total = math.ceil(n / self.world_size) * self.world_size
+        if total > n:  # pad by repeating the start, as DistributedSampler does
+            order = torch.cat([order, order.repeat(math.ceil((total - n) / n))[: total - n]])
+        return order[self.rank :: self.world_size].to(self.device)
+
+    def batches(self, epoch: int | None, start: int = 0) -> Iterator[Batch]:
+        """Yield the epoch's batches, skipping the first `start` (to resume mid-epoch)."""
+        nb = len(self)
+        if not isinstance(start, int) or not 0 <= start <= nb:
+            raise ValueError(f"start must be an integer in 0..{nb} (batches per epoch), got {start!r}.")
+        order = self.indices(epoch)
+        view_epoch = epoch if self.train else None
+        for b in range(start, nb):
+            idx = order[b * self.batch_size : (b + 1) * self.batch_size]
+            x = make_view(
+                self.images, idx, epoch=view_epoch, seed=self.seed, spec=self.spec, mean=self.mean, std=self.std
+            )
+            yield Batch(x, self.labels.index_select(0, idx), idx)

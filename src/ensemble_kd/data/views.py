@@ -1,0 +1,142 @@
+"""Seeded views: normalisation plus random crop and flip, a pure function of (seed, epoch, index).
+
+The per-sample parameters come from an integer hash evaluated with torch int64 ops on the
+images' device, so a sample's view never depends on the batch it sits in, on the order of the
+batches, or on the device; that is what lets the teacher cache store outputs for exact views.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["AugmentSpec", "hash_ints", "view_params", "make_view", "normalize"]
+
+_M32 = 0xFFFFFFFF
+_M64 = 0xFFFFFFFFFFFFFFFF
+# Stream tags so crop rows, crop columns and flips draw independent numbers.
+_STREAM_DY, _STREAM_DX, _STREAM_FLIP = 0x1D1, 0x2E2, 0x3F3
+
+
+@dataclass(frozen=True)
+class AugmentSpec:
+    """Training augmentation: random crop after `crop_padding` zero pixels per side, horizontal flip."""
+
+    crop_padding: int = 0
+    flip: bool = False
+
+    def __post_init__(self) -> None:
+        if isinstance(self.crop_padding, bool) or not isinstance(self.crop_padding, int) or self.crop_padding < 0:
+            raise ValueError(f"crop_padding must be a non-negative integer, got {self.crop_padding!r}.")
+        if not isinstance(self.flip, bool):
+            raise ValueError(f"flip must be true or false, got {self.flip!r}.")
+
+    @property
+    def enabled(self) -> bool:
+        """Whether this spec changes any pixel."""
+        return self.crop_padding > 0 or self.flip
+
+
+def _mul32(x, c: int):
+    """x * c mod 2**32 for 0 <= x < 2**32, with every intermediate below 2**63 (no int64 overflow)."""
+    return (x * (c & 0xFFFF) + (((x * (c >> 16)) & 0xFFFF) << 16)) & _M32
+
+
+def _mix32(x):
+    """A 32-bit avalanche hash (Wellons' lowbias32); works on Python ints and int64 tensors alike."""
+    x = x ^ (x >> 16)
+    x = _mul32(x, 0x7FEB352D)
+    x = x ^ (x >> 15)
+    x = _mul32(x, 0x846CA68B)
+    return x ^ (x >> 16)
+
+
+def _halves(v):
+    """The low and high 32 bits of v taken as a 64-bit two's complement integer."""
+    if isinstance(v, torch.Tensor):
+        v = v.to(torch.int64)
+        return v & _M32, (v >> 32) & _M32
+    v = int(v) & _M64
+    return v & _M32, v >> 32
+
+
+def hash_ints(*values: int | torch.Tensor) -> int | torch.Tensor:
+    """A 32-bit hash (as int or int64 tensor, broadcast over tensor arguments) of a sequence of integers.
+
+    Python ints are combined in Python; once a tensor appears the rest runs as int64 tensor ops
+    on that tensor's device. The result is the same on every device and for every batch layout.
+    """
+    h = 0x6A09E667
+    for v in values:
+        lo, hi = _halves(v)
+        h = _mix32(h ^ lo)
+        h = _mix32(h ^ hi)
+    return h
+
+
+def view_params(indices: torch.Tensor, *, epoch: int, seed: int, spec: AugmentSpec):
+    """Per-sample crop offsets (dy, dx in 0..2*padding, into the padded image) and flip flags."""
+    h = hash_ints(seed, epoch, indices)
+    span = 2 * spec.crop_padding + 1
+    dy = hash_ints(h, _STREAM_DY) % span
+    dx = hash_ints(h, _STREAM_DX) % span
+    flip = (hash_ints(h, _STREAM_FLIP) & 1).bool() if spec.flip else torch.zeros_like(h, dtype=torch.bool)
+    return dy, dx, flip
+
+
+def _channel_stats(values: Sequence[float] | torch.Tensor, channels: int, what: str, device) -> torch.Tensor:
+    t = torch.as_tensor(values, dtype=torch.float32, device=device).reshape(-1)
+    if t.numel() != channels:
+        raise ValueError(
+            f"{what} has {t.numel()} values but the images have {channels} channels; "
+            f"give one per channel."
+        )
+    return t.view(1, channels, 1, 1)
+
+
+def normalize(x_u8: torch.Tensor, mean, std) -> torch.Tensor:
+    """(x/255 - mean) / std per channel, as float32."""
+    c = x_u8.shape[1]
+    m = _channel_stats(mean, c, "mean", x_u8.device)
+    s = _channel_stats(std, c, "std", x_u8.device)
+    if bool((s <= 0).any()):
+        raise ValueError(f"std must be positive in every channel, got {s.flatten().tolist()}.")
+    # In place on the fresh float copy: the same arithmetic as (x/255 - m)/s with one allocation.
+    return x_u8.to(torch.float32).div_(255.0).sub_(m).div_(s)
+
+
+def make_view(
+    images_u8: torch.Tensor,
+    indices: torch.Tensor | Sequence[int],
+    *,
+    epoch: int | None,
+    seed: int,
+    spec: AugmentSpec | None,
+    mean,
+    std,
+) -> torch.Tensor:
+    """The float32 batch (B,C,H,W) of views of images_u8[indices] for (seed, epoch); epoch=None: eval view."""
+    if images_u8.dtype != torch.uint8 or images_u8.dim() != 4:
+        raise ValueError(
+            f"images must be a uint8 tensor (N, C, H, W), got {images_u8.dtype} of shape {tuple(images_u8.shape)}."
+        )
+    device = images_u8.device
+    idx = torch.as_tensor(indices, dtype=torch.int64).to(device).reshape(-1)
+    _, c, h, w = images_u8.shape
+    if epoch is None or spec is None or not spec.enabled:
+        return normalize(images_u8.index_select(0, idx), mean, std)
+
+    dy, dx, flip = view_params(idx, epoch=epoch, seed=seed, spec=spec)
+    p, b = spec.crop_padding, idx.numel()
+    # Zero padding happens in the 0..255 domain, before normalisation, as in torchvision's RandomCrop.
+    x = F.pad(images_u8.index_select(0, idx), (p, p, p, p))
+    # out[i, j] = padded[i + dy, j + dx]: two gathers (rows, then columns) instead of per-sample slicing.
+    rows = (torch.arange(h, device=device) + dy[:, None]).view(b, 1, h, 1).expand(b, c, h, w + 2 * p)
+    x = x.gather(2, rows)
+    cols = torch.arange(w, device=device) + dx[:, None]
+    cols = torch.where(flip[:, None], cols.flip(1), cols)  # mirror after cropping
+    x = x.gather(3, cols.view(b, 1, 1, w).expand(b, c, h, w))
+    return normalize(x, mean, std)
