@@ -1,0 +1,22 @@
+"""Architectures, a registry to build them by name, and taps (named intermediate outputs).
+
+    model = create("resnet20", num_classes=10, in_channels=3)
+    logits, feats = forward_with_taps(model, x, default_taps(model))
+    same = create(**model.spec)
+"""
+
+from __future__ import annotations
+
+# Importing the architecture files registers their models.
+from . import mobilenetv2, resnet_cifar, small, vgg, wrn  # noqa: F401
+from .registry import create, list_models, register_model
+from .taps import default_taps, forward_with_taps, resolve_module
+
+__all__ = [
+    "create",
+    "default_taps",
+    "forward_with_taps",
+    "list_models",
+    "register_model",
+    "resolve_module",
+]

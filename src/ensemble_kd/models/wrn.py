@@ -1,0 +1,106 @@
+"""Wide ResNets (Zagoruyko & Komodakis 2016): WRN-depth-width, pre-activation basic blocks.
+
+WRN-16-2 0.69M, WRN-40-2 2.2M, WRN-28-10 36.5M parameters (10 classes).
+Stages: conv1 stem, layer1..layer3 (widths 16k/32k/64k), bn + ReLU, adaptive average pool, fc.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .registry import register_model
+
+
+class WideBlock(nn.Module):
+    """BN-ReLU-conv3x3-BN-ReLU-(dropout)-conv3x3 plus an identity or 1x1-conv shortcut."""
+
+    def __init__(self, in_planes: int, planes: int, stride: int, dropout: float):
+        super().__init__()
+        self.bn1 = nn.BatchNorm2d(in_planes)
+        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.equal = in_planes == planes and stride == 1
+        self.shortcut = (
+            nn.Identity() if self.equal else nn.Conv2d(in_planes, planes, 1, stride, 0, bias=False)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        act = F.relu(self.bn1(x))
+        out = self.conv1(act)
+        out = self.conv2(self.dropout(F.relu(self.bn2(out))))
+        # As in the reference code: the projection shortcut sees the pre-activated input.
+        return out + (x if self.equal else self.shortcut(act))
+
+
+class WideResNet(nn.Module):
+    """WRN-depth-width for small images; any in_channels, any input of at least 8x8."""
+
+    def __init__(
+        self,
+        depth: int = 28,
+        width: int = 10,
+        num_classes: int = 10,
+        in_channels: int = 3,
+        dropout: float = 0.0,
+    ):
+        super().__init__()
+        if depth < 10 or (depth - 4) % 6 != 0:
+            raise ValueError(f"WRN depth must be 6n+4 with n >= 1 (16, 28, 40), got {depth}.")
+        if width < 1:
+            raise ValueError(f"WRN width must be a positive integer, got {width}.")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"WRN dropout must be in [0, 1), got {dropout}.")
+        n = (depth - 4) // 6
+        widths = (16 * width, 32 * width, 64 * width)
+        self.conv1 = nn.Conv2d(in_channels, 16, 3, 1, 1, bias=False)
+        self.layer1 = self._stage(16, widths[0], n, 1, dropout)
+        self.layer2 = self._stage(widths[0], widths[1], n, 2, dropout)
+        self.layer3 = self._stage(widths[1], widths[2], n, 2, dropout)
+        self.bn = nn.BatchNorm2d(widths[2])
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(widths[2], num_classes)
+        # Stage ends are the pre-activation block outputs (the final bn/ReLU belongs to the head).
+        self.tap_points: tuple[str, ...] = ("layer1", "layer2", "layer3")
+        self.stage_channels: tuple[int, ...] = widths
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, nn.Linear):
+                nn.init.zeros_(m.bias)
+
+    @staticmethod
+    def _stage(in_planes: int, planes: int, blocks: int, stride: int, dropout: float) -> nn.Sequential:
+        layers = [WideBlock(in_planes, planes, stride, dropout)]
+        layers += [WideBlock(planes, planes, 1, dropout) for _ in range(blocks - 1)]
+        return nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.layer3(self.layer2(self.layer1(self.conv1(x))))
+        x = F.relu(self.bn(x))
+        return self.fc(torch.flatten(self.pool(x), 1))
+
+
+@register_model("wrn")
+def wrn(
+    num_classes: int = 10, in_channels: int = 3, depth: int = 28, width: int = 10, dropout: float = 0.0
+) -> WideResNet:
+    """WRN-depth-width; the aliases below fix depth and width."""
+    return WideResNet(depth, width, num_classes, in_channels, dropout)
+
+
+def _alias(depth: int, width: int):
+    def builder(num_classes: int = 10, in_channels: int = 3, dropout: float = 0.0) -> WideResNet:
+        return WideResNet(depth, width, num_classes, in_channels, dropout)
+
+    builder.__name__ = f"wrn{depth}_{width}"
+    builder.__doc__ = f"WRN-{depth}-{width}."
+    return register_model(builder.__name__)(builder)
+
+
+# The teacher/student pairs used across the KD literature (RepDistiller, AE-KD) and WRN-28-10.
+for _depth, _width in ((16, 1), (16, 2), (16, 4), (16, 8), (28, 2), (28, 10), (40, 1), (40, 2), (40, 4)):
+    _alias(_depth, _width)
