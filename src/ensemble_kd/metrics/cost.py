@@ -1,0 +1,129 @@
+"""Inference cost of a model: parameters, FLOPs per sample, latency and throughput."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import statistics
+import time
+from collections.abc import Iterator, Sequence
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+
+def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
+    """Number of parameter elements (shared parameters counted once); optionally only trainable ones."""
+    return int(sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only))
+
+
+@contextlib.contextmanager
+def _eval_mode(model: nn.Module) -> Iterator[None]:
+    """Put every submodule in eval mode; afterwards restore each one's own flag (modes may be mixed)."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for m, training in modes:
+            m.training = training
+
+
+def _model_device_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:
+    """Device and floating dtype of the model's first parameter or buffer (CPU float32 if none)."""
+    tensors = list(model.parameters()) + list(model.buffers())
+    device = tensors[0].device if tensors else torch.device("cpu")
+    dtype = next((t.dtype for t in tensors if t.is_floating_point()), torch.float32)
+    return device, dtype
+
+
+def _check_shape(input_shape: Sequence[int]) -> tuple[int, ...]:
+    shape = tuple(int(s) for s in input_shape)
+    if not shape or any(s <= 0 for s in shape):
+        raise ValueError(
+            f"input_shape={tuple(input_shape)} must be the positive per-sample shape without the batch, "
+            "e.g. (3, 32, 32)."
+        )
+    return shape
+
+
+def _on_device(model: nn.Module, device) -> tuple[nn.Module, torch.device, torch.dtype]:
+    """The model itself if it already lives on `device` (or device is None), else a copy moved there."""
+    model_device, dtype = _model_device_dtype(model)
+    if device is None:
+        return model, model_device, dtype
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    if device == model_device:
+        return model, device, dtype
+    # A copy leaves the caller's model where it is.
+    return copy.deepcopy(model).to(device), device, dtype
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def count_flops(model: nn.Module, input_shape: Sequence[int]) -> int:
+    """FLOPs of one forward pass per sample (batch 1, eval mode), via FlopCounterMode.
+
+    input_shape excludes the batch, e.g. (3, 32, 32). A multiply-add counts as 2 FLOPs;
+    only matmul, convolution and attention are counted (not BN, activations, pooling),
+    so nn.Linear(10, 5) gives 2 * 10 * 5 = 100.
+    """
+    shape = _check_shape(input_shape)
+    device, dtype = _model_device_dtype(model)
+    x = torch.zeros((1, *shape), device=device, dtype=dtype)
+    with _eval_mode(model), torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(x)
+    return int(counter.get_total_flops())
+
+
+def _time_forward(model: nn.Module, x: torch.Tensor, device: torch.device, repeats: int, warmup: int) -> list[float]:
+    """Seconds per forward pass, `repeats` times after `warmup` untimed passes."""
+    if int(repeats) < 1 or int(warmup) < 0:
+        raise ValueError(f"repeats={repeats} must be >= 1 and warmup={warmup} >= 0.")
+    times = []
+    with _eval_mode(model), torch.no_grad():
+        for _ in range(int(warmup)):
+            model(x)
+        _sync(device)
+        for _ in range(int(repeats)):
+            start = time.perf_counter()
+            model(x)
+            _sync(device)  # CUDA kernels run asynchronously: wait before reading the clock
+            times.append(time.perf_counter() - start)
+    return times
+
+
+def measure_latency(
+    model: nn.Module, input_shape: Sequence[int], device=None, repeats: int = 50, warmup: int = 10
+) -> float:
+    """Median wall-clock milliseconds of one forward pass at batch 1 (eval mode, no grad).
+
+    device=None measures where the model lives; another device measures a copy there.
+    """
+    shape = _check_shape(input_shape)
+    model, device, dtype = _on_device(model, device)
+    x = torch.randn((1, *shape), device=device, dtype=dtype)
+    return 1000.0 * statistics.median(_time_forward(model, x, device, repeats, warmup))
+
+
+def measure_throughput(
+    model: nn.Module,
+    input_shape: Sequence[int],
+    device=None,
+    batch_size: int = 256,
+    repeats: int = 10,
+    warmup: int = 3,
+) -> float:
+    """Images per second of inference at `batch_size` (batch_size / median batch time)."""
+    shape = _check_shape(input_shape)
+    if int(batch_size) < 1:
+        raise ValueError(f"batch_size={batch_size} must be a positive integer.")
+    model, device, dtype = _on_device(model, device)
+    x = torch.randn((int(batch_size), *shape), device=device, dtype=dtype)
+    return int(batch_size) / statistics.median(_time_forward(model, x, device, repeats, warmup))

@@ -1,0 +1,18 @@
+"""Reports: result tables (markdown, rich, results.md/json) and figures (PNG)."""
+
+from __future__ import annotations
+
+from .plots import accuracy_vs_cost, reliability_diagram
+from .tables import COLUMNS, HEADERS, format_value, load_results, markdown_table, print_table, write_results
+
+__all__ = [
+    "COLUMNS",
+    "HEADERS",
+    "accuracy_vs_cost",
+    "format_value",
+    "load_results",
+    "markdown_table",
+    "print_table",
+    "reliability_diagram",
+    "write_results",
+]

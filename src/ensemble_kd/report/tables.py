@@ -1,0 +1,182 @@
+"""Result tables: markdown and rich renderings of metric rows, and results.md/json files."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+MISSING = "–"  # shown for a missing, None or NaN value
+
+# Default column order; a row is a dict keyed by these names (extra keys are allowed).
+COLUMNS: tuple[str, ...] = (
+    "name", "acc", "nll", "ece", "cnll", "cece", "brier",
+    "params", "flops", "latency_ms", "throughput", "train_time_s",
+)  # fmt: skip
+
+HEADERS: dict[str, str] = {
+    "name": "model",
+    "acc": "acc (%)",
+    "top5": "top-5 (%)",
+    "nll": "NLL",
+    "ece": "ECE",
+    "cnll": "cNLL",
+    "cece": "cECE",
+    "brier": "Brier",
+    "temperature": "T",
+    "params": "params",
+    "flops": "FLOPs",
+    "latency_ms": "latency (ms)",
+    "throughput": "img/s",
+    "train_time_s": "train (s)",
+}
+
+
+def _si(x: float, decimals: int, small_m: float) -> str:
+    """Compact count: G above 1e9, M above `small_m` (so 272474 -> 0.27M), K above 1e3."""
+    ax = abs(x)
+    if ax >= 1e9:
+        return f"{x / 1e9:.{decimals}f}G"
+    if ax >= small_m:
+        return f"{x / 1e6:.{decimals}f}M"
+    if ax >= 1e3:
+        return f"{x / 1e3:.1f}K"
+    return f"{x:.0f}"
+
+
+_FORMATS = {
+    "acc": lambda x: f"{100 * x:.2f}",
+    "top5": lambda x: f"{100 * x:.2f}",
+    "nll": lambda x: f"{x:.4f}",
+    "ece": lambda x: f"{x:.4f}",
+    "cnll": lambda x: f"{x:.4f}",
+    "cece": lambda x: f"{x:.4f}",
+    "brier": lambda x: f"{x:.4f}",
+    "temperature": lambda x: f"{x:.3f}",
+    "params": lambda x: _si(x, 2, 1e5),
+    "flops": lambda x: _si(x, 1, 1e6),
+    "latency_ms": lambda x: f"{x:.3f}",
+    "throughput": lambda x: f"{x:,.0f}",
+    "train_time_s": lambda x: f"{x:.1f}",
+}
+
+
+def _is_missing(value: Any) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value))
+
+
+def format_value(column: str, value: Any) -> str:
+    """One cell as text: per-column number format, '–' for missing/None/NaN."""
+    if _is_missing(value):
+        return MISSING
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return str(value)
+    if column in _FORMATS:
+        return _FORMATS[column](value)
+    return str(value) if isinstance(value, int) else f"{value:.4g}"
+
+
+def format_cell(row: Mapping[str, Any], column: str) -> str:
+    """A row's cell; a numeric `<column>_std` entry (spread over seeds) is appended as '± std'."""
+    text = format_value(column, row.get(column))
+    std = row.get(f"{column}_std")
+    if text != MISSING and isinstance(std, (int, float)) and not _is_missing(std):
+        text += " ± " + format_value(column, std)
+    return text
+
+
+def _columns(rows: Sequence[Mapping[str, Any]], columns: Sequence[str] | None) -> list[str]:
+    """Explicit columns as given; by default the COLUMNS that some row actually has."""
+    if columns is not None:
+        columns = list(columns)
+        if not columns:
+            raise ValueError("columns is empty; name at least one column or pass None for the defaults.")
+        return columns
+    return [c for c in COLUMNS if c == "name" or any(not _is_missing(r.get(c)) for r in rows)]
+
+
+def _check_rows(rows: Iterable[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+    rows = list(rows)
+    for i, row in enumerate(rows):
+        if not isinstance(row, Mapping):
+            raise ValueError(f"row {i} is a {type(row).__name__}; each row must be a dict of column -> value.")
+    return rows
+
+
+def markdown_table(rows: Iterable[Mapping[str, Any]], columns: Sequence[str] | None = None) -> str:
+    """A GitHub markdown table of the rows (numbers right-aligned), ending with a newline."""
+    rows = _check_rows(rows)
+    cols = _columns(rows, columns)
+    header = "| " + " | ".join(HEADERS.get(c, c) for c in cols) + " |"
+    rule = "|" + "|".join(":---" if c == "name" else "---:" for c in cols) + "|"
+    body = ["| " + " | ".join(format_cell(r, c).replace("|", "\\|") for c in cols) + " |" for r in rows]
+    return "\n".join([header, rule, *body]) + "\n"
+
+
+def print_table(
+    rows: Iterable[Mapping[str, Any]],
+    columns: Sequence[str] | None = None,
+    title: str | None = None,
+    console=None,
+) -> None:
+    """Print the rows as a rich Table on `console` (a new rich Console on stdout if None)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    rows = _check_rows(rows)
+    cols = _columns(rows, columns)
+    table = Table(title=title)
+    for c in cols:
+        table.add_column(HEADERS.get(c, c), justify="left" if c == "name" else "right")
+    for r in rows:
+        table.add_row(*(format_cell(r, c) for c in cols))
+    (console or Console()).print(table)
+
+
+def _jsonable(value: Any, where: str) -> Any:
+    """Plain JSON value: tensors/numpy scalars via .item()/.tolist(), NaN/inf -> null."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if value is None or isinstance(value, (str, int, bool)):
+        return value
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v, f"{where}.{k}") for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v, where) for v in value]
+    if hasattr(value, "tolist"):  # torch tensors and numpy arrays/scalars
+        return _jsonable(value.tolist(), where)
+    kind = type(value).__name__
+    raise ValueError(f"{where} holds a {kind}, which cannot be written to JSON; store a number or text.")
+
+
+def write_results(
+    run_dir: str | Path, rows: Iterable[Mapping[str, Any]], columns: Sequence[str] | None = None
+) -> tuple[Path, Path]:
+    """Write run_dir/results.md (formatted table) and run_dir/results.json (raw numbers); return both paths."""
+    rows = _check_rows(rows)
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    data = [_jsonable(dict(r), f"row {i}") for i, r in enumerate(rows)]
+    json_path = run_dir / "results.json"
+    json_path.write_text(json.dumps(data, indent=2) + "\n")
+    md_path = run_dir / "results.md"
+    md_path.write_text(markdown_table(rows, columns))
+    return md_path, json_path
+
+
+def load_results(run_dir: str | Path) -> list[dict[str, Any]]:
+    """The rows stored by write_results in run_dir/results.json (missing values come back as None)."""
+    path = Path(run_dir) / "results.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist; run the experiment (write_results) first or fix run_dir.")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path} is not valid JSON ({err}); rewrite it with write_results.") from err
+    if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
+        raise ValueError(f"{path} must hold a JSON list of row objects; rewrite it with write_results.")
+    return data

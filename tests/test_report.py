@@ -1,0 +1,142 @@
+"""Tests for ensemble_kd.report: table formatting, results files, PNG figures."""
+
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from rich.console import Console
+
+from ensemble_kd.metrics import reliability_bins
+from ensemble_kd.report import (
+    COLUMNS,
+    accuracy_vs_cost,
+    load_results,
+    markdown_table,
+    print_table,
+    reliability_diagram,
+    write_results,
+)
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+ROWS = [
+    {
+        "name": "resnet20",
+        "acc": 0.93712,
+        "nll": 0.21234567,
+        "ece": 0.0123456,
+        "params": 272474,
+        "flops": 41_000_000,
+        "latency_ms": 1.23456,
+        "throughput": 12345.6,
+        "train_time_s": 61.26,
+    },
+    {"name": "ensemble", "acc": 0.95, "nll": 0.17, "ece": 0.01, "cnll": 0.16, "cece": 0.008, "flops": 2.5e9},
+]
+
+
+def _cells(line: str) -> list[str]:
+    return [c.strip() for c in line.strip().strip("|").split("|")]
+
+
+def test_default_columns_order():
+    assert COLUMNS[:6] == ("name", "acc", "nll", "ece", "cnll", "cece")
+    assert {"brier", "params", "flops", "latency_ms", "throughput", "train_time_s"} <= set(COLUMNS)
+
+
+def test_markdown_table_formats_numbers_and_missing_values():
+    cols = ["name", "acc", "nll", "ece", "cnll", "params", "flops", "latency_ms", "throughput", "train_time_s"]
+    lines = markdown_table(ROWS, cols).splitlines()
+    assert len(lines) == 4  # header, rule, two rows
+    assert _cells(lines[0])[:3] == ["model", "acc (%)", "NLL"]
+    assert _cells(lines[1])[0] == ":---" and set(_cells(lines[1])[1:]) == {"---:"}
+    expected = ["resnet20", "93.71", "0.2123", "0.0123", "–", "0.27M", "41.0M", "1.235", "12,346", "61.3"]
+    assert _cells(lines[2]) == expected
+    # A value the row does not have is an en dash; 2.5e9 FLOPs switch to G.
+    assert _cells(lines[3]) == ["ensemble", "95.00", "0.1700", "0.0100", "0.1600", "–", "2.5G", "–", "–", "–"]
+
+
+def test_markdown_table_default_columns_skip_empty_ones_and_show_spread():
+    rows = [{"name": "a|b", "acc": 0.9, "acc_std": 0.0012, "nll": float("nan"), "brier": None}]
+    lines = markdown_table(rows).splitlines()
+    assert _cells(lines[0]) == ["model", "acc (%)"]  # nll/brier are NaN/None in every row: no column
+    assert "90.00 ± 0.12" in lines[2]
+    assert "a\\|b" in lines[2]  # a pipe in a name does not break the table
+    with pytest.raises(ValueError, match="row 0"):
+        markdown_table(["not a dict"])
+
+
+def test_print_table_renders_to_given_console():
+    buf = io.StringIO()
+    print_table(ROWS, ["name", "acc", "params"], title="CIFAR-10", console=Console(file=buf, width=120))
+    out = buf.getvalue()
+    assert "CIFAR-10" in out and "resnet20" in out and "93.71" in out and "0.27M" in out and "–" in out
+
+
+def test_write_and_load_results_round_trip(tmp_path):
+    rows = [dict(ROWS[0], temperature=torch.tensor(1.5), seed=3, missing=float("nan"))]
+    md_path, json_path = write_results(tmp_path / "run", rows)
+    assert md_path.name == "results.md" and json_path.name == "results.json"
+    assert "93.71" in md_path.read_text() and "0.27M" in md_path.read_text()
+    raw = json.loads(json_path.read_text())  # strict JSON: NaN is written as null
+    assert raw[0]["acc"] == 0.93712 and raw[0]["params"] == 272474
+    loaded = load_results(tmp_path / "run")
+    assert loaded[0]["nll"] == 0.21234567  # raw numbers, not the formatted text
+    assert loaded[0]["temperature"] == 1.5 and loaded[0]["seed"] == 3 and loaded[0]["missing"] is None
+    with pytest.raises(ValueError, match="row 0.bad"):
+        write_results(tmp_path / "bad", [{"name": "x", "bad": object()}])
+
+
+def test_load_results_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="results.json"):
+        load_results(tmp_path)
+    (tmp_path / "results.json").write_text('{"not": "a list"}')
+    with pytest.raises(ValueError, match="list of row objects"):
+        load_results(tmp_path)
+
+
+def _assert_png(path):
+    data = path.read_bytes()
+    assert data[:8] == PNG_MAGIC
+    assert len(data) > 2000
+
+
+def _bins(sharpness: float, seed: int) -> dict:
+    gen = torch.Generator().manual_seed(seed)
+    probs = torch.softmax(sharpness * torch.randn(500, 10, generator=gen), dim=1)
+    labels = torch.multinomial(torch.softmax(torch.randn(500, 10, generator=gen), dim=1), 1, generator=gen)
+    return reliability_bins(probs, labels.squeeze(1))
+
+
+def test_reliability_diagram_writes_png(tmp_path):
+    path = reliability_diagram({"teacher": _bins(2.0, 0), "student": _bins(4.0, 1)}, tmp_path / "figs" / "rel.png")
+    assert path == tmp_path / "figs" / "rel.png"
+    _assert_png(path)
+    with pytest.raises(ValueError, match="empty"):
+        reliability_diagram({}, tmp_path / "x.png")
+    with pytest.raises(ValueError, match="reliability_bins"):
+        reliability_diagram({"m": {"edges": [0, 1]}}, tmp_path / "x.png")
+
+
+def test_accuracy_vs_cost_writes_png(tmp_path):
+    rows = [*ROWS, {"name": "no cost", "acc": 0.5}]  # rows lacking the cost are skipped
+    _assert_png(accuracy_vs_cost(rows, tmp_path / "acc_flops.png"))
+    _assert_png(accuracy_vs_cost(ROWS, tmp_path / "acc_latency.png", cost="latency_ms"))
+    with pytest.raises(ValueError, match="'params'"):
+        accuracy_vs_cost([{"name": "a", "acc": 0.9}], tmp_path / "none.png", cost="params")
+
+
+def test_plots_module_leaves_pyplot_alone():
+    code = (
+        "import sys, ensemble_kd.report.plots as p, tempfile, os\n"
+        "d = tempfile.mkdtemp()\n"
+        "p.accuracy_vs_cost([{'name': 'a', 'acc': 0.9, 'flops': 1e6}], os.path.join(d, 'a.png'))\n"
+        "print('matplotlib.pyplot' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
