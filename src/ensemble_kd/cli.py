@@ -1,0 +1,217 @@
+"""The command line: `ensemble-kd <command> [CONFIG] [key=value ...]`.
+
+Parses, validates, calls pipeline.py, prints. Every failure a user can fix ends
+in one line on stderr that says what to fix, and a non-zero exit status.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from rich.console import Console
+from rich.markup import escape
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from . import pipeline
+from .config import Config, ConfigError, load_config
+from .engine import CheckpointError, NonFiniteLossError, load_model
+from .engine.runs import new_run_dir, write_config
+from .ensemble import MANIFEST, TeacherSet
+from .report import accuracy_vs_cost, load_results, print_table, reliability_diagram, write_results
+
+DEMO_COLUMNS = ["name", "acc", "nll", "ece", "cnll", "cece", "params", "flops", "train_time_s"]
+EVAL_COLUMNS = ["name", "acc", "top5", "nll", "ece", "cnll", "cece", "brier", "params", "flops",
+                "latency_ms", "throughput"]
+
+# Wide enough for the results table when the output is a file or a CI log.
+out = Console(width=None if sys.stdout.isatty() else 160)
+err = Console(stderr=True, width=None if sys.stderr.isatty() else 120)
+
+
+def progress_bar() -> Progress:
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TextColumn("loss {task.fields[loss]:.3f}"), TimeElapsedColumn(), TimeRemainingColumn(),
+                    console=err, transient=False)
+
+
+# ---------------------------------------------------------------------- commands
+
+def cmd_demo(args) -> None:
+    config = load_config(args.config, args.overrides)
+    run_dir = _run_dir(config, "demo", args.resume)
+    started = time.perf_counter()
+    data = pipeline.prepare_data(config)
+    err.print(f"demo: {config.data.name}, {config.teachers.count if config.teachers.members is None else len(config.teachers.members)} "
+              f"teachers and a student alone; run directory {run_dir}")
+    teacher_dir = run_dir / pipeline.TEACHERS_DIR
+    write_config(teacher_dir, config, "train-teachers")
+    student_config = config.model_copy(update={"method": config.method.model_copy(update={"name": "ce"})})
+    write_config(run_dir / pipeline.STUDENT_DIR, student_config, "distill")
+    with progress_bar() as progress:
+        teachers = pipeline.train_teachers(config, teacher_dir, resume=args.resume is not None,
+                                           progress=progress, data=data)
+        student, info = pipeline.distill(student_config, run_dir / pipeline.STUDENT_DIR,
+                                         resume=args.resume is not None, progress=progress, data=data)
+    rows = pipeline.evaluate_teachers(config, teachers, data, teacher_dir)
+    rows.append(pipeline.evaluate_student(student_config, student, data, info))
+    _finish(run_dir, rows, f"ensemble-kd demo on {config.data.name} ({time.perf_counter() - started:.0f} s)",
+            DEMO_COLUMNS)
+
+
+def cmd_train_teachers(args) -> None:
+    config = _config(args)
+    run_dir = _run_dir(config, "teachers", args.resume)
+    write_config(run_dir, config, "train-teachers")
+    data = pipeline.prepare_data(config)
+    with progress_bar() as progress:
+        teachers = pipeline.train_teachers(config, run_dir, resume=args.resume is not None,
+                                           progress=progress, data=data)
+    rows = pipeline.evaluate_teachers(config, teachers, data, run_dir)
+    _finish(run_dir, rows, f"teachers on {config.data.name}", EVAL_COLUMNS)
+
+
+def cmd_distill(args) -> None:
+    config = _config(args)
+    run_dir = _run_dir(config, f"distill-{config.method.name}", args.resume)
+    data = pipeline.prepare_data(config)
+    from .methods import create_method  # validate the method and its options before any work
+
+    if create_method(config.method.name, **config.method.options).needs.teachers:
+        teachers = pipeline.load_teachers(config, data)
+    else:
+        teachers = None
+    write_config(run_dir, config, "distill")
+    with progress_bar() as progress:
+        student, info = pipeline.distill(config, run_dir, resume=args.resume is not None, progress=progress,
+                                         data=data, teachers=teachers)
+    _finish(run_dir, [pipeline.evaluate_student(config, student, data, info)],
+            f"{pipeline.student_row_name(config)} on {config.data.name}", EVAL_COLUMNS)
+
+
+def cmd_evaluate(args) -> None:
+    target = Path(args.target)
+    if not target.exists():
+        raise FileNotFoundError(f"'{target}' does not exist; pass a run directory or a checkpoint file")
+    run_dir = target if target.is_dir() else target.parent
+    if args.config is not None:
+        config = load_config(args.config, args.overrides)
+    elif (run_dir / "config.yaml").is_file():
+        config = pipeline.run_config(run_dir, args.overrides)
+    else:
+        config = load_config(None, args.overrides)  # a bare checkpoint: the config names the data
+    data = pipeline.prepare_data(config)
+    if target.is_dir() and (target / MANIFEST).is_file():
+        teachers = TeacherSet.from_run(target, device=data.device)
+        pipeline.check_class_counts(teachers, data)
+        rows = pipeline.evaluate_teachers(config, teachers, data, target)
+    else:
+        path = target / "model.pt" if target.is_dir() else target
+        if not path.is_file():
+            raise FileNotFoundError(f"'{target}' holds neither {MANIFEST} nor model.pt: nothing to evaluate")
+        model = load_model(path, map_location=data.device)
+        if model.spec["num_classes"] != data.splits.num_classes:
+            raise ConfigError(f"'{path}' predicts {model.spec['num_classes']} classes but dataset "
+                              f"'{data.splits.name}' has {data.splits.num_classes}; set data.name to its dataset")
+        rows = [pipeline.evaluate_model_row(path, model, config, data)]
+    out_dir = Path(args.out) if args.out else (target if target.is_dir() else target.parent)
+    _finish(out_dir, rows, f"evaluate {target}", EVAL_COLUMNS)
+
+
+def cmd_compare(args) -> None:
+    rows = []
+    for run in args.runs:
+        run = Path(run)
+        for row in load_results(run):
+            rows.append({**row, "name": f"{run.name}: {row['name']}" if len(args.runs) > 1 else row["name"]})
+    out_dir = Path(args.out) if args.out else Path("runs") / f"compare-{time.strftime('%Y%m%d-%H%M%S')}"
+    _finish(out_dir, rows, "compare", EVAL_COLUMNS + ["train_time_s"])
+
+
+# ---------------------------------------------------------------------- helpers
+
+def _config(args) -> Config:
+    if args.resume is not None:
+        return pipeline.run_config(Path(args.resume), args.overrides)
+    if args.config is None:
+        raise ConfigError("a CONFIG file is needed (see configs/ for examples), or --resume RUN_DIR")
+    return load_config(args.config, args.overrides)
+
+
+def _run_dir(config: Config, command: str, resume: str | None) -> Path:
+    if resume is not None:
+        path = Path(resume)
+        if not path.is_dir():
+            raise FileNotFoundError(f"cannot resume '{path}': no such run directory")
+        return path
+    return new_run_dir(config, command)
+
+
+def _finish(run_dir: Path, rows: list[dict], title: str, columns: list[str]) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    shown = [c for c in columns if any(c in r for r in rows)]
+    print_table(rows, shown, title, console=out)
+    write_results(run_dir, rows)
+    bins = {r["name"]: r["reliability"] for r in rows if r.get("reliability")}
+    if bins:
+        reliability_diagram(bins, run_dir / "reliability.png")
+    if any("flops" in r and "acc" in r for r in rows):
+        accuracy_vs_cost(rows, run_dir / "accuracy_vs_cost.png", cost="flops")
+    err.print(f"results: {run_dir / 'results.md'}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ensemble-kd", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def command(name, fn, help, config=True, resume=True):
+        p = sub.add_parser(name, help=help)
+        if config:
+            p.add_argument("config", nargs="?", help="YAML config (see configs/)")
+        p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. teachers.count=5")
+        if resume:
+            p.add_argument("--resume", metavar="RUN_DIR", help="continue a killed run in RUN_DIR")
+        p.set_defaults(fn=fn)
+        return p
+
+    command("demo", cmd_demo, "train teachers and a student on digits, print one table", config=False)
+    sub.choices["demo"].add_argument("--config", help="a YAML config instead of the built-in demo")
+    command("train-teachers", cmd_train_teachers, "train an ensemble of M members")
+    command("distill", cmd_distill, "train a student with a method (ce: the student alone)")
+    ev = sub.add_parser("evaluate", help="evaluate a run, a teacher set or a checkpoint")
+    ev.add_argument("target", metavar="RUN_OR_CHECKPOINT")
+    ev.add_argument("overrides", nargs="*", help="key=value overrides of the run's config")
+    ev.set_defaults(fn=cmd_evaluate)
+    ev.add_argument("--config", help="the config naming the data (default: the run's config.yaml)")
+    ev.add_argument("--out", help="where to write results (default: beside the target)")
+    cmp = sub.add_parser("compare", help="put runs side by side: table, reliability diagrams, accuracy vs cost")
+    cmp.add_argument("runs", nargs="+", metavar="RUN_DIR")
+    cmp.add_argument("--out", help="output directory (default runs/compare-<time>)")
+    cmp.set_defaults(fn=cmd_compare)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        args.fn(args)
+    except ConfigError as e:
+        err.print(f"[red]config error:[/red] {escape(str(e))}", highlight=False)
+        return 2
+    except (FileNotFoundError, CheckpointError, ValueError) as e:
+        err.print(f"[red]error:[/red] {escape(str(e))}", highlight=False)
+        return 2
+    except NonFiniteLossError as e:
+        err.print(f"[red]stopped:[/red] {escape(str(e))}", highlight=False)
+        return 1
+    except KeyboardInterrupt:
+        err.print("interrupted: the last checkpoint is saved; continue with --resume RUN_DIR")
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,232 @@
+"""The config schema: YAML plus `key=value` overrides, validated before any work.
+
+Configs are data. Every section refuses unknown keys, so a typo fails at once with
+a message that names the key. The defaults are the demo: digits, three small CNN
+teachers, a half-width student.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A config that cannot run; the message is one sentence naming the key."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class AugmentConfig(_Section):
+    crop_padding: int = Field(0, ge=0)
+    flip: bool = False
+
+
+class DataConfig(_Section):
+    name: str = "digits"
+    root: str | None = None
+    val_fraction: float = Field(0.1, ge=0.0, lt=1.0)
+    split_seed: int = 0
+    batch_size: int = Field(64, gt=0)
+    eval_batch_size: int = Field(1024, gt=0)
+    augment: AugmentConfig | None = None  # None: the dataset's default
+
+
+class OptimConfig(_Section):
+    name: Literal["sgd", "adamw"] = "sgd"
+    lr: float = Field(0.05, gt=0.0)
+    momentum: float = Field(0.9, ge=0.0, lt=1.0)
+    nesterov: bool = True
+    weight_decay: float = Field(5e-4, ge=0.0)
+    schedule: Literal["cosine", "step", "constant"] = "cosine"
+    warmup_epochs: float = Field(0.0, ge=0.0)
+    milestones: list[float] = Field(default_factory=lambda: [0.5, 0.75])  # fractions of training
+    gamma: float = Field(0.1, gt=0.0)
+
+
+class TrainConfig(_Section):
+    epochs: int = Field(15, gt=0)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    grad_clip: float | None = Field(None, gt=0.0)
+    checkpoint_every: int = Field(0, ge=0)  # steps; 0: at the end of each epoch only
+    log_every: int = Field(20, gt=0)
+
+
+class ModelConfig(_Section):
+    arch: str = "small_cnn"
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _no_class_count_in_kwargs(self) -> "ModelConfig":
+        for key in ("num_classes", "in_channels"):
+            if key in self.kwargs:
+                raise ValueError(f"'{key}' comes from the dataset; remove it from kwargs")
+        return self
+
+
+class TeachersConfig(_Section):
+    """Members are listed, or made from arch + count with seeds seed, seed+1, ..."""
+
+    members: list[ModelConfig] | None = None
+    arch: str = "small_cnn"
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+    count: int = Field(3, gt=0)
+    seed: int = 0
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    source: str | None = None  # a train-teachers run directory to read members from
+
+    def resolved_members(self) -> list[ModelConfig]:
+        if self.members is not None:
+            return list(self.members)
+        return [ModelConfig(arch=self.arch, kwargs=dict(self.kwargs), seed=self.seed + i)
+                for i in range(self.count)]
+
+    @model_validator(mode="after")
+    def _members_not_empty(self) -> "TeachersConfig":
+        if self.members is not None and not self.members:
+            raise ValueError("teachers.members is empty; list at least one member or drop it")
+        return self
+
+
+class StudentConfig(ModelConfig):
+    arch: str = "small_cnn"
+    kwargs: dict[str, Any] = Field(default_factory=lambda: {"width": 0.5})
+    train: TrainConfig = Field(default_factory=TrainConfig)
+
+
+class MethodConfig(_Section):
+    name: str = "ce"
+    options: dict[str, Any] = Field(default_factory=dict)
+
+
+class EvalConfig(_Section):
+    cost: bool = True
+    latency: bool = True
+    throughput_batch: int = Field(256, gt=0)
+
+
+class RunConfig(_Section):
+    dir: str = "runs"
+    name: str | None = None
+
+
+class Config(_Section):
+    data: DataConfig = Field(default_factory=DataConfig)
+    teachers: TeachersConfig = Field(default_factory=TeachersConfig)
+    student: StudentConfig = Field(default_factory=StudentConfig)
+    method: MethodConfig = Field(default_factory=MethodConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    run: RunConfig = Field(default_factory=RunConfig)
+    device: str = "auto"
+    deterministic: bool = False
+
+
+# --------------------------------------------------------------------------- loading
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """'a.b.0.c=value' -> (['a', 'b', '0', 'c'], value parsed as YAML)."""
+    if "=" not in text:
+        raise ConfigError(f"override '{text}' is not of the form key=value")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override '{text}' has an empty key")
+    return key.split("."), yaml.safe_load(raw) if raw.strip() else None
+
+
+def apply_override(tree: dict, path: list[str], value: Any) -> None:
+    node: Any = tree
+    for i, part in enumerate(path[:-1]):
+        where = ".".join(path[: i + 1])
+        if isinstance(node, list):
+            node = node[_list_index(node, part, where)]
+            continue
+        if node.get(part) is None:
+            node[part] = {}
+        node = node[part]
+        if not isinstance(node, (dict, list)):
+            raise ConfigError(f"config key '{where}' is a value, not a section")
+    last = path[-1]
+    if isinstance(node, list):
+        node[_list_index(node, last, ".".join(path))] = value
+    else:
+        node[last] = value
+
+
+def _list_index(node: list, part: str, where: str) -> int:
+    if not part.isdigit() or int(part) >= len(node):
+        raise ConfigError(f"config key '{where}' needs an index below {len(node)}")
+    return int(part)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
+    """Read a YAML config (or the defaults), apply overrides, validate."""
+    tree: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file '{path}' does not exist")
+        try:
+            tree = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"config file '{path}' is not valid YAML: {err}") from None
+        if not isinstance(tree, dict):
+            raise ConfigError(f"config file '{path}' must hold a mapping of sections")
+    for text in overrides:
+        keys, value = parse_override(text)
+        apply_override(tree, keys, value)
+    return validate_config(tree)
+
+
+def validate_config(tree: dict) -> Config:
+    try:
+        return Config.model_validate(tree)
+    except ValidationError as err:
+        raise ConfigError(_one_sentence(err)) from None
+
+
+def _one_sentence(err: ValidationError) -> str:
+    first = err.errors()[0]
+    where = ".".join(str(p) for p in first["loc"]) or "config"
+    if first["type"] == "extra_forbidden":
+        section, _, key = where.rpartition(".")
+        known = _known_keys(section)
+        hint = difflib.get_close_matches(key, known, n=1)
+        also = f"; did you mean '{hint[0]}'?" if hint else f"; known keys: {', '.join(known)}"
+        return f"config key '{where}' is not a known option{also}"
+    value = first.get("input")
+    shown = "" if isinstance(value, dict) else f" (got {value!r})"
+    message = first["msg"].removeprefix("Value error, ").rstrip(".")
+    return f"config key '{where}': {message}{shown}"
+
+
+def _known_keys(section: str) -> list[str]:
+    model: type[BaseModel] = Config
+    for part in [p for p in section.split(".") if p and not p.isdigit()]:
+        field = model.model_fields.get(part)
+        inner = _section_type(field.annotation) if field else None
+        if inner is None:
+            return []
+        model = inner
+    return sorted(model.model_fields)
+
+
+def _section_type(annotation: Any) -> type[BaseModel] | None:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in getattr(annotation, "__args__", ()):
+        found = _section_type(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def dump_config(config: Config) -> str:
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)

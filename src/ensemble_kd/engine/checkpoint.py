@@ -1,0 +1,113 @@
+"""Checkpoints: written atomically, read with weights_only=True.
+
+Two kinds of file:
+- a training state (`last.pt`): model, optimizer, scheduler, method extras, RNG
+  states, epoch and step, enough for `--resume` to continue bit for bit;
+- a model file (`model.pt`): the plain state_dict, loadable into
+  `ensemble_kd.models.create(name)` with an ordinary `load_state_dict`, beside a
+  `model.json` that names the architecture (its spec) and its metrics.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+FORMAT = "ensemble-kd/train-state/1"
+
+
+class CheckpointError(ValueError):
+    pass
+
+
+def atomic_write(path: str | Path, write) -> None:
+    """Write to a temporary file beside `path`, fsync, then rename over it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_save(obj: Any, path: str | Path) -> None:
+    atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    atomic_write(path, lambda f: f.write(text.encode()))
+
+
+def load(path: str | Path, map_location="cpu") -> Any:
+    """torch.load with weights_only=True and errors that say what the file is not."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint '{path}' does not exist")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(f"'{path}' is not a readable ensemble-kd checkpoint ({first})") from None
+
+
+def load_train_state(path: str | Path, map_location="cpu") -> dict:
+    state = load(path, map_location)
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise CheckpointError(f"'{path}' is not an ensemble-kd training state (no '{FORMAT}' tag)")
+    return state
+
+
+def save_model(model: nn.Module, path: str | Path, info: dict | None = None) -> None:
+    """The plain state_dict plus a sidecar JSON with the model's spec."""
+    path = Path(path)
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    atomic_save(state, path)
+    sidecar = {"spec": getattr(model, "spec", None), **(info or {})}
+    atomic_write_text(path.with_suffix(".json"), json.dumps(sidecar, indent=2))
+
+
+def model_spec(path: str | Path) -> dict:
+    """The architecture of a model file, from its sidecar JSON or its training state."""
+    path = Path(path)
+    sidecar = path.with_suffix(".json")
+    if sidecar.is_file():
+        spec = json.loads(sidecar.read_text()).get("spec")
+        if spec:
+            return spec
+    state = load(path)
+    if isinstance(state, dict) and state.get("format") == FORMAT:
+        return state["model_spec"]
+    raise CheckpointError(
+        f"cannot tell the architecture of '{path}': it has no '{sidecar.name}' beside it")
+
+
+def load_model(path: str | Path, map_location="cpu") -> nn.Module:
+    """Rebuild a registered model from a model file or a training state."""
+    from ..models import create
+
+    path = Path(path)
+    spec = dict(model_spec(path))
+    state = load(path, map_location)
+    if isinstance(state, dict) and state.get("format") == FORMAT:
+        state = state["model"]
+    model = create(spec.pop("name"), **spec)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as err:
+        raise CheckpointError(
+            f"'{path}' does not fit architecture {model.spec}: "
+            f"{str(err).splitlines()[1].strip() if len(str(err).splitlines()) > 1 else err}") from None
+    return model.to(map_location)

@@ -1,0 +1,100 @@
+"""Evaluation as the papers do it: test metrics, temperature fitted on validation, cost.
+
+A row is a plain dict (name, acc, nll, ece, cnll, cece, brier, params, flops, ...)
+plus the reliability bins, so `compare` can redraw diagrams from results.json.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..ensemble import TeacherSet, majority_vote
+from ..metrics import (classification_metrics, count_flops, count_parameters, measure_latency,
+                       measure_throughput, reliability_bins)
+
+
+@torch.no_grad()
+def predict(model: nn.Module, loader) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits and labels over a whole split, on the CPU. A TeacherSet gives (M, N, K)."""
+    was_training = model.training
+    model.eval()
+    outs, labels = [], []
+    for batch in loader.batches(0):
+        out = model.member_logits(batch.x) if isinstance(model, TeacherSet) else model(batch.x)
+        outs.append(out.float().cpu())
+        labels.append(batch.y.cpu())
+    model.train(was_training)
+    return torch.cat(outs, dim=-2), torch.cat(labels)
+
+
+def metrics_row(name: str, probs: torch.Tensor, labels: torch.Tensor, *, val_logits=None,
+                val_labels=None, test_logits=None) -> dict:
+    row = {"name": name, **classification_metrics(probs, labels, val_logits=val_logits,
+                                                  val_labels=val_labels, test_logits=test_logits)}
+    row["reliability"] = reliability_bins(probs, labels)
+    return row
+
+
+def cost_row(model: nn.Module, input_shape, device, eval_cfg) -> dict:
+    row = {"params": count_parameters(model)}
+    if eval_cfg.cost:
+        row["flops"] = count_flops(model, input_shape)
+    if eval_cfg.latency:
+        row["latency_ms"] = measure_latency(model, input_shape, device)
+        row["throughput"] = measure_throughput(model, input_shape, device, eval_cfg.throughput_batch)
+    return row
+
+
+def _log_probs(probs: torch.Tensor) -> torch.Tensor:
+    return probs.clamp_min(1e-12).log()
+
+
+def evaluate_model(name: str, model: nn.Module, test_loader, val_loader, eval_cfg, device) -> dict:
+    test_logits, labels = predict(model, test_loader)
+    val = predict(model, val_loader) if val_loader is not None else (None, None)
+    row = metrics_row(name, test_logits.softmax(-1), labels, val_logits=val[0], val_labels=val[1],
+                      test_logits=test_logits)
+    return {**row, **cost_row(model, _input_shape(test_loader), device, eval_cfg)}
+
+
+def evaluate_teacher_set(teachers: TeacherSet, test_loader, val_loader, eval_cfg, device,
+                         prefix: str = "") -> list[dict]:
+    """One row per member, the ensemble (mean of probabilities) and the majority vote."""
+    member_logits, labels = predict(teachers, test_loader)
+    val_logits, val_labels = predict(teachers, val_loader) if val_loader is not None else (None, None)
+    shape = _input_shape(test_loader)
+    rows = []
+    for i, (name, member) in enumerate(zip(teachers.names, teachers.members)):
+        row = metrics_row(prefix + name, member_logits[i].softmax(-1), labels,
+                          val_logits=None if val_logits is None else val_logits[i], val_labels=val_labels,
+                          test_logits=member_logits[i])
+        rows.append({**row, **cost_row(member, shape, device, eval_cfg)})
+
+    member_probs = member_logits.softmax(-1)
+    ens_probs = member_probs.mean(0)
+    ens_val = None if val_logits is None else _log_probs(val_logits.softmax(-1).mean(0))
+    ensemble = metrics_row(f"{prefix}ensemble (M={len(teachers)})", ens_probs, labels,
+                           val_logits=ens_val, val_labels=val_labels, test_logits=_log_probs(ens_probs))
+    summed = _sum_costs(rows)
+    rows.append({**ensemble, **summed})
+
+    vote = majority_vote(member_probs)
+    rows.append({"name": f"{prefix}majority vote (M={len(teachers)})",
+                 "acc": (vote == labels).float().mean().item(), **summed})
+    return rows
+
+
+def _sum_costs(rows: list[dict]) -> dict:
+    """An ensemble costs the sum of its members (latency too: M forward passes)."""
+    out = {}
+    for key in ("params", "flops", "latency_ms"):
+        if all(key in r for r in rows):
+            out[key] = sum(r[key] for r in rows)
+    if all("throughput" in r for r in rows):
+        out["throughput"] = 1.0 / sum(1.0 / r["throughput"] for r in rows if r["throughput"] > 0)
+    return out
+
+
+def _input_shape(loader) -> tuple[int, ...]:
+    return tuple(loader.images.shape[1:])

@@ -1,0 +1,218 @@
+"""The training loop every method runs in.
+
+The loop knows nothing method-specific: it asks the method what it needs,
+feeds it the student's (and, when asked, the teachers') outputs, and steps.
+It checkpoints atomically, resumes a killed run to the same weights, and stops
+on a non-finite loss naming the step, the loss terms and the last good checkpoint.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..config import TrainConfig
+from ..methods import Method, StudentOutput
+from ..models import forward_with_taps
+from . import checkpoint as ckpt
+from .runs import MetricsLog
+from .schedule import build_optimizer, build_scheduler
+from .seeding import rng_state, seed_everything, set_rng_state
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+@dataclass
+class Position:
+    epoch: int = 0
+    batch: int = 0  # batches done in this epoch
+    step: int = 0  # optimizer steps done in total
+
+
+class Trainer:
+    """Trains `model` with `method` on `loader`, writing into `out_dir`."""
+
+    def __init__(self, model: nn.Module, method: Method, loader, train: TrainConfig, out_dir: str | Path,
+                 *, device: torch.device, seed: int = 0, teachers=None, val_loader=None,
+                 progress=None, description: str = "train", is_main: bool = True):
+        if method.needs.teachers and teachers is None:
+            raise ValueError(f"method '{getattr(method, 'name', method)}' needs teachers, and none were given")
+        self.model, self.method, self.loader, self.cfg = model, method, loader, train
+        self.teachers, self.val_loader = teachers, val_loader
+        self.device, self.seed, self.is_main = device, seed, is_main
+        self.out_dir = Path(out_dir)
+        self.state_path = self.out_dir / "last.pt"
+        self.log = MetricsLog(self.out_dir / "metrics.jsonl", enabled=is_main)
+        self.progress, self.description = progress, description
+        self.steps_per_epoch = len(loader)
+        if self.steps_per_epoch == 0:
+            raise ValueError("the training set is smaller than one batch; lower data.batch_size")
+        self.total_steps = train.epochs * self.steps_per_epoch
+        self.optimizer = build_optimizer(list(model.parameters()) + list(method.parameters()), train.optim)
+        self.scheduler = build_scheduler(self.optimizer, train.optim, self.total_steps, self.steps_per_epoch)
+        self.pos = Position()
+        self._pending: list[tuple[int, torch.Tensor, dict]] = []  # steps not yet checked for NaN
+        self._saved_step: int | None = None
+        self._stop_requested = False
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict:
+        return {
+            "format": ckpt.FORMAT,
+            "model_spec": getattr(self.model, "spec", None),
+            "model": self.model.state_dict(),
+            "method": self.method.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "extra_optimizers": [o.state_dict() for o in self.method.extra_optimizers()],
+            "rng": rng_state(),
+            "epoch": self.pos.epoch, "batch": self.pos.batch, "step": self.pos.step,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        self.method.load_state_dict(state["method"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        for opt, s in zip(self.method.extra_optimizers(), state["extra_optimizers"]):
+            opt.load_state_dict(s)
+        set_rng_state(state["rng"])
+        self.pos = Position(state["epoch"], state["batch"], state["step"])
+
+    def save(self) -> None:
+        self._check_finite()  # never write a checkpoint with NaN weights
+        if self.is_main and self._saved_step != self.pos.step:
+            ckpt.atomic_save(self.state_dict(), self.state_path)
+        self._saved_step = self.pos.step
+
+    # ------------------------------------------------------------------ loop
+    def fit(self, resume: bool = False) -> nn.Module:
+        seed_everything(self.seed)
+        if resume and self.state_path.is_file():
+            self.load_state_dict(ckpt.load_train_state(self.state_path, map_location=self.device))
+            self._saved_step = self.pos.step
+        task = self._progress_task()
+        with self._graceful_stop():
+            while self.pos.epoch < self.cfg.epochs:
+                self._train_epoch(task)
+        if self.progress is not None:
+            self.progress.update(task, completed=self.total_steps)
+        return self.model
+
+    @contextlib.contextmanager
+    def _graceful_stop(self):
+        """Ctrl-C or SIGTERM finish the current step, checkpoint, then stop; a second Ctrl-C stops at once."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+
+        def request(signum, frame):
+            if self._stop_requested:
+                raise KeyboardInterrupt
+            self._stop_requested = True
+
+        previous = {sig: signal.signal(sig, request) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+    def _train_epoch(self, task) -> None:
+        self.model.train()
+        self.method.train()
+        started, epoch = time.perf_counter(), self.pos.epoch
+        sums: dict[str, torch.Tensor] = {}
+        for batch in self.loader.batches(epoch, start=self.pos.batch):
+            loss, logs = self._step(batch)
+            for k, v in logs.items():
+                sums[k] = sums.get(k, 0.0) + v
+            self.pos.batch += 1
+            self.pos.step += 1
+            self._pending.append((self.pos.step, loss, logs))
+            if self.pos.step % self.cfg.log_every == 0:
+                self._check_finite()
+                self.log.write({"step": self.pos.step, "epoch": epoch,
+                                "lr": self.optimizer.param_groups[0]["lr"],
+                                **{k: v.item() for k, v in logs.items()}})
+            if self.cfg.checkpoint_every and self.pos.step % self.cfg.checkpoint_every == 0:
+                self.save()
+            if self.progress is not None:
+                self.progress.update(task, advance=1, loss=float(loss))
+            if self._stop_requested:
+                self.save()  # at a step boundary, so resuming repeats no work
+                raise KeyboardInterrupt
+        self._check_finite()
+        n = max(1, self.pos.batch)
+        record = {"epoch": epoch + 1, "step": self.pos.step, "seconds": time.perf_counter() - started,
+                  "lr": self.optimizer.param_groups[0]["lr"],
+                  **{f"train_{k}": (v / n).item() for k, v in sums.items()}}
+        if self.val_loader is not None:
+            record.update(self._validate())
+        self.pos = Position(epoch + 1, 0, self.pos.step)
+        self.log.write(record)
+        self.save()
+
+    def _step(self, batch) -> tuple[torch.Tensor, dict]:
+        needs = self.method.needs
+        teacher_out = self.teachers.outputs(batch.x, needs) if needs.teachers else None
+        if needs.student_taps:
+            logits, taps = forward_with_taps(self.model, batch.x, needs.student_taps)
+            student_out = StudentOutput(logits, taps)
+        else:
+            student_out = StudentOutput(self.model(batch.x), {})
+        out = self.method.loss(batch, student_out, teacher_out)
+        self.optimizer.zero_grad(set_to_none=True)
+        for opt in self.method.extra_optimizers():
+            opt.zero_grad(set_to_none=True)
+        out.loss.backward()
+        if self.cfg.grad_clip:
+            nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+        self.optimizer.step()
+        for opt in self.method.extra_optimizers():
+            opt.step()
+        self.scheduler.step()
+        logs = {k: v.detach() if isinstance(v, torch.Tensor) else torch.tensor(v) for k, v in out.logs.items()}
+        logs.setdefault("loss", out.loss.detach())
+        return out.loss.detach(), logs
+
+    def _check_finite(self) -> None:
+        """One host sync for all steps since the last check (not one per step)."""
+        if not self._pending:
+            return
+        finite = torch.stack([torch.isfinite(loss) for _, loss, _ in self._pending]).cpu()
+        if not bool(finite.all()):
+            step, loss, logs = self._pending[int((~finite).nonzero()[0])]
+            terms = ", ".join(f"{k}={v.item():.4g}" for k, v in logs.items())
+            last = str(self.state_path) if self.state_path.is_file() else "none (no checkpoint yet)"
+            raise NonFiniteLossError(
+                f"{self.description}: the loss became {loss.item()} at step {step} ({terms}); "
+                f"the last good checkpoint is {last}")
+        self._pending.clear()
+
+    @torch.no_grad()
+    def _validate(self) -> dict:
+        self.model.eval()
+        correct, nll, count = 0.0, 0.0, 0
+        for batch in self.val_loader.batches(0):
+            logits = self.model(batch.x).float()
+            nll += torch.nn.functional.cross_entropy(logits, batch.y, reduction="sum").item()
+            correct += (logits.argmax(1) == batch.y).sum().item()
+            count += len(batch.y)
+        self.model.train()
+        return {"val_acc": correct / max(1, count), "val_nll": nll / max(1, count)}
+
+    def _progress_task(self):
+        if self.progress is None:
+            return None
+        return self.progress.add_task(self.description, total=self.total_steps,
+                                      completed=self.pos.step, loss=float("nan"))

@@ -1,0 +1,8 @@
+"""Distillation methods: one file per method, one contract, one registry."""
+
+from .base import (METHODS, Method, MethodLoss, Needs, StudentOutput, TeacherOutput,
+                   create_method, register_method)
+from . import ce  # noqa: F401  (registers)
+
+__all__ = ["METHODS", "Method", "MethodLoss", "Needs", "StudentOutput", "TeacherOutput",
+           "create_method", "register_method"]

@@ -1,0 +1,77 @@
+"""The method contract: what every distillation method is to the engine.
+
+A method is a small nn.Module that owns its trainable extras (discriminators,
+regressors, gates). It declares what it needs from the teachers and the student,
+and turns one batch's outputs into a loss and a dict of named terms to log. The
+engine knows nothing else about it, and a user can call `loss` in their own loop.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, NamedTuple
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class Needs:
+    teacher_logits: bool = False
+    teacher_taps: tuple[str, ...] = ()
+    student_taps: tuple[str, ...] = ()
+    perturbs_inputs: bool = False  # then teacher outputs cannot come from a cache
+
+    @property
+    def teachers(self) -> bool:
+        return self.teacher_logits or bool(self.teacher_taps)
+
+
+class StudentOutput(NamedTuple):
+    logits: torch.Tensor
+    taps: dict[str, torch.Tensor]
+
+
+class TeacherOutput(NamedTuple):
+    logits: torch.Tensor | None  # (M, B, K)
+    taps: dict[str, list[torch.Tensor]]  # tap name -> one tensor per member
+
+
+@dataclass
+class MethodLoss:
+    loss: torch.Tensor
+    logs: dict[str, float] = field(default_factory=dict)
+
+
+class Method(nn.Module):
+    """Base class: subclasses set `needs` and implement `loss`."""
+
+    needs: Needs = Needs()
+
+    def loss(self, batch, student: StudentOutput, teachers: TeacherOutput | None) -> MethodLoss:
+        raise NotImplementedError
+
+    def extra_optimizers(self) -> list[torch.optim.Optimizer]:
+        return []
+
+
+METHODS: dict[str, type[Method]] = {}
+
+
+def register_method(name: str) -> Callable[[type[Method]], type[Method]]:
+    def add(cls: type[Method]) -> type[Method]:
+        if name in METHODS:
+            raise ValueError(f"method '{name}' is registered twice")
+        METHODS[name] = cls
+        cls.name = name
+        return cls
+    return add
+
+
+def create_method(name: str, **options) -> Method:
+    if name not in METHODS:
+        raise ValueError(f"unknown method '{name}'; known methods: {', '.join(sorted(METHODS))}")
+    try:
+        return METHODS[name](**options)
+    except TypeError as err:
+        raise ValueError(f"method '{name}' got a bad option: {err}") from None

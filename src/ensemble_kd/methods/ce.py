@@ -1,0 +1,20 @@
+"""Cross-entropy on the labels: a teacher's training, and the student trained alone."""
+
+from __future__ import annotations
+
+import torch.nn.functional as F
+
+from .base import Method, MethodLoss, register_method
+
+
+@register_method("ce")
+class CrossEntropy(Method):
+    def __init__(self, label_smoothing: float = 0.0):
+        super().__init__()
+        if not 0.0 <= label_smoothing < 1.0:
+            raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
+        self.label_smoothing = label_smoothing
+
+    def loss(self, batch, student, teachers=None) -> MethodLoss:
+        loss = F.cross_entropy(student.logits, batch.y, label_smoothing=self.label_smoothing)
+        return MethodLoss(loss, {"ce": loss.detach()})

@@ -1,0 +1,178 @@
+"""What the commands do, as plain functions: data in, teachers and students trained, rows out.
+
+The command line (cli.py) only parses arguments, prints and exits; everything here
+is usable from Python too.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .config import Config, ConfigError, ModelConfig, TrainConfig, load_config
+from .data import AugmentSpec, DatasetSplits, DeviceLoader, load_dataset
+from .engine import Trainer, resolve_device, save_model, seed_everything
+from .engine.evaluate import evaluate_model, evaluate_teacher_set
+from .ensemble import MANIFEST, TeacherSet, write_manifest
+from .methods import METHODS, create_method
+from .models import create
+
+TEACHERS_DIR = "teachers"
+STUDENT_DIR = "student"
+
+
+@dataclass
+class Data:
+    splits: DatasetSplits
+    val: DeviceLoader | None
+    test: DeviceLoader
+    config: Config
+    device: torch.device
+
+    def train_loader(self, seed: int, rank: int = 0, world_size: int = 1) -> DeviceLoader:
+        cfg = self.config.data
+        spec = AugmentSpec(**cfg.augment.model_dump()) if cfg.augment else self.splits.augment
+        return DeviceLoader(self.splits.train, batch_size=cfg.batch_size, mean=self.splits.mean,
+                            std=self.splits.std, spec=spec, train=True, seed=seed, device=self.device,
+                            rank=rank, world_size=world_size)
+
+
+def prepare_data(config: Config, device: torch.device | None = None) -> Data:
+    """Load the dataset named by the config and put its eval splits on the device."""
+    device = device or resolve_device(config.device)
+    cfg = config.data
+    splits = load_dataset(cfg.name, root=cfg.root, val_fraction=cfg.val_fraction, split_seed=cfg.split_seed)
+
+    def eval_loader(dataset):
+        return DeviceLoader(dataset, batch_size=cfg.eval_batch_size, mean=splits.mean, std=splits.std,
+                            train=False, device=device)
+
+    val = eval_loader(splits.val) if splits.val is not None else None
+    return Data(splits, val, eval_loader(splits.test), config, device)
+
+
+def build_model(member: ModelConfig, data: Data) -> torch.nn.Module:
+    seed_everything(member.seed)  # the initialisation depends on the member's seed alone
+    try:
+        model = create(member.arch, num_classes=data.splits.num_classes,
+                       in_channels=data.splits.in_channels, **member.kwargs)
+    except TypeError as err:
+        raise ConfigError(f"architecture '{member.arch}' got a bad keyword in kwargs: {err}") from None
+    return model.to(data.device)
+
+
+def member_name(index: int, member: ModelConfig) -> str:
+    return f"{index:02d}-{member.arch}-s{member.seed}"
+
+
+def train_one(model, method, data: Data, train: TrainConfig, out_dir: Path, *, seed: int, resume: bool,
+              progress=None, description="train", teachers=None) -> dict:
+    """Train, then save model.pt (plain state_dict) with its sidecar; returns timing info."""
+    started = time.perf_counter()
+    trainer = Trainer(model, method.to(data.device), data.train_loader(seed), train, out_dir,
+                      device=data.device, seed=seed, teachers=teachers, val_loader=data.val,
+                      progress=progress, description=description)
+    trainer.fit(resume=resume)
+    info = {"train_time_s": time.perf_counter() - started, "steps": trainer.pos.step}
+    save_model(model, out_dir / "model.pt", info)
+    return info
+
+
+def train_teachers(config: Config, run_dir: Path, *, resume=False, progress=None, data: Data | None = None):
+    """Train every member in turn; the manifest grows as members finish, so resume skips them."""
+    data = data or prepare_data(config)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    done = _read_manifest(run_dir) if resume else {}
+    entries = []
+    for i, member in enumerate(config.teachers.resolved_members()):
+        name = member_name(i, member)
+        out = run_dir / "members" / name
+        if name in done and (run_dir / done[name]["checkpoint"]).is_file():
+            entries.append(done[name])
+            continue
+        model = build_model(member, data)
+        info = train_one(model, create_method("ce"), data, config.teachers.train, out, seed=member.seed,
+                         resume=resume, progress=progress, description=f"teacher {name}")
+        entries.append({"name": name, "spec": model.spec, "seed": member.seed,
+                        "checkpoint": str((out / "model.pt").relative_to(run_dir)), **info})
+        write_manifest(run_dir, entries)
+    write_manifest(run_dir, entries)
+    return TeacherSet.from_run(run_dir, device=data.device)
+
+
+def _read_manifest(run_dir: Path) -> dict:
+    path = run_dir / MANIFEST
+    if not path.is_file():
+        return {}
+    return {m["name"]: m for m in json.loads(path.read_text())["members"]}
+
+
+def load_teachers(config: Config, data: Data) -> TeacherSet:
+    if config.teachers.source is None:
+        raise ConfigError("teachers.source is not set; point it at a train-teachers run directory")
+    teachers = TeacherSet.from_run(config.teachers.source, device=data.device)
+    check_class_counts(teachers, data)
+    return teachers
+
+
+def check_class_counts(teachers: TeacherSet, data: Data) -> None:
+    k = teachers.num_classes
+    if k is not None and k != data.splits.num_classes:
+        raise ConfigError(f"the teachers predict {k} classes but dataset '{data.splits.name}' has "
+                          f"{data.splits.num_classes}; use teachers trained on this dataset")
+
+
+def distill(config: Config, run_dir: Path, *, resume=False, progress=None, data: Data | None = None,
+            teachers: TeacherSet | None = None):
+    """Train the student with the configured method (`ce`: the student alone)."""
+    data = data or prepare_data(config)
+    if config.method.name not in METHODS:
+        raise ConfigError(f"config key 'method.name': unknown method '{config.method.name}' "
+                          f"(known: {', '.join(sorted(METHODS))})")
+    method = create_method(config.method.name, **config.method.options)
+    if method.needs.teachers and teachers is None:
+        teachers = load_teachers(config, data)
+    model = build_model(config.student, data)
+    info = train_one(model, method, data, config.student.train, run_dir, seed=config.student.seed,
+                     resume=resume, progress=progress, teachers=teachers,
+                     description=f"student ({config.method.name})")
+    return model, info
+
+
+def student_row_name(config: Config) -> str:
+    method = config.method.name
+    label = "student alone" if method == "ce" else f"student {method}"
+    return f"{label} ({config.student.arch})"
+
+
+def evaluate_student(config: Config, model, data: Data, info: dict | None = None) -> dict:
+    row = evaluate_model(student_row_name(config), model, data.test, data.val, config.eval, data.device)
+    return {**row, **({"train_time_s": info["train_time_s"]} if info else {})}
+
+
+def evaluate_model_row(path: Path, model, config: Config, data: Data) -> dict:
+    name = model.spec["name"] if path.name == "model.pt" else path.stem
+    label = f"{path.parent.name}: {name}" if path.parent.name else name
+    return evaluate_model(label, model, data.test, data.val, config.eval, data.device)
+
+
+def evaluate_teachers(config: Config, teachers: TeacherSet, data: Data, run_dir: Path | None = None) -> list[dict]:
+    rows = evaluate_teacher_set(teachers, data.test, data.val, config.eval, data.device)
+    if run_dir is not None and (run_dir / MANIFEST).is_file():
+        times = {m["name"]: m.get("train_time_s") for m in json.loads((run_dir / MANIFEST).read_text())["members"]}
+        for row in rows:
+            if times.get(row["name"]) is not None:
+                row["train_time_s"] = times[row["name"]]
+    return rows
+
+
+def run_config(run_dir: Path, overrides=()) -> Config:
+    """The resolved config a run wrote, with overrides applied on top."""
+    path = Path(run_dir) / "config.yaml"
+    if not path.is_file():
+        raise ConfigError(f"'{run_dir}' has no config.yaml: is it an ensemble-kd run directory?")
+    return load_config(path, list(overrides))
