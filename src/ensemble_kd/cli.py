@@ -195,7 +195,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    # Overrides may follow options (`evaluate RUN --out DIR key=value`): collect the strays.
+    args, extra = parser.parse_known_args(argv)
+    stray = [a for a in extra if a.startswith("-") or "=" not in a]
+    if stray or (extra and not hasattr(args, "overrides")):
+        parser.error(f"unrecognized arguments: {' '.join(stray or extra)}")
+    if extra:
+        args.overrides = list(args.overrides) + extra
+    config = getattr(args, "config", None)
+    if config and "=" in config and not Path(config).exists():  # `train-teachers key=value` with no CONFIG
+        args.config, args.overrides = None, [config, *args.overrides]
     try:
         args.fn(args)
     except ConfigError as e:

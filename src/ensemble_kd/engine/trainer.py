@@ -141,7 +141,7 @@ class Trainer:
             self._pending.append((self.pos.step, loss, logs))
             if self.pos.step % self.cfg.log_every == 0:
                 self._check_finite()
-                self.log.write({"step": self.pos.step, "epoch": epoch,
+                self.log.write({"step": self.pos.step, "epoch": self.pos.step / self.steps_per_epoch,
                                 "lr": self.optimizer.param_groups[0]["lr"],
                                 **{k: v.item() for k, v in logs.items()}})
             if self.cfg.checkpoint_every and self.pos.step % self.cfg.checkpoint_every == 0:
@@ -164,7 +164,9 @@ class Trainer:
 
     def _step(self, batch) -> tuple[torch.Tensor, dict]:
         needs = self.method.needs
-        teacher_out = self.teachers.outputs(batch.x, needs) if needs.teachers else None
+        teacher_out = None
+        if needs.teachers:
+            teacher_out = self.teachers.outputs(batch.x, needs, index=batch.index, epoch=self.pos.epoch)
         if needs.student_taps:
             logits, taps = forward_with_taps(self.model, batch.x, needs.student_taps)
             student_out = StudentOutput(logits, taps)

@@ -82,8 +82,11 @@ class TeacherSet(nn.Module):
         return self.member_probs(x).mean(0)
 
     @torch.no_grad()
-    def outputs(self, x: torch.Tensor, needs: Needs) -> TeacherOutput:
-        """What a method declared it needs, computed once per member."""
+    def outputs(self, x: torch.Tensor, needs: Needs, *, index=None, epoch=None) -> TeacherOutput:
+        """What a method declared it needs, computed once per member.
+
+        `index` and `epoch` name the view; online teachers ignore them, a cache reads by them.
+        """
         logits, taps = [], {name: [] for name in needs.teacher_taps}
         for m in self.members:
             if needs.teacher_taps:

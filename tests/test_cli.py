@@ -1,0 +1,98 @@
+"""The command line end to end on tiny budgets: demo, train-teachers, evaluate, compare, errors."""
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from ensemble_kd.cli import main
+
+FAST = ["teachers.train.epochs=1", "student.train.epochs=1", "teachers.kwargs={width: 0.25}",
+        "student.kwargs={width: 0.25}", "eval.latency=false", "data.batch_size=256"]
+
+
+def _rows(run_dir):
+    return json.loads((run_dir / "results.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def demo_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("runs")
+    assert main(["demo", f"run.dir={root}", "run.name=demo", *FAST]) == 0
+    return root / "demo"
+
+
+def test_demo_prints_and_writes_everything(demo_dir, capsys):
+    names = [r["name"] for r in _rows(demo_dir)]
+    assert names[:3] == ["00-small_cnn-s0", "01-small_cnn-s1", "02-small_cnn-s2"]
+    assert names[3].startswith("ensemble (M=3)") and names[4].startswith("majority vote")
+    assert names[5].startswith("student alone")
+    for name in ["results.md", "reliability.png", "accuracy_vs_cost.png", "teachers/manifest.json",
+                 "teachers/config.yaml", "student/model.pt", "student/metrics.jsonl"]:
+        assert (demo_dir / name).is_file(), name
+    student = _rows(demo_dir)[5]
+    for key in ["acc", "nll", "ece", "cnll", "cece", "params", "flops"]:
+        assert isinstance(student[key], (int, float)), key
+    ensemble = _rows(demo_dir)[3]
+    assert ensemble["params"] == sum(r["params"] for r in _rows(demo_dir)[:3])
+    assert (demo_dir / "results.md").read_text().count("\n") >= 7
+
+
+def test_demo_resume_of_a_finished_run_trains_nothing(demo_dir):
+    before = (demo_dir / "student" / "model.pt").read_bytes()
+    manifest = (demo_dir / "teachers" / "manifest.json").read_text()
+    assert main(["demo", "--resume", str(demo_dir), *FAST]) == 0
+    assert (demo_dir / "teachers" / "manifest.json").read_text() == manifest
+    assert (demo_dir / "student" / "model.pt").read_bytes() == before
+
+
+def test_evaluate_a_teacher_run_a_checkpoint_and_compare(demo_dir, tmp_path):
+    teachers = demo_dir / "teachers"
+    assert main(["evaluate", str(teachers), "--out", str(tmp_path / "ev"), "eval.latency=false"]) == 0
+    rows = _rows(tmp_path / "ev")
+    assert len(rows) == 5 and rows[0]["acc"] == pytest.approx(_rows(demo_dir)[0]["acc"])
+    ckpt = teachers / "members" / "01-small_cnn-s1" / "model.pt"
+    assert main(["evaluate", str(ckpt), "--out", str(tmp_path / "one"), "eval.latency=false"]) == 0
+    assert _rows(tmp_path / "one")[0]["acc"] == pytest.approx(_rows(demo_dir)[1]["acc"])
+    out = tmp_path / "cmp"
+    assert main(["compare", str(demo_dir), str(tmp_path / "one"), "--out", str(out)]) == 0
+    rows = _rows(out)
+    assert len(rows) == 7 and rows[0]["name"].startswith("demo: ")
+    assert (out / "results.md").is_file() and (out / "reliability.png").is_file()
+
+
+def _image_folder(root, classes=3, per_class=4):
+    rng = np.random.default_rng(0)
+    for split in ("train", "test"):
+        for c in range(classes):
+            folder = root / split / f"class{c}"
+            folder.mkdir(parents=True)
+            for i in range(per_class):
+                pixels = rng.integers(0, 255, size=(8, 8), dtype=np.uint8)
+                Image.fromarray(pixels).save(folder / f"{i}.png")
+    return root
+
+
+def test_teachers_of_another_class_count_are_refused_before_any_work(demo_dir, tmp_path, capsys):
+    folder = _image_folder(tmp_path / "images")
+    code = main(["evaluate", str(demo_dir / "teachers"), "data.name=image-folder", f"data.root={folder}",
+                 "data.val_fraction=0", "--out", str(tmp_path / "ev")])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "10 classes" in err and "has 3" in err
+    assert not (tmp_path / "ev").exists()
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["train-teachers", "data.nmae=digits"], "a CONFIG file is needed"),
+    (["demo", "data.nmae=digits"], "'data.nmae' is not a known option"),
+    (["demo", "data.name=fashion-mnist", "data.root=/nonexistent/fmnist"], "/nonexistent/fmnist"),
+    (["demo", "teachers.arch=resnet1000"], "resnet1000"),
+    (["evaluate", "/nonexistent/run"], "does not exist"),
+    (["demo", "teachers.kwargs={depth: 3}"], "small_cnn"),
+])
+def test_user_errors_end_in_one_line(argv, words, tmp_path, capsys):
+    assert main([*argv, f"run.dir={tmp_path}"] if argv[0] != "evaluate" else argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert words in err.replace("\n", " ")
