@@ -187,3 +187,24 @@ def test_trainer_refuses_a_method_that_needs_teachers_without_them(data, tmp_pat
 
     with pytest.raises(ValueError, match="needs teachers"):
         _trainer(data, tmp_path, method=NeedsTeachers())
+
+
+@pytest.mark.parametrize("arch", ["small_cnn", "vgg11_bn", "resnet20", "wrn16_2"])
+def test_fast_teachers_compute_the_same_function(arch):
+    torch.manual_seed(1)
+    members = [create(arch, num_classes=5, in_channels=3) for _ in range(2)]
+    for m in members:  # non-trivial running statistics, so folding has something to fold
+        m.train()
+        m(torch.randn(16, 3, 8, 8) * 2 + 0.5)
+    x = torch.randn(4, 3, 8, 8)
+    plain = TeacherSet(members).member_logits(x)
+    fast = TeacherSet(members).prepare_for_inference(precision="fp32", channels_last=True)
+    torch.testing.assert_close(fast.member_logits(x), plain, rtol=1e-4, atol=1e-4)
+    folded = sum(isinstance(mod, nn.BatchNorm2d) for mod in fast.modules())
+    assert folded < sum(isinstance(mod, nn.BatchNorm2d) for m in members for mod in m.modules())
+    bf16 = TeacherSet(members).prepare_for_inference(precision="bf16")
+    out = bf16.member_logits(x)
+    assert out.dtype == torch.float32  # logits leave the teachers in fp32 whatever they ran in
+    torch.testing.assert_close(out, plain, rtol=0.1, atol=0.1)
+    with pytest.raises(ValueError, match="precision"):
+        TeacherSet(members).prepare_for_inference(precision="int8")

@@ -1,0 +1,83 @@
+"""One code path for one process and for torchrun: the process group and its few collectives.
+
+Under torchrun (WORLD_SIZE > 1 in the environment) the process group is set up
+once, with nccl on GPUs and gloo on CPUs; everything else asks `world()`.
+Single-process runs never touch torch.distributed.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class World:
+    rank: int = 0
+    size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.size > 1
+
+
+def world() -> World:
+    if dist.is_available() and dist.is_initialized():
+        return World(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)))
+    return World()
+
+
+def init_from_env(device: str = "auto") -> World:
+    """Join the process group torchrun describes; a no-op when run as one process."""
+    size = int(os.environ.get("WORLD_SIZE", "1"))
+    if size <= 1 or (dist.is_available() and dist.is_initialized()):
+        return world()
+    use_cuda = torch.cuda.is_available() and device != "cpu"
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+    dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+    return world()
+
+
+def device_for(world_: World, device: torch.device) -> torch.device:
+    """Each rank takes its own GPU; CPU ranks share the CPU."""
+    if device.type == "cuda" and world_.distributed:
+        return torch.device("cuda", world_.local_rank)
+    return device
+
+
+def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
+    """Average a tensor over ranks in place (a no-op in one process)."""
+    w = world()
+    if w.distributed:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        tensor.div_(w.size)
+    return tensor
+
+
+def broadcast_object(value, src: int = 0):
+    """Rank src's Python value on every rank (e.g. a teacher index drawn once per step)."""
+    if not world().distributed:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def barrier() -> None:
+    if world().distributed:
+        dist.barrier()
+
+
+def shutdown() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
