@@ -79,16 +79,27 @@ def cmd_distill(args) -> None:
     data = pipeline.prepare_data(config)
     from .methods import create_method  # validate the method and its options before any work
 
-    if create_method(config.method.name, **config.method.options).needs.teachers:
-        teachers = pipeline.load_teachers(config, data)
-    else:
-        teachers = None
+    needs = create_method(config.method.name, **config.method.options).needs
+    teachers = pipeline.teachers_for(config, data, needs) if needs.teachers else None
     write_config(run_dir, config, "distill")
     with progress_bar() as progress:
         student, info = pipeline.distill(config, run_dir, resume=args.resume is not None, progress=progress,
                                          data=data, teachers=teachers)
     _finish(run_dir, [pipeline.evaluate_student(config, student, data, info)],
             f"{pipeline.student_row_name(config)} on {config.data.name}", EVAL_COLUMNS)
+
+
+def cmd_cache_teachers(args) -> None:
+    config = load_config(args.config, args.overrides)
+    out_dir = Path(config.cache.dir) if config.cache.dir else new_run_dir(config, "cache")
+    if (out_dir / MANIFEST).is_file():
+        raise ConfigError(f"cache.dir '{out_dir}' holds a train-teachers run; choose another directory for the cache")
+    data = pipeline.prepare_data(config)
+    write_config(out_dir, config, "cache-teachers")
+    with progress_bar() as progress:
+        path = pipeline.cache_teachers(config, out_dir, progress=progress, data=data)
+    out.print(f"teacher cache: {path}", highlight=False, soft_wrap=True)
+    err.print(f"use it with: ensemble-kd distill CONFIG teachers.cache={escape(str(path))}", highlight=False)
 
 
 def cmd_evaluate(args) -> None:
@@ -180,6 +191,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub.choices["demo"].add_argument("--config", help="a YAML config instead of the built-in demo")
     command("train-teachers", cmd_train_teachers, "train an ensemble of M members")
     command("distill", cmd_distill, "train a student with a method (ce: the student alone)")
+    command("cache-teachers", cmd_cache_teachers,
+            "store teacher logits of seeded training views for distill teachers.cache=DIR", resume=False)
     ev = sub.add_parser("evaluate", help="evaluate a run, a teacher set or a checkpoint")
     ev.add_argument("target", metavar="RUN_OR_CHECKPOINT")
     ev.add_argument("overrides", nargs="*", help="key=value overrides of the run's config")

@@ -81,6 +81,7 @@ class TeachersConfig(_Section):
     seed: int = 0
     train: TrainConfig = Field(default_factory=TrainConfig)
     source: str | None = None  # a train-teachers run directory to read members from
+    cache: str | None = None  # a cache-teachers directory: distill reads teacher logits from it, loads no teacher
 
     def resolved_members(self) -> list[ModelConfig]:
         if self.members is not None:
@@ -106,6 +107,15 @@ class MethodConfig(_Section):
     options: dict[str, Any] = Field(default_factory=dict)
 
 
+class CacheConfig(_Section):
+    """What `cache-teachers` stores: logits of `epochs` epochs of training views (later epochs wrap)."""
+
+    epochs: int = Field(1, gt=0)
+    dtype: Literal["float16", "float32"] = "float16"
+    top_k: int | None = Field(None, gt=0)  # keep the k largest logits per teacher; lossy, see ensemble/cache.py
+    dir: str | None = None  # where to write it; default runs/<run.name or cache-<time>>
+
+
 class EvalConfig(_Section):
     cost: bool = True
     latency: bool = True
@@ -122,6 +132,7 @@ class Config(_Section):
     teachers: TeachersConfig = Field(default_factory=TeachersConfig)
     student: StudentConfig = Field(default_factory=StudentConfig)
     method: MethodConfig = Field(default_factory=MethodConfig)
+    cache: CacheConfig = Field(default_factory=CacheConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     run: RunConfig = Field(default_factory=RunConfig)
     device: str = "auto"

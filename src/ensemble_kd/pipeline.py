@@ -18,6 +18,7 @@ from .data import AugmentSpec, DatasetSplits, DeviceLoader, load_dataset
 from .engine import Trainer, resolve_device, save_model, seed_everything
 from .engine.evaluate import evaluate_model, evaluate_teacher_set
 from .ensemble import MANIFEST, TeacherSet, write_manifest
+from .ensemble.cache import CachedTeachers, build_cache, open_cache
 from .methods import METHODS, create_method
 from .models import create
 
@@ -119,6 +120,38 @@ def load_teachers(config: Config, data: Data) -> TeacherSet:
     return teachers
 
 
+def open_teacher_cache(config: Config, data: Data, needs=None) -> CachedTeachers:
+    """The cache named by teachers.cache, checked against this run's training views (student.seed).
+
+    The teachers themselves are not loaded, so their weights are not checked against the cache.
+    """
+    cached = open_cache(config.teachers.cache, None, data.train_loader(config.student.seed), data.device,
+                        dataset=config.data.name, needs=needs)
+    check_class_counts(cached, data)
+    return cached
+
+
+def teachers_for(config: Config, data: Data, needs) -> TeacherSet | CachedTeachers:
+    """What a distill run reads teacher outputs from: the cache when teachers.cache is set, else the teachers."""
+    if config.teachers.cache is not None:
+        return open_teacher_cache(config, data, needs)
+    return load_teachers(config, data)
+
+
+def cache_teachers(config: Config, out_dir: Path, progress=None, data: Data | None = None) -> Path:
+    """Store the teachers' logits for cache.epochs epochs of training views, for `distill teachers.cache=DIR`.
+
+    The views are those of the student's loader (seed student.seed): the student trains on
+    them, and the cache is checked against that seed when it is opened.
+    """
+    data = data or prepare_data(config)
+    teachers = load_teachers(config, data)
+    cfg = config.cache
+    return build_cache(teachers, data.train_loader(config.student.seed), out_dir, epochs=cfg.epochs,
+                       dtype=cfg.dtype, top_k=cfg.top_k, batch_size=config.data.eval_batch_size,
+                       progress=progress, dataset=config.data.name)
+
+
 def check_class_counts(teachers: TeacherSet, data: Data) -> None:
     k = teachers.num_classes
     if k is not None and k != data.splits.num_classes:
@@ -135,7 +168,9 @@ def distill(config: Config, run_dir: Path, *, resume=False, progress=None, data:
                           f"(known: {', '.join(sorted(METHODS))})")
     method = create_method(config.method.name, **config.method.options)
     if method.needs.teachers and teachers is None:
-        teachers = load_teachers(config, data)
+        teachers = teachers_for(config, data, method.needs)
+    if method.needs.teachers and isinstance(teachers, CachedTeachers):
+        teachers.check(method.needs)  # taps or perturbed inputs cannot come from a cache
     model = build_model(config.student, data)
     info = train_one(model, method, data, config.student.train, run_dir, seed=config.student.seed,
                      resume=resume, progress=progress, teachers=teachers,

@@ -48,6 +48,8 @@ class Trainer:
             raise ValueError(f"method '{getattr(method, 'name', method)}' needs teachers, and none were given")
         self.model, self.method, self.loader, self.cfg = model, method, loader, train
         self.teachers, self.val_loader = teachers, val_loader
+        # A teacher cache holds E epochs of views; epoch e then trains on the views of view_epoch(e) = e % E.
+        self.view_epoch = getattr(teachers, "view_epoch", None) if method.needs.teachers else None
         self.device, self.seed, self.is_main = device, seed, is_main
         self.out_dir = Path(out_dir)
         self.state_path = self.out_dir / "last.pt"
@@ -132,7 +134,8 @@ class Trainer:
         self.method.train()
         started, epoch = time.perf_counter(), self.pos.epoch
         sums: dict[str, torch.Tensor] = {}
-        for batch in self.loader.batches(epoch, start=self.pos.batch):
+        view_epoch = self.view_epoch(epoch) if self.view_epoch is not None else epoch
+        for batch in self.loader.batches(view_epoch, start=self.pos.batch):
             loss, logs = self._step(batch)
             for k, v in logs.items():
                 sums[k] = sums.get(k, 0.0) + v
