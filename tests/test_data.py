@@ -635,3 +635,17 @@ def test_loader_argument_errors():
         loader(ds, batch_size=0)
     with pytest.raises(ValueError, match=r"mean and std need 1 values"):
         loader(ds, mean=(0.5, 0.5, 0.5))
+
+
+def test_view_epoch_separates_views_from_order():
+    from ensemble_kd.data import AugmentSpec, DeviceLoader, load_dataset, make_view
+
+    splits = load_dataset("digits", val_fraction=0.0)
+    loader = DeviceLoader(splits.train, batch_size=64, mean=splits.mean, std=splits.std,
+                          spec=AugmentSpec(crop_padding=2, flip=True), seed=5)
+    batch = next(loader.batches(3, view_epoch=0))
+    assert torch.equal(batch.index, next(loader.batches(3)).index)  # order of epoch 3
+    views0 = make_view(loader.images, batch.index, epoch=0, seed=5, spec=loader.spec,
+                       mean=loader.mean, std=loader.std)
+    assert torch.equal(batch.x, views0)  # pixels of epoch 0
+    assert not torch.equal(batch.x, next(loader.batches(3)).x)

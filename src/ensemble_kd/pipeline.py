@@ -121,11 +121,12 @@ def load_teachers(config: Config, data: Data) -> TeacherSet:
 
 
 def open_teacher_cache(config: Config, data: Data, needs=None) -> CachedTeachers:
-    """The cache named by teachers.cache, checked against this run's training views (student.seed).
-
-    The teachers themselves are not loaded, so their weights are not checked against the cache.
+    """The cache named by teachers.cache, checked against this run's training views (student.seed)
+    and, when teachers.source names them, against the teachers' weights (loaded, never run).
     """
-    cached = open_cache(config.teachers.cache, None, data.train_loader(config.student.seed), data.device,
+    source = config.teachers.source
+    teachers = TeacherSet.from_run(source) if source is not None and Path(source).is_dir() else None
+    cached = open_cache(config.teachers.cache, teachers, data.train_loader(config.student.seed), data.device,
                         dataset=config.data.name, needs=needs)
     check_class_counts(cached, data)
     return cached

@@ -99,13 +99,17 @@ class DeviceLoader:
             order = torch.cat([order, order.repeat(math.ceil((total - n) / n))[: total - n]])
         return order[self.rank :: self.world_size].to(self.device)
 
-    def batches(self, epoch: int | None, start: int = 0) -> Iterator[Batch]:
-        """Yield the epoch's batches, skipping the first `start` (to resume mid-epoch)."""
+    def batches(self, epoch: int | None, start: int = 0, view_epoch: int | None = None) -> Iterator[Batch]:
+        """Yield the epoch's batches, skipping the first `start` (to resume mid-epoch).
+
+        `view_epoch` (default: `epoch`) picks the augmented views apart from the order, so a
+        run served by a teacher cache of E epochs can reuse views e % E in a fresh order.
+        """
         nb = len(self)
         if not isinstance(start, int) or not 0 <= start <= nb:
             raise ValueError(f"start must be an integer in 0..{nb} (batches per epoch), got {start!r}.")
         order = self.indices(epoch)
-        view_epoch = epoch if self.train else None
+        view_epoch = (epoch if view_epoch is None else view_epoch) if self.train else None
         for b in range(start, nb):
             idx = order[b * self.batch_size : (b + 1) * self.batch_size]
             x = make_view(

@@ -135,7 +135,7 @@ class Trainer:
         started, epoch = time.perf_counter(), self.pos.epoch
         sums: dict[str, torch.Tensor] = {}
         view_epoch = self.view_epoch(epoch) if self.view_epoch is not None else epoch
-        for batch in self.loader.batches(view_epoch, start=self.pos.batch):
+        for batch in self.loader.batches(epoch, start=self.pos.batch, view_epoch=view_epoch):
             loss, logs = self._step(batch)
             for k, v in logs.items():
                 sums[k] = sums.get(k, 0.0) + v
