@@ -17,7 +17,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from . import pipeline
 from .config import Config, ConfigError, load_config
-from .engine import CheckpointError, NonFiniteLossError, load_model
+from .engine import CheckpointError, NonFiniteLossError, distributed, load_model
 from .engine.runs import new_run_dir, write_config
 from .ensemble import MANIFEST, TeacherSet
 from .report import accuracy_vs_cost, load_results, print_table, reliability_diagram, write_results
@@ -55,6 +55,8 @@ def cmd_demo(args) -> None:
                                            progress=progress, data=data)
         student, info = pipeline.distill(student_config, run_dir / pipeline.STUDENT_DIR,
                                          resume=args.resume is not None, progress=progress, data=data)
+    if not distributed.world().is_main:
+        return  # rank 0 evaluates and reports
     rows = pipeline.evaluate_teachers(config, teachers, data, teacher_dir)
     rows.append(pipeline.evaluate_student(student_config, student, data, info))
     _finish(run_dir, rows, f"ensemble-kd demo on {config.data.name} ({time.perf_counter() - started:.0f} s)",
@@ -69,6 +71,8 @@ def cmd_train_teachers(args) -> None:
     with progress_bar() as progress:
         teachers = pipeline.train_teachers(config, run_dir, resume=args.resume is not None,
                                            progress=progress, data=data)
+    if not distributed.world().is_main:
+        return
     rows = pipeline.evaluate_teachers(config, teachers, data, run_dir)
     _finish(run_dir, rows, f"teachers on {config.data.name}", EVAL_COLUMNS)
 
@@ -85,6 +89,8 @@ def cmd_distill(args) -> None:
     with progress_bar() as progress:
         student, info = pipeline.distill(config, run_dir, resume=args.resume is not None, progress=progress,
                                          data=data, teachers=teachers)
+    if not distributed.world().is_main:
+        return
     _finish(run_dir, [pipeline.evaluate_student(config, student, data, info)],
             f"{pipeline.student_row_name(config)} on {config.data.name}", EVAL_COLUMNS)
 
@@ -98,6 +104,8 @@ def cmd_cache_teachers(args) -> None:
     write_config(out_dir, config, "cache-teachers")
     with progress_bar() as progress:
         path = pipeline.cache_teachers(config, out_dir, progress=progress, data=data)
+    if not distributed.world().is_main:
+        return
     out.print(f"teacher cache: {path}", highlight=False, soft_wrap=True)
     err.print(f"use it with: ensemble-kd distill CONFIG teachers.cache={escape(str(path))}", highlight=False)
 
@@ -157,7 +165,7 @@ def _run_dir(config: Config, command: str, resume: str | None) -> Path:
         if not path.is_dir():
             raise FileNotFoundError(f"cannot resume '{path}': no such run directory")
         return path
-    return new_run_dir(config, command)
+    return Path(distributed.broadcast_object(str(new_run_dir(config, command))))  # one name for all ranks
 
 
 def _finish(run_dir: Path, rows: list[dict], title: str, columns: list[str]) -> None:
@@ -219,6 +227,7 @@ def main(argv: list[str] | None = None) -> int:
     if config and "=" in config and not Path(config).exists():  # `train-teachers key=value` with no CONFIG
         args.config, args.overrides = None, [config, *args.overrides]
     try:
+        distributed.init_from_env(getattr(args, "device", "auto"))  # under torchrun: join the group
         args.fn(args)
     except ConfigError as e:
         err.print(f"[red]config error:[/red] {escape(str(e))}", highlight=False)
@@ -232,6 +241,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         err.print("interrupted: the last checkpoint is saved; continue with --resume RUN_DIR")
         return 130
+    finally:
+        distributed.shutdown()
     return 0
 
 

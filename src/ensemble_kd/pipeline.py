@@ -15,7 +15,7 @@ import torch
 
 from .config import Config, ConfigError, ModelConfig, TrainConfig, load_config
 from .data import AugmentSpec, DatasetSplits, DeviceLoader, load_dataset
-from .engine import Trainer, resolve_device, save_model, seed_everything
+from .engine import Trainer, distributed, resolve_device, save_model, seed_everything
 from .engine.evaluate import evaluate_model, evaluate_teacher_set
 from .ensemble import MANIFEST, TeacherSet, write_manifest
 from .ensemble.cache import CachedTeachers, build_cache, open_cache
@@ -44,7 +44,7 @@ class Data:
 
 def prepare_data(config: Config, device: torch.device | None = None) -> Data:
     """Load the dataset named by the config and put its eval splits on the device."""
-    device = device or resolve_device(config.device)
+    device = device or distributed.device_for(distributed.world(), resolve_device(config.device))
     cfg = config.data
     splits = load_dataset(cfg.name, root=cfg.root, val_fraction=cfg.val_fraction, split_seed=cfg.split_seed)
 
@@ -74,12 +74,15 @@ def train_one(model, method, data: Data, train: TrainConfig, out_dir: Path, *, s
               progress=None, description="train", teachers=None) -> dict:
     """Train, then save model.pt (plain state_dict) with its sidecar; returns timing info."""
     started = time.perf_counter()
-    trainer = Trainer(model, method.to(data.device), data.train_loader(seed), train, out_dir,
+    world = distributed.world()  # under torchrun each rank trains on its shard; data.batch_size is per rank
+    trainer = Trainer(model, method.to(data.device), data.train_loader(seed, world.rank, world.size), train, out_dir,
                       device=data.device, seed=seed, teachers=teachers, val_loader=data.val,
                       progress=progress, description=description)
     trainer.fit(resume=resume)
     info = {"train_time_s": time.perf_counter() - started, "steps": trainer.pos.step}
-    save_model(model, out_dir / "model.pt", info)
+    if world.is_main:
+        save_model(model, out_dir / "model.pt", info)
+    distributed.barrier()  # the other ranks may read model.pt next
     return info
 
 
@@ -100,8 +103,11 @@ def train_teachers(config: Config, run_dir: Path, *, resume=False, progress=None
                          resume=resume, progress=progress, description=f"teacher {name}")
         entries.append({"name": name, "spec": model.spec, "seed": member.seed,
                         "checkpoint": str((out / "model.pt").relative_to(run_dir)), **info})
+        if distributed.world().is_main:
+            write_manifest(run_dir, entries)
+    if distributed.world().is_main:
         write_manifest(run_dir, entries)
-    write_manifest(run_dir, entries)
+    distributed.barrier()
     return TeacherSet.from_run(run_dir, device=data.device)
 
 
@@ -148,9 +154,10 @@ def cache_teachers(config: Config, out_dir: Path, progress=None, data: Data | No
     data = data or prepare_data(config)
     teachers = load_teachers(config, data)
     cfg = config.cache
+    world = distributed.world()  # each rank computes and writes its own shard
     return build_cache(teachers, data.train_loader(config.student.seed), out_dir, epochs=cfg.epochs,
                        dtype=cfg.dtype, top_k=cfg.top_k, batch_size=config.data.eval_batch_size,
-                       progress=progress, dataset=config.data.name)
+                       progress=progress, dataset=config.data.name, rank=world.rank, world_size=world.size)
 
 
 def check_class_counts(teachers: TeacherSet, data: Data) -> None:

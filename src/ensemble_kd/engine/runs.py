@@ -54,5 +54,9 @@ def new_run_dir(config: Config, command: str) -> Path:
 
 
 def write_config(run_dir: Path, config: Config, command: str) -> None:
+    from .distributed import world
+
+    if not world().is_main:
+        return
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(run_dir / "config.yaml", f"# ensemble-kd {command}\n" + dump_config(config))

@@ -22,6 +22,7 @@ from ..config import TrainConfig
 from ..methods import Method, StudentOutput
 from ..models import forward_with_taps
 from . import checkpoint as ckpt
+from . import distributed
 from .runs import MetricsLog
 from .schedule import build_optimizer, build_scheduler
 from .seeding import rng_state, seed_everything, set_rng_state
@@ -29,6 +30,12 @@ from .seeding import rng_state, seed_everything, set_rng_state
 
 class NonFiniteLossError(RuntimeError):
     pass
+
+
+def _autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    if precision == "auto":
+        return torch.bfloat16 if device.type == "cuda" else None
+    return {"bf16": torch.bfloat16, "fp32": None}[precision]
 
 
 @dataclass
@@ -50,15 +57,26 @@ class Trainer:
         self.teachers, self.val_loader = teachers, val_loader
         # A teacher cache holds E epochs of views; epoch e then trains on the views of view_epoch(e) = e % E.
         self.view_epoch = getattr(teachers, "view_epoch", None) if method.needs.teachers else None
-        self.device, self.seed, self.is_main = device, seed, is_main
+        self.world = distributed.world()
+        self.device, self.seed = device, seed
+        self.is_main = is_main and self.world.is_main  # only rank 0 logs and writes checkpoints
         self.out_dir = Path(out_dir)
         self.state_path = self.out_dir / "last.pt"
-        self.log = MetricsLog(self.out_dir / "metrics.jsonl", enabled=is_main)
-        self.progress, self.description = progress, description
+        self.log = MetricsLog(self.out_dir / "metrics.jsonl", enabled=self.is_main)
+        self.progress, self.description = (progress if self.is_main else None), description
         self.steps_per_epoch = len(loader)
         if self.steps_per_epoch == 0:
             raise ValueError("the training set is smaller than one batch; lower data.batch_size")
         self.total_steps = train.epochs * self.steps_per_epoch
+        # bf16 autocast and channels_last where they pay (CUDA); fp32 on the CPU unless asked.
+        self.autocast_dtype = _autocast_dtype(train.precision, device)
+        self.channels_last = device.type == "cuda" if train.channels_last is None else train.channels_last
+        if self.channels_last:
+            model.to(memory_format=torch.channels_last)
+        # A method may build parameters whose shapes depend on the models (regressors, discriminators).
+        method.bind(model, teachers, next(iter(loader.batches(0))).x)
+        method.to(device)
+        self.forward_model = self._wrap_distributed(model)
         self.optimizer = build_optimizer(list(model.parameters()) + list(method.parameters()), train.optim)
         self.scheduler = build_scheduler(self.optimizer, train.optim, self.total_steps, self.steps_per_epoch)
         self.pos = Position()
@@ -155,6 +173,7 @@ class Trainer:
                 self.save()  # at a step boundary, so resuming repeats no work
                 raise KeyboardInterrupt
         self._check_finite()
+        self._sync_buffers()
         n = max(1, self.pos.batch)
         record = {"epoch": epoch + 1, "step": self.pos.step, "seconds": time.perf_counter() - started,
                   "lr": self.optimizer.param_groups[0]["lr"],
@@ -167,19 +186,26 @@ class Trainer:
 
     def _step(self, batch) -> tuple[torch.Tensor, dict]:
         needs = self.method.needs
+        if self.channels_last and batch.x.dim() == 4:
+            batch = batch._replace(x=batch.x.contiguous(memory_format=torch.channels_last))
         teacher_out = None
         if needs.teachers:
             teacher_out = self.teachers.outputs(batch.x, needs, index=batch.index, epoch=self.pos.epoch)
-        if needs.student_taps:
-            logits, taps = forward_with_taps(self.model, batch.x, needs.student_taps)
-            student_out = StudentOutput(logits, taps)
-        else:
-            student_out = StudentOutput(self.model(batch.x), {})
-        out = self.method.loss(batch, student_out, teacher_out)
+        with self._autocast():
+            if needs.student_taps:
+                logits, taps = forward_with_taps(self.forward_model, batch.x, needs.student_taps)
+                student_out = StudentOutput(logits, taps)
+            else:
+                student_out = StudentOutput(self.forward_model(batch.x), {})
+            out = self.method.loss(batch, student_out, teacher_out)
         self.optimizer.zero_grad(set_to_none=True)
         for opt in self.method.extra_optimizers():
             opt.zero_grad(set_to_none=True)
         out.loss.backward()
+        if self.world.distributed:  # DDP syncs the student; the method's own parameters sync here
+            for p in self.method.parameters():
+                if p.grad is not None:
+                    distributed.all_reduce_mean(p.grad)
         if self.cfg.grad_clip:
             nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
         self.optimizer.step()
@@ -203,6 +229,26 @@ class Trainer:
                 f"{self.description}: the loss became {loss.item()} at step {step} ({terms}); "
                 f"the last good checkpoint is {last}")
         self._pending.clear()
+
+    def _sync_buffers(self) -> None:
+        """Average BatchNorm statistics over ranks: each rank's last forward updated its own."""
+        if self.world.distributed:
+            for buf in list(self.model.buffers()) + list(self.method.buffers()):
+                if buf.is_floating_point():
+                    distributed.all_reduce_mean(buf)
+
+    def _autocast(self):
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+    def _wrap_distributed(self, model: nn.Module) -> nn.Module:
+        if not self.world.distributed:
+            return model
+        for p in self.method.parameters():  # every rank starts from rank 0's method parameters
+            torch.distributed.broadcast(p.data, src=0)
+        ids = [self.device.index] if self.device.type == "cuda" else None
+        return nn.parallel.DistributedDataParallel(model, device_ids=ids)
 
     @torch.no_grad()
     def _validate(self) -> dict:

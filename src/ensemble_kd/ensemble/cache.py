@@ -45,6 +45,7 @@ import torch
 
 from ..data import DeviceLoader, make_view
 from ..engine.checkpoint import atomic_save, atomic_write_text, load
+from ..engine import distributed
 from ..methods import Needs, TeacherOutput
 from .teacher_set import TeacherSet
 
@@ -173,6 +174,7 @@ def build_cache(teachers: TeacherSet, loader: DeviceLoader, out_dir: str | Path,
         shard = {key: torch.cat([p[key] for p in parts]) for key in parts[0]}
         atomic_save({"format": FORMAT, "epoch": epoch, "rank": rank, "world_size": world_size,
                      "index": index.cpu(), **shard}, out_dir / _shard_file(epoch, rank))
+    distributed.barrier()  # every rank's shards exist before the manifest says the cache is whole
     if rank == 0:
         manifest = {"fingerprint": fingerprint(teachers, loader, dataset=dataset),
                     "epochs": epochs, "dtype": dtype, "top_k": top_k, "world_size": world_size,
