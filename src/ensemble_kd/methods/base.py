@@ -51,6 +51,11 @@ class Method(nn.Module):
     def loss(self, batch, student: StudentOutput, teachers: TeacherOutput | None) -> MethodLoss:
         raise NotImplementedError
 
+    def bind(self, student: nn.Module, teachers=None, example_x: torch.Tensor | None = None) -> None:
+        """Called once by the engine before it builds the optimizer, so that a method can build
+        parameters whose shapes depend on the models (e.g. hint regressors). `teachers` is the
+        teacher set (or a list of modules), `example_x` a batch of inputs. Default: nothing."""
+
     def extra_optimizers(self) -> list[torch.optim.Optimizer]:
         return []
 
