@@ -96,3 +96,29 @@ def test_user_errors_end_in_one_line(argv, words, tmp_path, capsys):
     assert main([*argv, f"run.dir={tmp_path}"] if argv[0] != "evaluate" else argv) == 2
     err = capsys.readouterr().err.strip()
     assert words in err.replace("\n", " ")
+
+
+def test_sweep_runs_variants_and_seeds_and_reports_mean_and_spread(tmp_path):
+    config = tmp_path / "sweep.yaml"
+    config.write_text("sweep:\n  seeds: [0, 1]\n  variants:\n"
+                      "    plain: {method.name: ce}\n"
+                      "    smooth: {method.name: ce, method.options: {label_smoothing: 0.1}}\n")
+    argv = ["sweep", str(config), f"run.dir={tmp_path}", "run.name=sw", *FAST]
+    assert main(argv) == 0
+    rows = _rows(tmp_path / "sw")
+    assert [r["name"] for r in rows] == ["plain (2 seeds)", "smooth (2 seeds)"]
+    seeds = [_rows(tmp_path / "sw" / "plain" / f"seed{s}")[0]["acc"] for s in (0, 1)]
+    assert rows[0]["acc"] == pytest.approx(sum(seeds) / 2)
+    assert rows[0]["acc_std"] == pytest.approx(abs(seeds[0] - seeds[1]) / 2 ** 0.5)
+    # a second run finds every result and trains nothing
+    stamp = (tmp_path / "sw" / "smooth" / "seed1" / "model.pt").stat().st_mtime_ns
+    assert main(argv + ["--resume", str(tmp_path / "sw")]) == 0
+    assert (tmp_path / "sw" / "smooth" / "seed1" / "model.pt").stat().st_mtime_ns == stamp
+
+
+def test_sweep_refuses_a_bad_variant_before_any_work(tmp_path, capsys):
+    config = tmp_path / "sweep.yaml"
+    config.write_text("sweep:\n  variants:\n    typo: {method.optoins.C: 1}\n")
+    assert main(["sweep", str(config), f"run.dir={tmp_path}", "run.name=bad"]) == 2
+    assert "sweep variant 'typo'" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()

@@ -15,7 +15,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from . import pipeline
+from . import pipeline, sweep
 from .config import Config, ConfigError, load_config
 from .engine import CheckpointError, NonFiniteLossError, distributed, load_model
 from .engine.runs import new_run_dir, write_config
@@ -110,6 +110,22 @@ def cmd_cache_teachers(args) -> None:
     err.print(f"use it with: ensemble-kd distill CONFIG teachers.cache={escape(str(path))}", highlight=False)
 
 
+def cmd_sweep(args) -> None:
+    config = _config(args)
+    run_dir = _run_dir(config, "sweep", args.resume)
+    sweep.variant_configs(config)  # every variant validated before any training
+    data = pipeline.prepare_data(config)
+    write_config(run_dir, config, "sweep")
+    with progress_bar() as progress:
+        rows = sweep.run_sweep(config, run_dir, progress=progress, data=data)
+    if not distributed.world().is_main:
+        return
+    source = Path(config.teachers.source) if config.teachers.source else None
+    if source is not None and (source / "results.json").is_file():  # the teachers beside their students
+        rows = [r for r in load_results(source) if not r["name"].startswith("majority")] + rows
+    _finish(run_dir, rows, f"sweep on {config.data.name}", EVAL_COLUMNS + ["train_time_s"])
+
+
 def cmd_evaluate(args) -> None:
     target = Path(args.target)
     if not target.exists():
@@ -201,6 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
     command("distill", cmd_distill, "train a student with a method (ce: the student alone)")
     command("cache-teachers", cmd_cache_teachers,
             "store teacher logits of seeded training views for distill teachers.cache=DIR", resume=False)
+    command("sweep", cmd_sweep, "distil under several variants and seeds: one table, mean and spread")
     ev = sub.add_parser("evaluate", help="evaluate a run, a teacher set or a checkpoint")
     ev.add_argument("target", metavar="RUN_OR_CHECKPOINT")
     ev.add_argument("overrides", nargs="*", help="key=value overrides of the run's config")

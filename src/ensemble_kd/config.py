@@ -124,6 +124,19 @@ class EvalConfig(_Section):
     throughput_batch: int = Field(256, gt=0)
 
 
+class SweepConfig(_Section):
+    """Variants (name -> overrides) x student seeds, summarised as mean and spread."""
+
+    seeds: list[int] = Field(default_factory=lambda: [0])
+    variants: dict[str, dict[str, Any]] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _seeds_not_empty(self) -> "SweepConfig":
+        if not self.seeds:
+            raise ValueError("sweep.seeds is empty; list at least one seed")
+        return self
+
+
 class RunConfig(_Section):
     dir: str = "runs"
     name: str | None = None
@@ -137,6 +150,7 @@ class Config(_Section):
     cache: CacheConfig = Field(default_factory=CacheConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     run: RunConfig = Field(default_factory=RunConfig)
+    sweep: SweepConfig = Field(default_factory=SweepConfig)
     device: str = "auto"
     deterministic: bool = False
 
