@@ -1,0 +1,170 @@
+"""Throughput of one distillation step: the naive reference beside the engine, in one run.
+
+    python benchmarks/throughput.py                 # GPU sizes (BENCHMARKS.md): ResNet-56 teachers, ResNet-20 student
+    python benchmarks/throughput.py --quick         # CPU sizes, for a smoke run and CPU ratios
+
+Rows, per number of teachers M:
+- naive: teachers in a Python loop, fp32, eager, then the student's fp32 step (what public KD code does);
+- aver online: the engine's step with fast teachers (BN folded, bf16 + channels_last on GPU, compiled with --compile);
+- aver cached: the engine's step fed from teacher logits already in memory (what the teacher cache serves);
+- every other registered method the engine can run with online teachers (aekd, ...).
+Each is timed over the same models and batch; the ratio column is images/s over naive.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from ensemble_kd.config import TrainConfig
+from ensemble_kd.data import Batch
+from ensemble_kd.engine import Trainer
+from ensemble_kd.ensemble import TeacherSet
+from ensemble_kd.methods import METHODS, TeacherOutput, create_method
+from ensemble_kd.models import create
+
+
+class FixedBatches:
+    """A loader that yields the same on-device batch: the step, not the data, is timed."""
+
+    def __init__(self, batch: Batch, steps: int):
+        self.batch, self.steps = batch, steps
+
+    def __len__(self):
+        return self.steps
+
+    def batches(self, epoch, start=0):
+        for _ in range(start, self.steps):
+            yield self.batch
+
+
+class MemoryCache:
+    """Teacher logits already in memory, served like a cache (the view is fixed here)."""
+
+    def __init__(self, logits: torch.Tensor):
+        self.logits = logits
+
+    def outputs(self, x, needs, *, index=None, epoch=None):
+        return TeacherOutput(self.logits, {})
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def images_per_second(step, batch_size, device, warmup, iters, repeats=3) -> float:
+    for _ in range(warmup):
+        step()
+    sync(device)
+    rates = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for _ in range(iters):
+            step()
+        sync(device)
+        rates.append(batch_size * iters / (time.perf_counter() - start))
+    return statistics.median(rates)
+
+
+def naive_step(teachers, student, optimizer, x, y, T=4.0):
+    """What public KD code does: a Python loop of fp32 eager teachers, then the student."""
+    with torch.no_grad():
+        probs = [F.softmax(t(x) / T, dim=1) for t in teachers]
+    target = torch.stack(probs).mean(0)
+    logits = student(x)
+    loss = 0.1 * F.cross_entropy(logits, y) + 0.9 * T * T * F.kl_div(
+        F.log_softmax(logits / T, dim=1), target, reduction="batchmean")
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+
+
+def engine_step(method_name, student, teachers, batch, device, train_cfg, options=None):
+    method = create_method(method_name, **(options or {}))
+    if hasattr(method, "bind"):
+        method.bind(student, teachers, batch.x)
+    with tempfile.TemporaryDirectory() as tmp:
+        trainer = Trainer(student, method.to(device), FixedBatches(batch, 1), train_cfg, Path(tmp),
+                          device=device, teachers=teachers, is_main=False)
+    return lambda: trainer._step(batch)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--teachers", default="1,5,10", help="values of M")
+    parser.add_argument("--batch", type=int, default=1024)
+    parser.add_argument("--teacher-arch", default="resnet56")
+    parser.add_argument("--student-arch", default="resnet20")
+    parser.add_argument("--image", type=int, default=32)
+    parser.add_argument("--classes", type=int, default=10)
+    parser.add_argument("--iters", type=int, default=20)
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--compile", action="store_true", help="torch.compile the teachers")
+    parser.add_argument("--methods", default="", help="comma list beyond aver (default: every registered one)")
+    parser.add_argument("--quick", action="store_true", help="CPU sizes: small_cnn teachers, batch 128, 8x8")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.teacher_arch, args.student_arch, args.batch, args.image = "small_cnn", "small_cnn", 128, 16
+        args.teachers, args.iters, args.warmup = "1,5", 5, 2
+
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                          ("cpu" if args.device == "auto" else args.device))
+    torch.manual_seed(0)
+    shape = (args.batch, 3, args.image, args.image)
+    x = torch.randn(shape, device=device)
+    y = torch.randint(0, args.classes, (args.batch,), device=device)
+    batch = Batch(x, y, torch.arange(args.batch, device=device))
+    train_cfg = TrainConfig(epochs=1)
+    extra = [m for m in (args.methods.split(",") if args.methods else sorted(METHODS))
+             if m and m not in ("ce", "aver", "kd")]
+
+    print(f"device: {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}, "
+          f"torch {torch.__version__}, batch {args.batch}, {args.teacher_arch} teachers -> "
+          f"{args.student_arch} student, {args.image}x{args.image}", flush=True)
+    rows = []
+    for m in [int(v) for v in args.teachers.split(",")]:
+        members = [create(args.teacher_arch, num_classes=args.classes).to(device).eval() for _ in range(m)]
+        student = create(args.student_arch, num_classes=args.classes).to(device)
+        opt = torch.optim.SGD(student.parameters(), lr=0.01, momentum=0.9)
+        naive = images_per_second(lambda: naive_step(members, student, opt, x, y), args.batch, device,
+                                  args.warmup, args.iters)
+        rows.append((m, "naive fp32 loop", naive))
+        fast = TeacherSet(members).prepare_for_inference(compile=args.compile)
+        rows.append((m, "aver online", images_per_second(
+            engine_step("aver", student, fast, batch, device, train_cfg), args.batch, device, args.warmup, args.iters)))
+        cached = MemoryCache(fast.member_logits(x))
+        rows.append((m, "aver cached", images_per_second(
+            engine_step("aver", student, cached, batch, device, train_cfg), args.batch, device, args.warmup, args.iters)))
+        for name in extra:
+            try:
+                options = {"C": max(0.6, 1.0 / m)} if name == "aekd" else {}  # C must be >= 1/M
+                step = engine_step(name, student, fast, batch, device, train_cfg, options)
+            except (ValueError, TypeError) as err:
+                print(f"  skipping {name}: {err}", file=sys.stderr)
+                continue
+            rows.append((m, f"{name} online", images_per_second(step, args.batch, device, args.warmup, args.iters)))
+        for row in rows[-(3 + len(extra)):]:
+            print(f"  M={row[0]:>2}  {row[1]:<18} {row[2]:>10,.0f} img/s", flush=True)
+
+    print("\n| M | step | images/s | x naive | x aver online |")
+    print("|---:|:---|---:|---:|---:|")
+    for m, name, rate in rows:
+        naive = next(r for mm, n, r in rows if mm == m and n.startswith("naive"))
+        online = next(r for mm, n, r in rows if mm == m and n == "aver online")
+        print(f"| {m} | {name} | {rate:,.0f} | {rate / naive:.2f} | {rate / online:.2f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    with contextlib.suppress(KeyboardInterrupt):
+        sys.exit(main())
