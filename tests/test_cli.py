@@ -9,7 +9,7 @@ from PIL import Image
 from ensemble_kd.cli import main
 
 FAST = ["teachers.train.epochs=1", "student.train.epochs=1", "teachers.kwargs={width: 0.25}",
-        "student.kwargs={width: 0.25}", "eval.latency=false", "data.batch_size=256"]
+        "student.kwargs={width: 0.25}", "eval.latency=false", "data.batch_size=256", "student.train.log_every=2"]
 
 
 def _rows(run_dir):
@@ -28,6 +28,9 @@ def test_demo_prints_and_writes_everything(demo_dir, capsys):
     assert names[:3] == ["00-small_cnn-s0", "01-small_cnn-s1", "02-small_cnn-s2"]
     assert names[3].startswith("ensemble (M=3)") and names[4].startswith("majority vote")
     assert names[5].startswith("student alone")
+    assert names[6].startswith("student aver") and names[7].startswith("student aekd")
+    alphas = [json.loads(line) for line in (demo_dir / "student-aekd" / "metrics.jsonl").read_text().splitlines()]
+    assert any("train_alpha_2" in r for r in alphas)  # AE-KD's teacher weights are logged
     for name in ["results.md", "reliability.png", "accuracy_vs_cost.png", "teachers/manifest.json",
                  "teachers/config.yaml", "student/model.pt", "student/metrics.jsonl"]:
         assert (demo_dir / name).is_file(), name
@@ -58,8 +61,9 @@ def test_evaluate_a_teacher_run_a_checkpoint_and_compare(demo_dir, tmp_path):
     out = tmp_path / "cmp"
     assert main(["compare", str(demo_dir), str(tmp_path / "one"), "--out", str(out)]) == 0
     rows = _rows(out)
-    assert len(rows) == 7 and rows[0]["name"].startswith("demo: ")
+    assert len(rows) == 9 and rows[0]["name"].startswith("demo: ")
     assert (out / "results.md").is_file() and (out / "reliability.png").is_file()
+    assert (out / "teacher_weights.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # the AE-KD student's
 
 
 def _image_folder(root, classes=3, per_class=4):
@@ -91,6 +95,7 @@ def test_teachers_of_another_class_count_are_refused_before_any_work(demo_dir, t
     (["demo", "teachers.arch=resnet1000"], "resnet1000"),
     (["evaluate", "/nonexistent/run"], "does not exist"),
     (["demo", "teachers.kwargs={depth: 3}"], "small_cnn"),
+    (["demo", "--methods", "ce,avre"], "unknown method 'avre'"),
 ])
 def test_user_errors_end_in_one_line(argv, words, tmp_path, capsys):
     assert main([*argv, f"run.dir={tmp_path}"] if argv[0] != "evaluate" else argv) == 2

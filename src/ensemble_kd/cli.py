@@ -18,9 +18,10 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from . import pipeline, sweep
 from .config import Config, ConfigError, load_config
 from .engine import CheckpointError, NonFiniteLossError, distributed, load_model
-from .engine.runs import new_run_dir, write_config
+from .engine.runs import MetricsLog, new_run_dir, write_config
 from .ensemble import MANIFEST, TeacherSet
-from .report import accuracy_vs_cost, load_results, print_table, reliability_diagram, write_results
+from .report import (accuracy_vs_cost, load_results, print_table, reliability_diagram,
+                     teacher_weights_over_training, write_results)
 
 DEMO_COLUMNS = ["name", "acc", "nll", "ece", "cnll", "cece", "params", "flops", "train_time_s"]
 EVAL_COLUMNS = ["name", "acc", "top5", "nll", "ece", "cnll", "cece", "brier", "params", "flops",
@@ -44,21 +45,28 @@ def cmd_demo(args) -> None:
     run_dir = _run_dir(config, "demo", args.resume)
     started = time.perf_counter()
     data = pipeline.prepare_data(config)
-    err.print(f"demo: {config.data.name}, {config.teachers.count if config.teachers.members is None else len(config.teachers.members)} "
-              f"teachers and a student alone; run directory {run_dir}")
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    for method in methods:  # fail on a bad name before any training
+        pipeline.check_method(method)
+    err.print(f"demo: {config.data.name}, {len(config.teachers.resolved_members())} teachers, students: "
+              f"{', '.join(methods)}; run directory {run_dir}", highlight=False)
     teacher_dir = run_dir / pipeline.TEACHERS_DIR
     write_config(teacher_dir, config, "train-teachers")
-    student_config = config.model_copy(update={"method": config.method.model_copy(update={"name": "ce"})})
-    write_config(run_dir / pipeline.STUDENT_DIR, student_config, "distill")
+    students = []
     with progress_bar() as progress:
         teachers = pipeline.train_teachers(config, teacher_dir, resume=args.resume is not None,
                                            progress=progress, data=data)
-        student, info = pipeline.distill(student_config, run_dir / pipeline.STUDENT_DIR,
-                                         resume=args.resume is not None, progress=progress, data=data)
+        for method in methods:  # every student learns from the same teachers, run in memory
+            student_config = config.model_copy(update={"method": config.method.model_copy(update={"name": method})})
+            out_dir = run_dir / (pipeline.STUDENT_DIR if method == "ce" else f"student-{method}")
+            write_config(out_dir, student_config, "distill")
+            student, info = pipeline.distill(student_config, out_dir, resume=args.resume is not None,
+                                             progress=progress, data=data, teachers=teachers)
+            students.append((student_config, student, info))
     if not distributed.world().is_main:
         return  # rank 0 evaluates and reports
     rows = pipeline.evaluate_teachers(config, teachers, data, teacher_dir)
-    rows.append(pipeline.evaluate_student(student_config, student, data, info))
+    rows += [pipeline.evaluate_student(c, student, data, info) for c, student, info in students]
     _finish(run_dir, rows, f"ensemble-kd demo on {config.data.name} ({time.perf_counter() - started:.0f} s)",
             DEMO_COLUMNS)
 
@@ -163,6 +171,19 @@ def cmd_compare(args) -> None:
             rows.append({**row, "name": f"{run.name}: {row['name']}" if len(args.runs) > 1 else row["name"]})
     out_dir = Path(args.out) if args.out else Path("runs") / f"compare-{time.strftime('%Y%m%d-%H%M%S')}"
     _finish(out_dir, rows, "compare", EVAL_COLUMNS + ["train_time_s"])
+    weights = _weight_logs([Path(r) for r in args.runs])
+    if weights:  # AE-KD's teacher weights over training, one panel per run
+        teacher_weights_over_training(weights, out_dir / "teacher_weights.png")
+
+
+def _weight_logs(runs: list[Path]) -> dict[str, list[dict]]:
+    logs = {}
+    for run in runs:
+        for path in sorted([run / "metrics.jsonl", *run.glob("*/metrics.jsonl"), *run.glob("*/*/metrics.jsonl")]):
+            records = MetricsLog(path).read() if path.is_file() else []
+            if any(k.startswith("alpha_") for r in records for k in r):
+                logs[str(path.parent.relative_to(run.parent))] = records
+    return logs
 
 
 # ---------------------------------------------------------------------- helpers
@@ -213,6 +234,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     command("demo", cmd_demo, "train teachers and a student on digits, print one table", config=False)
     sub.choices["demo"].add_argument("--config", help="a YAML config instead of the built-in demo")
+    sub.choices["demo"].add_argument("--methods", default="ce,aver,aekd",
+                                     help="students to train, by method (default ce,aver,aekd)")
     command("train-teachers", cmd_train_teachers, "train an ensemble of M members")
     command("distill", cmd_distill, "train a student with a method (ce: the student alone)")
     command("cache-teachers", cmd_cache_teachers,

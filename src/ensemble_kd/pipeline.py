@@ -171,9 +171,7 @@ def distill(config: Config, run_dir: Path, *, resume=False, progress=None, data:
             teachers: TeacherSet | None = None):
     """Train the student with the configured method (`ce`: the student alone)."""
     data = data or prepare_data(config)
-    if config.method.name not in METHODS:
-        raise ConfigError(f"config key 'method.name': unknown method '{config.method.name}' "
-                          f"(known: {', '.join(sorted(METHODS))})")
+    check_method(config.method.name)
     method = create_method(config.method.name, **config.method.options)
     if method.needs.teachers and teachers is None:
         teachers = teachers_for(config, data, method.needs)
@@ -184,6 +182,11 @@ def distill(config: Config, run_dir: Path, *, resume=False, progress=None, data:
                      resume=resume, progress=progress, teachers=teachers,
                      description=f"student ({config.method.name})")
     return model, info
+
+
+def check_method(name: str) -> None:
+    if name not in METHODS:
+        raise ConfigError(f"config key 'method.name': unknown method '{name}' (known: {', '.join(sorted(METHODS))})")
 
 
 def student_row_name(config: Config) -> str:

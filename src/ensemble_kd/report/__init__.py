@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .plots import accuracy_vs_cost, reliability_diagram
+from .plots import accuracy_vs_cost, reliability_diagram, teacher_weights_over_training
 from .tables import COLUMNS, HEADERS, format_value, load_results, markdown_table, print_table, write_results
 
 __all__ = [
@@ -14,5 +14,6 @@ __all__ = [
     "markdown_table",
     "print_table",
     "reliability_diagram",
+    "teacher_weights_over_training",
     "write_results",
 ]

@@ -100,3 +100,31 @@ def accuracy_vs_cost(rows: Iterable[Mapping[str, Any]], path: str | Path, cost: 
     ax.set(xlabel=_COST_LABELS.get(cost, HEADERS.get(cost, cost)), ylabel="test accuracy (%)")
     ax.grid(True, which="both", alpha=0.3)
     return _save(fig, path)
+
+
+def teacher_weights_over_training(records_by_run: Mapping[str, list[Mapping[str, Any]]], path: str | Path,
+                                  prefix: str = "alpha_") -> Path:
+    """One panel per run: each teacher's weight (AE-KD's alpha_i) against the training step."""
+    series = {}
+    for run, records in records_by_run.items():
+        steps = [r for r in records if "step" in r and any(k.startswith(prefix) for k in r)]
+        keys = sorted({k for r in steps for k in r if k.startswith(prefix)}, key=lambda k: int(k[len(prefix):]))
+        if steps:
+            series[run] = (steps, keys)
+    if not series:
+        raise ValueError(f"no step records with '{prefix}*' weights to plot")
+    cols = min(3, len(series))
+    rows = math.ceil(len(series) / cols)
+    fig = Figure(figsize=(4.5 * cols, 3.2 * rows))
+    for i, (run, (steps, keys)) in enumerate(series.items()):
+        ax = fig.add_subplot(rows, cols, i + 1)
+        x = [r["step"] for r in steps]
+        for key in keys:
+            ax.plot(x, [r.get(key, float("nan")) for r in steps], label=f"teacher {key[len(prefix):]}", lw=1)
+        ax.set_title(run, fontsize=9)
+        ax.set_xlabel("step")
+        ax.set_ylabel("weight")
+        ax.set_ylim(0, 1)
+        ax.legend(fontsize=7, loc="upper right")
+    fig.tight_layout()
+    return _save(fig, path)
