@@ -13,7 +13,7 @@ from ensemble_kd.config import load_config
 from ensemble_kd.engine import CheckpointError, NonFiniteLossError, Trainer, load_model, save_model
 from ensemble_kd.engine.checkpoint import atomic_save, load_train_state
 from ensemble_kd.ensemble import TeacherSet, majority_vote
-from ensemble_kd.methods import MethodLoss, create_method
+from ensemble_kd.methods import Method, MethodLoss, create_method
 from ensemble_kd.methods.ce import CrossEntropy
 from ensemble_kd.models import create
 
@@ -208,3 +208,51 @@ def test_fast_teachers_compute_the_same_function(arch):
     torch.testing.assert_close(out, plain, rtol=0.1, atol=0.1)
     with pytest.raises(ValueError, match="precision"):
         TeacherSet(members).prepare_for_inference(precision="int8")
+
+
+class KillAt(Method):
+    """Wraps a method; at call `at` sends Ctrl-C to its own process (None: never)."""
+
+    def __init__(self, inner, at=None):
+        super().__init__()
+        self.inner, self.at, self.calls = inner, at, 0
+
+    @property
+    def needs(self):  # a method may settle its needs in bind (aekd's taps)
+        return self.inner.needs
+
+    def bind(self, student, teachers=None, example_x=None):
+        self.inner.bind(student, teachers, example_x)
+
+    def loss(self, batch, student, teachers=None):
+        self.calls += 1
+        if self.calls == self.at:
+            os.kill(os.getpid(), signal.SIGINT)
+        return self.inner.loss(batch, student, teachers)
+
+
+@pytest.mark.parametrize("method, options", [("aver", {}), ("aekd", {"variant": "features", "C": 0.7})])
+def test_distill_resume_ends_with_the_same_weights(data, tmp_path, method, options):
+    torch.manual_seed(3)
+    teachers = TeacherSet([create("small_cnn", num_classes=10, in_channels=1, width=0.25) for _ in range(2)])
+    config = load_config(None, TINY)
+
+    def run(out, at=None, resume=False):
+        student = pipeline.build_model(config.student, data)
+        trainer = Trainer(student, KillAt(create_method(method, **options), at), data.train_loader(seed=7),
+                          config.teachers.train, out, device=data.device, seed=7, teachers=teachers)
+        return trainer, trainer.fit(resume=resume)
+
+    _, reference = run(tmp_path / "ref")
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "run", at=11)
+    trainer, resumed = run(tmp_path / "run", resume=True)
+    assert _same_weights(resumed, reference)
+    if method == "aekd":  # the method's own parameters (hint regressors) resumed too
+        ref_state = _trainer_method_state(tmp_path / "ref")
+        assert ref_state.keys() == trainer.method.state_dict().keys()
+        assert all(torch.equal(ref_state[k], v) for k, v in trainer.method.state_dict().items())
+
+
+def _trainer_method_state(out_dir):
+    return load_train_state(out_dir / "last.pt")["method"]

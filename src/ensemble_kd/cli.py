@@ -56,12 +56,13 @@ def cmd_demo(args) -> None:
     with progress_bar() as progress:
         teachers = pipeline.train_teachers(config, teacher_dir, resume=args.resume is not None,
                                            progress=progress, data=data)
+        fast = pipeline.fast_teachers(config, teachers)
         for method in methods:  # every student learns from the same teachers, run in memory
             student_config = config.model_copy(update={"method": config.method.model_copy(update={"name": method})})
             out_dir = run_dir / (pipeline.STUDENT_DIR if method == "ce" else f"student-{method}")
             write_config(out_dir, student_config, "distill")
             student, info = pipeline.distill(student_config, out_dir, resume=args.resume is not None,
-                                             progress=progress, data=data, teachers=teachers)
+                                             progress=progress, data=data, teachers=fast)
             students.append((student_config, student, info))
     if not distributed.world().is_main:
         return  # rank 0 evaluates and reports

@@ -83,6 +83,9 @@ class TeachersConfig(_Section):
     seed: int = 0
     train: TrainConfig = Field(default_factory=TrainConfig)
     source: str | None = None  # a train-teachers run directory to read members from
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"  # inference; auto: bf16 on CUDA
+    fold_bn: bool = True
+    compile: bool = False  # torch.compile the frozen teachers
     cache: str | None = None  # a cache-teachers directory: distill reads teacher logits from it, loads no teacher
 
     def resolved_members(self) -> list[ModelConfig]:

@@ -123,7 +123,14 @@ def load_teachers(config: Config, data: Data) -> TeacherSet:
         raise ConfigError("teachers.source is not set; point it at a train-teachers run directory")
     teachers = TeacherSet.from_run(config.teachers.source, device=data.device)
     check_class_counts(teachers, data)
-    return teachers
+    return fast_teachers(config, teachers)
+
+
+def fast_teachers(config: Config, teachers: TeacherSet) -> TeacherSet:
+    """Inference copies of the members (BN folded, bf16 and channels_last on GPUs, compiled if asked)."""
+    cfg = config.teachers
+    fast = TeacherSet(list(teachers.members), teachers.names)
+    return fast.prepare_for_inference(precision=cfg.precision, fold_bn=cfg.fold_bn, compile=cfg.compile)
 
 
 def open_teacher_cache(config: Config, data: Data, needs=None) -> CachedTeachers:

@@ -79,8 +79,9 @@ def _hash_state(module: torch.nn.Module) -> str:
 
 def teacher_fingerprint(teachers: TeacherSet) -> list[dict]:
     """One entry per member: its name, its architecture spec and a hash of all its state_dict bytes."""
+    members = getattr(teachers, "source_members", None) or teachers.members  # as trained, before folding
     return [{"name": name, "spec": getattr(member, "spec", None), "weights": _hash_state(member)}
-            for name, member in zip(teachers.names, teachers.members)]
+            for name, member in zip(teachers.names, members)]
 
 
 def data_fingerprint(loader: DeviceLoader, dataset: str | None = None) -> dict:

@@ -79,9 +79,11 @@ class TeacherSet(nn.Module):
             raise ValueError(f"precision must be auto, bf16, fp16 or fp32, got '{precision}'")
         self.precision = dtypes[precision]
         self.channels_last = device.type == "cuda" if channels_last is None else channels_last
+        # The weights as trained (folding rewrites them): what a cache fingerprint must name.
+        self.source_members = getattr(self, "source_members", None) or list(self.members)
         for i, member in enumerate(self.members):
-            if fold_bn:
-                member = fold_batchnorm(member)
+            # copies: the modules the set was built from are left as they were
+            member = fold_batchnorm(member) if fold_bn else copy.deepcopy(member)
             if self.channels_last:
                 member = member.to(memory_format=torch.channels_last)
             if compile:
