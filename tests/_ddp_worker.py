@@ -10,13 +10,16 @@ from ensemble_kd.config import load_config
 from ensemble_kd.engine import distributed
 
 
-def main(out_dir: str, *overrides: str) -> None:
+def main(command: str, out_dir: str, *overrides: str) -> None:
     world = distributed.init_from_env("cpu")
     torch.set_num_threads(1)
     config = load_config(None, ["device=cpu", *overrides])
     data = pipeline.prepare_data(config)
-    model, _ = pipeline.distill(config, Path(out_dir) / "run", data=data)
-    torch.save({k: v.clone() for k, v in model.state_dict().items()}, Path(out_dir) / f"rank{world.rank}.pt")
+    if command == "cache":
+        pipeline.cache_teachers(config, Path(out_dir) / "cache", data=data)
+    else:
+        model, _ = pipeline.distill(config, Path(out_dir) / "run", data=data)
+        torch.save({k: v.clone() for k, v in model.state_dict().items()}, Path(out_dir) / f"rank{world.rank}.pt")
     distributed.shutdown()
 
 

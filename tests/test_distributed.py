@@ -11,6 +11,7 @@ import torch
 
 from ensemble_kd import pipeline
 from ensemble_kd.config import load_config
+from ensemble_kd.methods import Needs
 
 WORKER = Path(__file__).with_name("_ddp_worker.py")
 TINY = ["teachers.count=2", "teachers.train.epochs=1", "teachers.kwargs={width: 0.25}",
@@ -25,13 +26,16 @@ def teacher_run(tmp_path_factory):
     return run
 
 
-@pytest.mark.parametrize("method", ["aver", "aekd"])
-def test_torchrun_distill_ends_with_identical_weights_on_both_ranks(teacher_run, tmp_path, method):
+def torchrun(*args):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(WORKER),
-           str(tmp_path), *TINY, f"method.name={method}", f"teachers.source={teacher_run}"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(WORKER), *args]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
+
+
+@pytest.mark.parametrize("method", ["aver", "aekd"])
+def test_torchrun_distill_ends_with_identical_weights_on_both_ranks(teacher_run, tmp_path, method):
+    torchrun("distill", str(tmp_path), *TINY, f"method.name={method}", f"teachers.source={teacher_run}")
     rank0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
     rank1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
     assert rank0.keys() == rank1.keys()
@@ -44,3 +48,20 @@ def test_torchrun_distill_ends_with_identical_weights_on_both_ranks(teacher_run,
     assert (run / "model.pt").is_file()
     trained = pipeline.build_model(load_config(None, TINY).student, pipeline.prepare_data(load_config(None, TINY)))
     assert not all(torch.equal(trained.state_dict()[k], rank0[k]) for k in rank0)  # it did train
+
+
+def test_torchrun_cache_is_written_by_rank_and_serves_every_index(teacher_run, tmp_path):
+    torchrun("cache", str(tmp_path), *TINY, f"teachers.source={teacher_run}", "cache.epochs=2")
+    cache_dir = tmp_path / "cache"
+    assert sorted(p.name for p in cache_dir.glob("epoch_*.pt")) == [
+        "epoch_000.rank0.pt", "epoch_000.rank1.pt", "epoch_001.rank0.pt", "epoch_001.rank1.pt"]
+    config = load_config(None, [*TINY, f"teachers.source={teacher_run}", f"teachers.cache={cache_dir}"])
+    data = pipeline.prepare_data(config)
+    cached = pipeline.open_teacher_cache(config, data)
+    online = pipeline.load_teachers(config, data)
+    loader = data.train_loader(config.student.seed)
+    for epoch in (0, 1):
+        for batch in loader.batches(epoch):  # every index of both ranks' shards, in one process
+            got = cached.outputs(batch.x, Needs(teacher_logits=True), index=batch.index, epoch=epoch).logits
+            want = online.member_logits(batch.x)
+            torch.testing.assert_close(got, want, rtol=1e-2, atol=1e-2)
