@@ -56,7 +56,7 @@ def teachers():
 
 @pytest.fixture(scope="module")
 def loader(data):
-    return data.train_loader(SEED)
+    return data.train_loader(data.config.data, SEED)
 
 
 @pytest.fixture(scope="module")

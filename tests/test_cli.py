@@ -89,7 +89,8 @@ def test_teachers_of_another_class_count_are_refused_before_any_work(demo_dir, t
 
 
 @pytest.mark.parametrize("argv, words", [
-    (["train-teachers", "data.nmae=digits"], "a CONFIG file is needed"),
+    (["train-teachers", "data.nmae=digits"], "'data.nmae' is not a known option"),
+    (["distill", "method.name=aver", "teachers.source=/nonexistent/t"], "/nonexistent/t"),
     (["demo", "data.nmae=digits"], "'data.nmae' is not a known option"),
     (["demo", "data.name=fashion-mnist", "data.root=/nonexistent/fmnist"], "/nonexistent/fmnist"),
     (["demo", "teachers.arch=resnet1000"], "resnet1000"),
@@ -127,3 +128,19 @@ def test_sweep_refuses_a_bad_variant_before_any_work(tmp_path, capsys):
     assert main(["sweep", str(config), f"run.dir={tmp_path}", "run.name=bad"]) == 2
     assert "sweep variant 'typo'" in capsys.readouterr().err
     assert not (tmp_path / "bad").exists()
+
+
+def test_one_cache_serves_every_student_seed_when_the_views_are_fixed(demo_dir, tmp_path, capsys):
+    teachers = demo_dir / "teachers"
+    common = [f"teachers.source={teachers}", "data.view_seed=0", *FAST]
+    assert main(["cache-teachers", f"cache.dir={tmp_path / 'cache'}", *common]) == 0
+    config = tmp_path / "sweep.yaml"
+    config.write_text("sweep:\n  seeds: [0, 1]\n  variants:\n    aver: {method.name: aver}\n")
+    assert main(["sweep", str(config), f"teachers.cache={tmp_path / 'cache'}", f"run.dir={tmp_path}",
+                 "run.name=sw", *common]) == 0
+    rows = _rows(tmp_path / "sw")
+    assert rows[-1]["name"] == "aver (2 seeds)" and "acc_std" in rows[-1]
+    # without the fixed view seed, seed 1 trains on other views: the cache is refused
+    assert main(["distill", f"teachers.cache={tmp_path / 'cache'}", f"teachers.source={teachers}",
+                 "method.name=aver", "student.seed=1", f"run.dir={tmp_path}", *FAST]) == 2
+    assert "rebuild it" in capsys.readouterr().err

@@ -59,7 +59,7 @@ def test_torchrun_cache_is_written_by_rank_and_serves_every_index(teacher_run, t
     data = pipeline.prepare_data(config)
     cached = pipeline.open_teacher_cache(config, data)
     online = pipeline.load_teachers(config, data)
-    loader = data.train_loader(config.student.seed)
+    loader = data.train_loader(config.data, config.student.seed)
     for epoch in (0, 1):
         for batch in loader.batches(epoch):  # every index of both ranks' shards, in one process
             got = cached.outputs(batch.x, Needs(teacher_logits=True), index=batch.index, epoch=epoch).logits

@@ -30,7 +30,7 @@ def _trainer(data, out_dir, method=None, epochs=2):
     config = load_config(None, TINY + [f"teachers.train.epochs={epochs}"])
     member = config.teachers.resolved_members()[0]
     model = pipeline.build_model(member, data)
-    return Trainer(model, method or create_method("ce"), data.train_loader(seed=0), config.teachers.train,
+    return Trainer(model, method or create_method("ce"), data.train_loader(data.config.data, seed=0), config.teachers.train,
                    out_dir, device=data.device, seed=0, val_loader=data.val)
 
 
@@ -67,7 +67,7 @@ def test_resume_ends_with_the_same_weights(data, tmp_path, error, after):
     assert saved["step"] == (after if error is KeyboardInterrupt else 4)
     resumed = _trainer(data, tmp_path / "run")
     model = resumed.fit(resume=True)
-    assert resumed.pos.step == 2 * len(data.train_loader(0))
+    assert resumed.pos.step == 2 * len(data.train_loader(data.config.data, 0))
     assert _same_weights(model, reference)
 
 
@@ -239,7 +239,7 @@ def test_distill_resume_ends_with_the_same_weights(data, tmp_path, method, optio
 
     def run(out, at=None, resume=False):
         student = pipeline.build_model(config.student, data)
-        trainer = Trainer(student, KillAt(create_method(method, **options), at), data.train_loader(seed=7),
+        trainer = Trainer(student, KillAt(create_method(method, **options), at), data.train_loader(data.config.data, seed=7),
                           config.teachers.train, out, device=data.device, seed=7, teachers=teachers)
         return trainer, trainer.fit(resume=resume)
 

@@ -421,7 +421,7 @@ def test_aekd_trains_in_the_engine_and_logs_alpha(data, tmp_path, options):
     teachers = TeacherSet([create("small_cnn", **spec), create("small_cnn", **spec)])
     model = pipeline.build_model(config.student, data)
     method = create_method("aekd", **options)
-    trainer = Trainer(model, method, data.train_loader(seed=0), config.student.train, tmp_path,
+    trainer = Trainer(model, method, data.train_loader(data.config.data, seed=0), config.student.train, tmp_path,
                       device=data.device, seed=0, teachers=teachers)  # it binds the method
     assert all(id(p) in {id(q) for g in trainer.optimizer.param_groups for q in g["params"]}
                for p in method.parameters())  # the regressors are trained

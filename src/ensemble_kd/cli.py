@@ -34,7 +34,7 @@ err = Console(stderr=True, width=None if sys.stderr.isatty() else 120)
 
 def progress_bar() -> Progress:
     return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                    TextColumn("loss {task.fields[loss]:.3f}"), TimeElapsedColumn(), TimeRemainingColumn(),
+                    TextColumn("{task.fields[status]}"), TimeElapsedColumn(), TimeRemainingColumn(),
                     console=err, transient=False)
 
 
@@ -192,9 +192,7 @@ def _weight_logs(runs: list[Path]) -> dict[str, list[dict]]:
 def _config(args) -> Config:
     if args.resume is not None:
         return pipeline.run_config(Path(args.resume), args.overrides)
-    if args.config is None:
-        raise ConfigError("a CONFIG file is needed (see configs/ for examples), or --resume RUN_DIR")
-    return load_config(args.config, args.overrides)
+    return load_config(args.config, args.overrides)  # no CONFIG: the defaults (the demo's setup)
 
 
 def _run_dir(config: Config, command: str, resume: str | None) -> Path:

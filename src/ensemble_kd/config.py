@@ -33,6 +33,7 @@ class DataConfig(_Section):
     root: str | None = None
     val_fraction: float = Field(0.1, ge=0.0, lt=1.0)
     split_seed: int = 0
+    view_seed: int | None = None  # training order and views; None: the trained model's seed
     batch_size: int = Field(64, gt=0)
     eval_batch_size: int = Field(1024, gt=0)
     augment: AugmentConfig | None = None  # None: the dataset's default

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from .config import Config, ConfigError, ModelConfig, TrainConfig, load_config
+from .config import Config, ConfigError, DataConfig, ModelConfig, TrainConfig, load_config
 from .data import AugmentSpec, DatasetSplits, DeviceLoader, load_dataset
 from .engine import Trainer, distributed, resolve_device, save_model, seed_everything
 from .engine.evaluate import evaluate_model, evaluate_teacher_set
@@ -34,8 +34,13 @@ class Data:
     config: Config
     device: torch.device
 
-    def train_loader(self, seed: int, rank: int = 0, world_size: int = 1) -> DeviceLoader:
-        cfg = self.config.data
+    def train_loader(self, cfg: DataConfig, seed: int, rank: int = 0, world_size: int = 1) -> DeviceLoader:
+        """Training views and order seeded by data.view_seed, or by the trained model's seed.
+
+        `cfg` is the data section of the run at hand (batch size, augmentation may differ
+        between the runs of a sweep that share the loaded splits).
+        """
+        seed = cfg.view_seed if cfg.view_seed is not None else seed
         spec = AugmentSpec(**cfg.augment.model_dump()) if cfg.augment else self.splits.augment
         return DeviceLoader(self.splits.train, batch_size=cfg.batch_size, mean=self.splits.mean,
                             std=self.splits.std, spec=spec, train=True, seed=seed, device=self.device,
@@ -70,12 +75,13 @@ def member_name(index: int, member: ModelConfig) -> str:
     return f"{index:02d}-{member.arch}-s{member.seed}"
 
 
-def train_one(model, method, data: Data, train: TrainConfig, out_dir: Path, *, seed: int, resume: bool,
-              progress=None, description="train", teachers=None) -> dict:
+def train_one(model, method, data: Data, config: Config, train: TrainConfig, out_dir: Path, *, seed: int,
+              resume: bool, progress=None, description="train", teachers=None) -> dict:
     """Train, then save model.pt (plain state_dict) with its sidecar; returns timing info."""
     started = time.perf_counter()
     world = distributed.world()  # under torchrun each rank trains on its shard; data.batch_size is per rank
-    trainer = Trainer(model, method.to(data.device), data.train_loader(seed, world.rank, world.size), train, out_dir,
+    loader = data.train_loader(config.data, seed, world.rank, world.size)
+    trainer = Trainer(model, method.to(data.device), loader, train, out_dir,
                       device=data.device, seed=seed, teachers=teachers, val_loader=data.val,
                       progress=progress, description=description)
     trainer.fit(resume=resume)
@@ -99,7 +105,7 @@ def train_teachers(config: Config, run_dir: Path, *, resume=False, progress=None
             entries.append(done[name])
             continue
         model = build_model(member, data)
-        info = train_one(model, create_method("ce"), data, config.teachers.train, out, seed=member.seed,
+        info = train_one(model, create_method("ce"), data, config, config.teachers.train, out, seed=member.seed,
                          resume=resume, progress=progress, description=f"teacher {name}")
         entries.append({"name": name, "spec": model.spec, "seed": member.seed,
                         "checkpoint": str((out / "model.pt").relative_to(run_dir)), **info})
@@ -139,7 +145,7 @@ def open_teacher_cache(config: Config, data: Data, needs=None) -> CachedTeachers
     """
     source = config.teachers.source
     teachers = TeacherSet.from_run(source) if source is not None and Path(source).is_dir() else None
-    cached = open_cache(config.teachers.cache, teachers, data.train_loader(config.student.seed), data.device,
+    cached = open_cache(config.teachers.cache, teachers, data.train_loader(config.data, config.student.seed), data.device,
                         dataset=config.data.name, needs=needs)
     check_class_counts(cached, data)
     return cached
@@ -162,7 +168,7 @@ def cache_teachers(config: Config, out_dir: Path, progress=None, data: Data | No
     teachers = load_teachers(config, data)
     cfg = config.cache
     world = distributed.world()  # each rank computes and writes its own shard
-    return build_cache(teachers, data.train_loader(config.student.seed), out_dir, epochs=cfg.epochs,
+    return build_cache(teachers, data.train_loader(config.data, config.student.seed), out_dir, epochs=cfg.epochs,
                        dtype=cfg.dtype, top_k=cfg.top_k, batch_size=config.data.eval_batch_size,
                        progress=progress, dataset=config.data.name, rank=world.rank, world_size=world.size)
 
@@ -185,7 +191,7 @@ def distill(config: Config, run_dir: Path, *, resume=False, progress=None, data:
     if method.needs.teachers and isinstance(teachers, CachedTeachers):
         teachers.check(method.needs)  # taps or perturbed inputs cannot come from a cache
     model = build_model(config.student, data)
-    info = train_one(model, method, data, config.student.train, run_dir, seed=config.student.seed,
+    info = train_one(model, method, data, config, config.student.train, run_dir, seed=config.student.seed,
                      resume=resume, progress=progress, teachers=teachers,
                      description=f"student ({config.method.name})")
     return model, info

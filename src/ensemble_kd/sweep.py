@@ -50,6 +50,8 @@ def run_sweep(config: Config, run_dir: Path, *, progress=None, data=None) -> lis
     for name, seed, variant in runs:
         out = run_dir / slug(name) / f"seed{seed}"
         if not (out / "results.json").is_file():
+            if _split_key(variant) != _split_key(data.config):  # the variant loads other data
+                data = pipeline.prepare_data(variant)
             write_config(out, variant, "distill")
             student, info = pipeline.distill(variant, out, resume=True, progress=progress, data=data)
             row = pipeline.evaluate_student(variant, student, data, info)
@@ -82,3 +84,8 @@ def _copy(tree):
     if isinstance(tree, list):
         return [_copy(v) for v in tree]
     return tree
+
+
+def _split_key(config: Config) -> tuple:
+    d = config.data
+    return d.name, d.root, d.val_fraction, d.split_seed, d.eval_batch_size, config.device

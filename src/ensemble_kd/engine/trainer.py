@@ -162,13 +162,15 @@ class Trainer:
             self._pending.append((self.pos.step, loss, logs))
             if self.pos.step % self.cfg.log_every == 0:
                 self._check_finite()
+                if self.progress is not None:
+                    self.progress.update(task, status=f"loss {loss.item():.3f}")
                 self.log.write({"step": self.pos.step, "epoch": self.pos.step / self.steps_per_epoch,
                                 "lr": self.optimizer.param_groups[0]["lr"],
                                 **{k: v.item() for k, v in logs.items()}})
             if self.cfg.checkpoint_every and self.pos.step % self.cfg.checkpoint_every == 0:
                 self.save()
             if self.progress is not None:
-                self.progress.update(task, advance=1, loss=float(loss))
+                self.progress.update(task, advance=1)  # no loss here: reading it would sync every step
             if self._stop_requested:
                 self.save()  # at a step boundary, so resuming repeats no work
                 raise KeyboardInterrupt
@@ -266,4 +268,4 @@ class Trainer:
         if self.progress is None:
             return None
         return self.progress.add_task(self.description, total=self.total_steps,
-                                      completed=self.pos.step, loss=float("nan"))
+                                      completed=self.pos.step, status="")

@@ -155,7 +155,7 @@ def build_cache(teachers: TeacherSet, loader: DeviceLoader, out_dir: str | Path,
     batches = math.ceil(len(index) / batch_size)
     task = None
     if progress is not None:
-        task = progress.add_task("cache teachers", total=epochs * batches, loss=float("nan"))
+        task = progress.add_task("cache teachers", total=epochs * batches, status="")
     for epoch in range(epochs):
         parts: list[dict] = []
         for start in range(0, len(index), batch_size):
