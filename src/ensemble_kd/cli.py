@@ -106,7 +106,7 @@ def cmd_distill(args) -> None:
 
 def cmd_cache_teachers(args) -> None:
     config = load_config(args.config, args.overrides)
-    out_dir = Path(config.cache.dir) if config.cache.dir else new_run_dir(config, "cache")
+    out_dir = Path(config.cache.dir) if config.cache.dir else _run_dir(config, "cache", None)  # one name for all ranks
     if (out_dir / MANIFEST).is_file():
         raise ConfigError(f"cache.dir '{out_dir}' holds a train-teachers run; choose another directory for the cache")
     data = pipeline.prepare_data(config)
