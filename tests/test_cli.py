@@ -110,7 +110,9 @@ def test_sweep_runs_variants_and_seeds_and_reports_mean_and_spread(tmp_path):
                       "    plain: {method.name: ce}\n"
                       "    smooth: {method.name: ce, method.options: {label_smoothing: 0.1}}\n")
     argv = ["sweep", str(config), f"run.dir={tmp_path}", "run.name=sw", *FAST]
-    assert main(argv) == 0
+    assert main(argv + ["--only", "smooth"]) == 0  # half of the sweep, as another process would run it
+    assert not (tmp_path / "sw" / "plain").exists()
+    assert main(argv + ["--resume", str(tmp_path / "sw")]) == 0  # the rest
     rows = _rows(tmp_path / "sw")
     assert [r["name"] for r in rows] == ["plain (2 seeds)", "smooth (2 seeds)"]
     seeds = [_rows(tmp_path / "sw" / "plain" / f"seed{s}")[0]["acc"] for s in (0, 1)]

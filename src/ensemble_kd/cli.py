@@ -126,7 +126,8 @@ def cmd_sweep(args) -> None:
     data = pipeline.prepare_data(config)
     write_config(run_dir, config, "sweep")
     with progress_bar() as progress:
-        rows = sweep.run_sweep(config, run_dir, progress=progress, data=data)
+        only = [v.strip() for v in args.only.split(",")] if args.only else None
+        rows = sweep.run_sweep(config, run_dir, progress=progress, data=data, only=only)
     if not distributed.world().is_main:
         return
     source = Path(config.teachers.source) if config.teachers.source else None
@@ -239,7 +240,8 @@ def build_parser() -> argparse.ArgumentParser:
     command("distill", cmd_distill, "train a student with a method (ce: the student alone)")
     command("cache-teachers", cmd_cache_teachers,
             "store teacher logits of seeded training views for distill teachers.cache=DIR", resume=False)
-    command("sweep", cmd_sweep, "distil under several variants and seeds: one table, mean and spread")
+    sw = command("sweep", cmd_sweep, "distil under several variants and seeds: one table, mean and spread")
+    sw.add_argument("--only", metavar="NAMES", help="comma-separated variants to run (split a sweep over processes)")
     ev = sub.add_parser("evaluate", help="evaluate a run, a teacher set or a checkpoint")
     ev.add_argument("target", metavar="RUN_OR_CHECKPOINT")
     ev.add_argument("overrides", nargs="*", help="key=value overrides of the run's config")

@@ -43,9 +43,16 @@ def variant_configs(config: Config) -> list[tuple[str, int, Config]]:
     return out
 
 
-def run_sweep(config: Config, run_dir: Path, *, progress=None, data=None) -> list[dict]:
+def run_sweep(config: Config, run_dir: Path, *, progress=None, data=None, only=None) -> list[dict]:
+    """Train what is missing and summarise; `only` limits the run to some variants (e.g. to split
+    a sweep over processes or machines: a later run without it finds their results)."""
     data = data or pipeline.prepare_data(config)
     runs = variant_configs(config)
+    if only:
+        unknown = set(only) - {name for name, _, _ in runs}
+        if unknown:
+            raise ConfigError(f"--only names no sweep variant: {', '.join(sorted(unknown))}")
+        runs = [r for r in runs if r[0] in only]
     by_variant: dict[str, list[dict]] = {}
     for name, seed, variant in runs:
         out = run_dir / slug(name) / f"seed{seed}"
