@@ -67,7 +67,7 @@ class ModelConfig(_Section):
     seed: int = 0
 
     @model_validator(mode="after")
-    def _no_class_count_in_kwargs(self) -> "ModelConfig":
+    def _no_class_count_in_kwargs(self) -> ModelConfig:
         for key in ("num_classes", "in_channels"):
             if key in self.kwargs:
                 raise ValueError(f"'{key}' comes from the dataset; remove it from kwargs")
@@ -96,7 +96,7 @@ class TeachersConfig(_Section):
                 for i in range(self.count)]
 
     @model_validator(mode="after")
-    def _members_not_empty(self) -> "TeachersConfig":
+    def _members_not_empty(self) -> TeachersConfig:
         if self.members is not None and not self.members:
             raise ValueError("teachers.members is empty; list at least one member or drop it")
         return self
@@ -135,7 +135,7 @@ class SweepConfig(_Section):
     variants: dict[str, dict[str, Any]] = Field(default_factory=dict)
 
     @model_validator(mode="after")
-    def _seeds_not_empty(self) -> "SweepConfig":
+    def _seeds_not_empty(self) -> SweepConfig:
         if not self.seeds:
             raise ValueError("sweep.seeds is empty; list at least one seed")
         return self

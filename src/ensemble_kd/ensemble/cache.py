@@ -39,7 +39,6 @@ import hashlib
 import json
 import math
 from pathlib import Path
-from typing import Sequence
 
 import torch
 

@@ -37,7 +37,7 @@ class TeacherSet(nn.Module):
         self.precision: torch.dtype | None = None  # autocast dtype for inference, None: fp32
         self.channels_last = False
 
-    def train(self, mode: bool = True) -> "TeacherSet":
+    def train(self, mode: bool = True) -> TeacherSet:
         return super().train(False)  # teachers stay frozen in eval mode
 
     def __len__(self) -> int:
@@ -45,14 +45,14 @@ class TeacherSet(nn.Module):
 
     # ------------------------------------------------------------------ building
     @classmethod
-    def from_checkpoints(cls, paths: Sequence[str | Path], names=None, device="cpu") -> "TeacherSet":
+    def from_checkpoints(cls, paths: Sequence[str | Path], names=None, device="cpu") -> TeacherSet:
         from ..engine.checkpoint import load_model
 
         models = [load_model(p, map_location=device) for p in paths]
         return cls(models, names or [Path(p).parent.name or Path(p).stem for p in paths])
 
     @classmethod
-    def from_run(cls, run_dir: str | Path, device="cpu") -> "TeacherSet":
+    def from_run(cls, run_dir: str | Path, device="cpu") -> TeacherSet:
         """Members listed in a train-teachers run's manifest.json."""
         run_dir = Path(run_dir)
         path = run_dir / MANIFEST
@@ -65,7 +65,7 @@ class TeacherSet(nn.Module):
 
     # ------------------------------------------------------------------ speed
     def prepare_for_inference(self, *, precision: str = "auto", channels_last: bool | None = None,
-                              fold_bn: bool = True, compile: bool = False) -> "TeacherSet":
+                              fold_bn: bool = True, compile: bool = False) -> TeacherSet:
         """Fast frozen teachers: BatchNorm folded, bf16 autocast and channels_last on GPUs, compiled.
 
         precision: auto (bf16 on CUDA, fp32 elsewhere), bf16, fp16 or fp32. Folding keeps
