@@ -146,3 +146,22 @@ def test_one_cache_serves_every_student_seed_when_the_views_are_fixed(demo_dir, 
     assert main(["distill", f"teachers.cache={tmp_path / 'cache'}", f"teachers.source={teachers}",
                  "method.name=aver", "student.seed=1", f"run.dir={tmp_path}", *FAST]) == 2
     assert "rebuild it" in capsys.readouterr().err
+
+
+def test_progress_without_a_terminal_is_a_few_log_lines():
+    import io
+
+    from rich.console import Console
+
+    from ensemble_kd.cli import LineProgress
+
+    buffer = io.StringIO()
+    progress = LineProgress(Console(file=buffer, width=200))
+    task = progress.add_task("teacher 00", total=8, status="")
+    for step in range(8):
+        progress.update(task, advance=1)
+        if step == 3:
+            progress.update(task, status="loss 0.500")
+    lines = buffer.getvalue().splitlines()
+    assert [line.split(":")[1].split("%")[0].strip() for line in lines] == ["25", "50", "75", "100"]
+    assert "loss 0.500" in lines[1] and "loss" not in lines[0]

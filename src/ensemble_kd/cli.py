@@ -32,7 +32,41 @@ out = Console(width=None if sys.stdout.isatty() else 160)
 err = Console(stderr=True, width=None if sys.stderr.isatty() else 120)
 
 
-def progress_bar() -> Progress:
+class LineProgress:
+    """Progress for logs (no terminal): one line per task at every quarter of the way."""
+
+    def __init__(self, console: Console, steps: int = 4):
+        self.console, self.steps, self.tasks = console, steps, {}
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def add_task(self, description, total, completed=0, **fields):
+        task = len(self.tasks)
+        self.tasks[task] = {"description": description, "total": max(1, total), "completed": completed,
+                            "shown": completed * self.steps // max(1, total), "started": time.perf_counter(),
+                            **fields}
+        return task
+
+    def update(self, task, advance=0, completed=None, **fields):
+        t = self.tasks[task]
+        t.update(fields)
+        t["completed"] = completed if completed is not None else t["completed"] + advance
+        tenth = t["completed"] * self.steps // t["total"]
+        if tenth > t["shown"]:
+            t["shown"] = tenth
+            status = f", {t['status']}" if t.get("status") else ""
+            self.console.print(f"{t['description']}: {100 * t['completed'] / t['total']:.0f}% "
+                               f"({t['completed']}/{t['total']} steps, {time.perf_counter() - t['started']:.0f} s"
+                               f"{status})", highlight=False)
+
+
+def progress_bar() -> Progress | LineProgress:
+    if not err.is_terminal:
+        return LineProgress(err)
     return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                     TextColumn("{task.fields[status]}"), TimeElapsedColumn(), TimeRemainingColumn(),
                     console=err, transient=False)
