@@ -159,9 +159,9 @@ def test_progress_without_a_terminal_is_a_few_log_lines():
     progress = LineProgress(Console(file=buffer, width=200))
     task = progress.add_task("teacher 00", total=8, status="")
     for step in range(8):
-        progress.update(task, advance=1)
-        if step == 3:
+        if step == 3:  # as the trainer does: the loss of a logged step, then its advance
             progress.update(task, status="loss 0.500")
+        progress.update(task, advance=1)
     lines = buffer.getvalue().splitlines()
     assert [line.split(":")[1].split("%")[0].strip() for line in lines] == ["25", "50", "75", "100"]
     assert "loss 0.500" in lines[1] and "loss" not in lines[0]
