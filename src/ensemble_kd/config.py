@@ -52,7 +52,7 @@ class OptimConfig(_Section):
 
 
 class TrainConfig(_Section):
-    epochs: int = Field(15, gt=0)
+    epochs: int = Field(10, gt=0)
     optim: OptimConfig = Field(default_factory=OptimConfig)
     grad_clip: float | None = Field(None, gt=0.0)
     precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
