@@ -41,7 +41,7 @@ class FixedBatches:
     def __len__(self):
         return self.steps
 
-    def batches(self, epoch, start=0):
+    def batches(self, epoch, start=0, view_epoch=None):
         for _ in range(start, self.steps):
             yield self.batch
 
@@ -89,9 +89,7 @@ def naive_step(teachers, student, optimizer, x, y, T=4.0):
 
 
 def engine_step(method_name, student, teachers, batch, device, train_cfg, options=None):
-    method = create_method(method_name, **(options or {}))
-    if hasattr(method, "bind"):
-        method.bind(student, teachers, batch.x)
+    method = create_method(method_name, **(options or {}))  # the Trainer binds it
     with tempfile.TemporaryDirectory() as tmp:
         trainer = Trainer(student, method.to(device), FixedBatches(batch, 1), train_cfg, Path(tmp),
                           device=device, teachers=teachers, is_main=False)
@@ -134,26 +132,32 @@ def main(argv=None) -> int:
     rows = []
     for m in [int(v) for v in args.teachers.split(",")]:
         members = [create(args.teacher_arch, num_classes=args.classes).to(device).eval() for _ in range(m)]
-        student = create(args.student_arch, num_classes=args.classes).to(device)
+        def new_student():  # each row its own: the engine may switch a student to channels_last
+            return create(args.student_arch, num_classes=args.classes).to(device)
+
+        student = new_student()
         opt = torch.optim.SGD(student.parameters(), lr=0.01, momentum=0.9)
         naive = images_per_second(lambda: naive_step(members, student, opt, x, y), args.batch, device,
                                   args.warmup, args.iters)
+        first = len(rows)
         rows.append((m, "naive fp32 loop", naive))
         fast = TeacherSet(members).prepare_for_inference(compile=args.compile)
         rows.append((m, "aver online", images_per_second(
-            engine_step("aver", student, fast, batch, device, train_cfg), args.batch, device, args.warmup, args.iters)))
+            engine_step("aver", new_student(), fast, batch, device, train_cfg), args.batch, device, args.warmup,
+            args.iters)))
         cached = MemoryCache(fast.member_logits(x))
         rows.append((m, "aver cached", images_per_second(
-            engine_step("aver", student, cached, batch, device, train_cfg), args.batch, device, args.warmup, args.iters)))
+            engine_step("aver", new_student(), cached, batch, device, train_cfg), args.batch, device, args.warmup,
+            args.iters)))
         for name in extra:
             try:
                 options = {"C": max(0.6, 1.0 / m)} if name == "aekd" else {}  # C must be >= 1/M
-                step = engine_step(name, student, fast, batch, device, train_cfg, options)
+                step = engine_step(name, new_student(), fast, batch, device, train_cfg, options)
             except (ValueError, TypeError) as err:
                 print(f"  skipping {name}: {err}", file=sys.stderr)
                 continue
             rows.append((m, f"{name} online", images_per_second(step, args.batch, device, args.warmup, args.iters)))
-        for row in rows[-(3 + len(extra)):]:
+        for row in rows[first:]:
             print(f"  M={row[0]:>2}  {row[1]:<18} {row[2]:>10,.0f} img/s", flush=True)
 
     print("\n| M | step | images/s | x naive | x aver online |")

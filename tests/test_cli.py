@@ -165,3 +165,13 @@ def test_progress_without_a_terminal_is_a_few_log_lines():
     lines = buffer.getvalue().splitlines()
     assert [line.split(":")[1].split("%")[0].strip() for line in lines] == ["25", "50", "75", "100"]
     assert "loss 0.500" in lines[1] and "loss" not in lines[0]
+
+
+def test_aekd_features_from_a_cache_is_refused_in_one_line(demo_dir, tmp_path, capsys):
+    teachers = demo_dir / "teachers"
+    common = [f"teachers.source={teachers}", f"run.dir={tmp_path}", *FAST]
+    assert main(["cache-teachers", f"cache.dir={tmp_path / 'cache'}", *common]) == 0
+    code = main(["distill", "method.name=aekd", "method.options={variant: features}",
+                 f"teachers.cache={tmp_path / 'cache'}", *common])
+    assert code == 2
+    assert "teacher cache does not hold" in capsys.readouterr().err

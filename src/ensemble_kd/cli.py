@@ -75,7 +75,7 @@ def progress_bar() -> Progress | LineProgress:
 # ---------------------------------------------------------------------- commands
 
 def cmd_demo(args) -> None:
-    config = load_config(args.config, args.overrides)
+    config = _config(args)  # --resume reads the run's config.yaml
     run_dir = _run_dir(config, "demo", args.resume)
     started = time.perf_counter()
     data = pipeline.prepare_data(config)
@@ -85,6 +85,7 @@ def cmd_demo(args) -> None:
     err.print(f"demo: {config.data.name}, {len(config.teachers.resolved_members())} teachers, students: "
               f"{', '.join(methods)}; run directory {run_dir}", highlight=False)
     teacher_dir = run_dir / pipeline.TEACHERS_DIR
+    write_config(run_dir, config, "demo")  # what --resume reads back
     write_config(teacher_dir, config, "train-teachers")
     students = []
     with progress_bar() as progress:
@@ -139,7 +140,7 @@ def cmd_distill(args) -> None:
 
 
 def cmd_cache_teachers(args) -> None:
-    config = load_config(args.config, args.overrides)
+    config = _config(args, resume=False)
     out_dir = Path(config.cache.dir) if config.cache.dir else _run_dir(config, "cache", None)  # one name for all ranks
     if (out_dir / MANIFEST).is_file():
         raise ConfigError(f"cache.dir '{out_dir}' holds a train-teachers run; choose another directory for the cache")
@@ -224,10 +225,14 @@ def _weight_logs(runs: list[Path]) -> dict[str, list[dict]]:
 
 # ---------------------------------------------------------------------- helpers
 
-def _config(args) -> Config:
-    if args.resume is not None:
-        return pipeline.run_config(Path(args.resume), args.overrides)
-    return load_config(args.config, args.overrides)  # no CONFIG: the defaults (the demo's setup)
+def _config(args, resume: bool = True) -> Config:
+    """The run's config; under torchrun, joining the process group on the config's device."""
+    if resume and args.resume is not None:
+        config = pipeline.run_config(Path(args.resume), args.overrides)
+    else:
+        config = load_config(args.config, args.overrides)  # no CONFIG: the defaults (the demo's setup)
+    distributed.init_from_env(config.device)
+    return config
 
 
 def _run_dir(config: Config, command: str, resume: str | None) -> Path:
@@ -302,7 +307,6 @@ def main(argv: list[str] | None = None) -> int:
     if config and "=" in config and not Path(config).exists():  # `train-teachers key=value` with no CONFIG
         args.config, args.overrides = None, [config, *args.overrides]
     try:
-        distributed.init_from_env(getattr(args, "device", "auto"))  # under torchrun: join the group
         args.fn(args)
     except ConfigError as e:
         err.print(f"[red]config error:[/red] {escape(str(e))}", highlight=False)

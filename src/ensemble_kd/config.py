@@ -156,7 +156,6 @@ class Config(_Section):
     run: RunConfig = Field(default_factory=RunConfig)
     sweep: SweepConfig = Field(default_factory=SweepConfig)
     device: str = "auto"
-    deterministic: bool = False
 
 
 # --------------------------------------------------------------------------- loading

@@ -20,6 +20,7 @@ from pathlib import Path
 from . import pipeline
 from .config import Config, ConfigError, validate_config
 from .config import apply_override
+from .engine import distributed
 from .engine.runs import write_config
 from .report import load_results, write_results
 
@@ -61,8 +62,9 @@ def run_sweep(config: Config, run_dir: Path, *, progress=None, data=None, only=N
                 data = pipeline.prepare_data(variant)
             write_config(out, variant, "distill")
             student, info = pipeline.distill(variant, out, resume=True, progress=progress, data=data)
-            row = pipeline.evaluate_student(variant, student, data, info)
-            write_results(out, [row])
+            if distributed.world().is_main:  # rank 0 evaluates and writes; the others wait for it
+                write_results(out, [pipeline.evaluate_student(variant, student, data, info)])
+            distributed.barrier()
         by_variant.setdefault(name, []).append(load_results(out)[0])
     return [summarise(name, rows) for name, rows in by_variant.items()]
 

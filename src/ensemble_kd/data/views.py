@@ -102,8 +102,8 @@ def normalize(x_u8: torch.Tensor, mean, std) -> torch.Tensor:
     c = x_u8.shape[1]
     m = _channel_stats(mean, c, "mean", x_u8.device)
     s = _channel_stats(std, c, "std", x_u8.device)
-    if bool((s <= 0).any()):
-        raise ValueError(f"std must be positive in every channel, got {s.flatten().tolist()}.")
+    if any(float(v) <= 0 for v in (std if isinstance(std, (tuple, list)) else s.flatten().cpu().tolist())):
+        raise ValueError(f"std must be positive in every channel, got {s.flatten().tolist()}.")  # no device sync for tuples
     # In place on the fresh float copy: the same arithmetic as (x/255 - m)/s with one allocation.
     return x_u8.to(torch.float32).div_(255.0).sub_(m).div_(s)
 

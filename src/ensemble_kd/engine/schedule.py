@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 
 import torch
-from torch import nn
 
 from ..config import OptimConfig
 
@@ -41,6 +40,3 @@ def build_scheduler(optimizer, cfg: OptimConfig, total_steps: int, steps_per_epo
     return torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: lr_factor(step, total_steps, cfg, steps_per_epoch))
 
-
-def trainable(module: nn.Module):
-    return [p for p in module.parameters() if p.requires_grad]

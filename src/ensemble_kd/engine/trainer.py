@@ -81,7 +81,7 @@ class Trainer:
         self.scheduler = build_scheduler(self.optimizer, train.optim, self.total_steps, self.steps_per_epoch)
         self.pos = Position()
         self._pending: list[tuple[int, torch.Tensor, dict]] = []  # steps not yet checked for NaN
-        self._saved_step: int | None = None
+        self._saved_at: tuple[int, int, int] | None = None
         self._stop_requested = False
 
     # ------------------------------------------------------------------ state
@@ -110,16 +110,17 @@ class Trainer:
 
     def save(self) -> None:
         self._check_finite()  # never write a checkpoint with NaN weights
-        if self.is_main and self._saved_step != self.pos.step:
+        where = (self.pos.epoch, self.pos.batch, self.pos.step)  # an epoch's end is a new place
+        if self.is_main and self._saved_at != where:
             ckpt.atomic_save(self.state_dict(), self.state_path)
-        self._saved_step = self.pos.step
+        self._saved_at = where
 
     # ------------------------------------------------------------------ loop
     def fit(self, resume: bool = False) -> nn.Module:
         seed_everything(self.seed)
         if resume and self.state_path.is_file():
             self.load_state_dict(ckpt.load_train_state(self.state_path, map_location=self.device))
-            self._saved_step = self.pos.step
+            self._saved_at = (self.pos.epoch, self.pos.batch, self.pos.step)
         task = self._progress_task()
         with self._graceful_stop():
             while self.pos.epoch < self.cfg.epochs:
@@ -152,11 +153,13 @@ class Trainer:
         self.method.train()
         started, epoch = time.perf_counter(), self.pos.epoch
         sums: dict[str, torch.Tensor] = {}
+        ran = 0  # batches run by this call (a resumed epoch starts part-way)
         view_epoch = self.view_epoch(epoch) if self.view_epoch is not None else epoch
         for batch in self.loader.batches(epoch, start=self.pos.batch, view_epoch=view_epoch):
             loss, logs = self._step(batch)
             for k, v in logs.items():
                 sums[k] = sums.get(k, 0.0) + v
+            ran += 1
             self.pos.batch += 1
             self.pos.step += 1
             self._pending.append((self.pos.step, loss, logs))
@@ -176,7 +179,7 @@ class Trainer:
                 raise KeyboardInterrupt
         self._check_finite()
         self._sync_buffers()
-        n = max(1, self.pos.batch)
+        n = max(1, ran)
         record = {"epoch": epoch + 1, "step": self.pos.step, "seconds": time.perf_counter() - started,
                   "lr": self.optimizer.param_groups[0]["lr"],
                   **{f"train_{k}": (v / n).item() for k, v in sums.items()}}
@@ -209,7 +212,7 @@ class Trainer:
                 if p.grad is not None:
                     distributed.all_reduce_mean(p.grad)
         if self.cfg.grad_clip:
-            nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+            nn.utils.clip_grad_norm_([*self.model.parameters(), *self.method.parameters()], self.cfg.grad_clip)
         self.optimizer.step()
         for opt in self.method.extra_optimizers():
             opt.step()

@@ -30,7 +30,7 @@ perturb their inputs (the view is no longer the cached one); both are refused wi
 
 Epochs beyond the cached E reuse the views of epoch e % E: the trainer must then ask the loader
 for the batches of `view_epoch(e)` (it does), so the student sees the pixels the logits belong
-to. The batch order of epoch e % E comes with them, so the order also repeats every E epochs.
+to. The batch order stays that of epoch e (the loader takes the view epoch apart from the order).
 """
 
 from __future__ import annotations

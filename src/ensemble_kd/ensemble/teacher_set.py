@@ -80,7 +80,8 @@ class TeacherSet(nn.Module):
         self.precision = dtypes[precision]
         self.channels_last = device.type == "cuda" if channels_last is None else channels_last
         # The weights as trained (folding rewrites them): what a cache fingerprint must name.
-        self.source_members = getattr(self, "source_members", None) or list(self.members)
+        # Kept on the CPU: only their bytes are read, and the GPU holds the fast copies.
+        self.source_members = getattr(self, "source_members", None) or [copy.deepcopy(m).cpu() for m in self.members]
         for i, member in enumerate(self.members):
             # copies: the modules the set was built from are left as they were
             member = fold_batchnorm(member) if fold_bn else copy.deepcopy(member)

@@ -427,6 +427,9 @@ class AEKD(Method):
             return
         if teachers is None:
             raise ValueError("aekd (features) needs the teachers to build its regressors")
+        if not hasattr(teachers, "members") and not isinstance(teachers, (list, tuple, nn.ModuleList)):
+            raise ValueError("aekd (features) needs teacher taps, which a teacher cache does not hold; "
+                             "unset teachers.cache to run the teachers online")
         members = list(getattr(teachers, "members", teachers))
         self.student_tap = self.student_tap or _last_stage(student, "student", "student_tap")
         self.teacher_tap = self.teacher_tap or _last_stage(members[0], "first teacher", "teacher_tap")

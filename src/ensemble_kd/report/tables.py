@@ -161,10 +161,13 @@ def write_results(
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     data = [_jsonable(dict(r), f"row {i}") for i, r in enumerate(rows)]
-    json_path = run_dir / "results.json"
-    json_path.write_text(json.dumps(data, indent=2) + "\n")
+    # Atomic: a sweep takes an existing results.json to mean "done", so a kill must not leave half of one.
+    from ..engine.checkpoint import atomic_write_text
+
     md_path = run_dir / "results.md"
-    md_path.write_text(markdown_table(rows, columns))
+    atomic_write_text(md_path, markdown_table(rows, columns))
+    json_path = run_dir / "results.json"
+    atomic_write_text(json_path, json.dumps(data, indent=2) + "\n")
     return md_path, json_path
 
 
