@@ -258,14 +258,16 @@ class Trainer:
     @torch.no_grad()
     def _validate(self) -> dict:
         self.model.eval()
-        correct, nll, count = 0.0, 0.0, 0
+        totals = torch.zeros(2, dtype=torch.float64, device=self.device)  # nll, correct: one sync at the end
+        count = 0
         for batch in self.val_loader.batches(0):
             logits = self.model(batch.x).float()
-            nll += torch.nn.functional.cross_entropy(logits, batch.y, reduction="sum").item()
-            correct += (logits.argmax(1) == batch.y).sum().item()
+            totals[0] += torch.nn.functional.cross_entropy(logits, batch.y, reduction="sum")
+            totals[1] += (logits.argmax(1) == batch.y).sum()
             count += len(batch.y)
         self.model.train()
-        return {"val_acc": correct / max(1, count), "val_nll": nll / max(1, count)}
+        nll, correct = (totals / max(1, count)).tolist()
+        return {"val_acc": correct, "val_nll": nll}
 
     def _progress_task(self):
         if self.progress is None:
