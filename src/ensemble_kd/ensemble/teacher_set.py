@@ -135,7 +135,8 @@ class TeacherSet(nn.Module):
         with autocast:
             for m in self.members:
                 if needs.teacher_taps:
-                    out, got = forward_with_taps(m, x, needs.teacher_taps)
+                    # hooks and a compiled graph don't mix: taps come from the eager module
+                    out, got = forward_with_taps(getattr(m, "_orig_mod", m), x, needs.teacher_taps)
                     for name in needs.teacher_taps:
                         taps[name].append(got[name].float())
                 else:
