@@ -207,10 +207,12 @@ class Trainer:
         for opt in self.method.extra_optimizers():
             opt.zero_grad(set_to_none=True)
         out.loss.backward()
-        if self.world.distributed:  # DDP syncs the student; the method's own parameters sync here
-            for p in self.method.parameters():
-                if p.grad is not None:
-                    distributed.all_reduce_mean(p.grad)
+        if self.world.distributed:  # DDP syncs the student; the method's own parameters sync here, in one bucket
+            grads = [p.grad for p in self.method.parameters() if p.grad is not None]
+            if grads:
+                flat = distributed.all_reduce_mean(torch.cat([g.flatten() for g in grads]))
+                for g, synced in zip(grads, flat.split([g.numel() for g in grads])):
+                    g.copy_(synced.view_as(g))
         if self.cfg.grad_clip:
             nn.utils.clip_grad_norm_([*self.model.parameters(), *self.method.parameters()], self.cfg.grad_clip)
         self.optimizer.step()

@@ -48,11 +48,11 @@ from functools import lru_cache
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from ..models import default_taps, forward_with_taps, resolve_module
+from ..engine.distributed import all_reduce_mean
+from ..models import default_taps, forward_with_taps, resolve_module, unwrap
 from .base import Method, MethodLoss, Needs, register_method
 from .kd import check_temperature, teacher_kd_losses, teacher_logits_of
 
@@ -279,14 +279,6 @@ def _projected_gradient(G: np.ndarray, C: float, start: np.ndarray, iters: int =
     return x
 
 
-def _mean_over_ranks(gram: torch.Tensor) -> torch.Tensor:
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        gram = gram.clone()
-        dist.all_reduce(gram)
-        gram /= dist.get_world_size()
-    return gram
-
-
 # --------------------------------------------------------------------------- gradients
 def kd_logit_gradients(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
                        temperature: float) -> torch.Tensor:
@@ -327,16 +319,6 @@ def _as_map(x: torch.Tensor) -> torch.Tensor:
     raise ValueError(f"a hint feature must be (B, C, H, W) or (B, C), got shape {tuple(x.shape)}")
 
 
-def _inner(model: nn.Module) -> nn.Module:
-    while True:
-        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
-            model = model.module
-        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):
-            model = model._orig_mod
-        else:
-            return model
-
-
 def _last_stage(model: nn.Module, who: str, option: str) -> str:
     try:
         return default_taps(model)[-2]
@@ -354,11 +336,11 @@ def _channels(model: nn.Module, path: str, example_x, who: str) -> int:
         model.eval()
         try:
             with torch.no_grad():  # the module inside DDP: its forward would be a collective
-                _, taps = forward_with_taps(_inner(model), example_x[:2], (path,))
+                _, taps = forward_with_taps(unwrap(model), example_x[:2], (path,))
         finally:
             model.train(was_training)
         return int(_as_map(taps[path]).shape[1])
-    inner = _inner(model)
+    inner = unwrap(model)
     points, channels = getattr(inner, "tap_points", None), getattr(inner, "stage_channels", None)
     if points is not None and channels is not None and path in points:
         return int(channels[list(points).index(path)])
@@ -483,7 +465,7 @@ class AEKD(Method):
     def _weights(self, grads: list[torch.Tensor], M: int) -> torch.Tensor:
         """(len(grads), M) float32 weights on the device: one all-reduce of the Gram matrices
         under torch.distributed, one copy to the host and one back, however many sets."""
-        grams = _mean_over_ranks(torch.stack([gram_matrix(g) for g in grads]))
+        grams = all_reduce_mean(torch.stack([gram_matrix(g) for g in grads]))  # same alpha on every rank
         C = _check_cap(self.C, M)
         host = grams.to("cpu").numpy()  # the step's one sync
         alphas = np.stack([_min_norm_weights(G, C) for G in host])

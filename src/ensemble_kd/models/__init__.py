@@ -10,7 +10,7 @@ from __future__ import annotations
 # Importing the architecture files registers their models.
 from . import mobilenetv2, resnet_cifar, small, vgg, wrn  # noqa: F401
 from .registry import create, list_models, register_model
-from .taps import default_taps, forward_with_taps, resolve_module
+from .taps import default_taps, forward_with_taps, resolve_module, unwrap
 
 __all__ = [
     "create",
@@ -19,4 +19,5 @@ __all__ = [
     "list_models",
     "register_model",
     "resolve_module",
+    "unwrap",
 ]

@@ -11,7 +11,7 @@ from torch import nn
 LOGITS = "logits"  # the tap name meaning the model's output, whatever the module names are
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
+def unwrap(model: nn.Module) -> nn.Module:
     """The user's module inside DistributedDataParallel/DataParallel and torch.compile wrappers."""
     while True:
         if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
@@ -40,7 +40,7 @@ def resolve_module(model: nn.Module, path: str) -> nn.Module:
     if not isinstance(path, str) or not path:
         raise ValueError(f"a tap path must be a non-empty module path string, got {path!r}.")
     found = _walk(model, path)
-    inner = _unwrap(model)
+    inner = unwrap(model)
     if found is None and inner is not model:
         found = _walk(inner, path)
     if found is not None:
@@ -56,10 +56,10 @@ def resolve_module(model: nn.Module, path: str) -> nn.Module:
 
 def default_taps(model: nn.Module) -> tuple[str, ...]:
     """The model's stage-end paths plus "logits"; only models that define `tap_points` have them."""
-    points = getattr(_unwrap(model), "tap_points", None)
+    points = getattr(unwrap(model), "tap_points", None)
     if points is None:
         raise ValueError(
-            f"{type(_unwrap(model)).__name__} has no tap_points; pass module paths explicitly "
+            f"{type(unwrap(model)).__name__} has no tap_points; pass module paths explicitly "
             f"(e.g. the names from model.named_modules()) or use 'logits' only."
         )
     return tuple(points) + (LOGITS,)
