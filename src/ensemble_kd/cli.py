@@ -125,14 +125,11 @@ def cmd_distill(args) -> None:
     config = _config(args)
     run_dir = _run_dir(config, f"distill-{config.method.name}", args.resume)
     data = pipeline.prepare_data(config)
-    from .methods import create_method  # validate the method and its options before any work
-
-    needs = create_method(config.method.name, **config.method.options).needs
-    teachers = pipeline.teachers_for(config, data, needs) if needs.teachers else None
+    method, teachers = pipeline.prepare_distill(config, data)  # bad options or teachers fail before any work
     write_config(run_dir, config, "distill")
     with progress_bar() as progress:
         student, info = pipeline.distill(config, run_dir, resume=args.resume is not None, progress=progress,
-                                         data=data, teachers=teachers)
+                                         data=data, teachers=teachers, method=method)
     if not distributed.world().is_main:
         return
     _finish(run_dir, [pipeline.evaluate_student(config, student, data, info)],

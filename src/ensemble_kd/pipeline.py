@@ -180,16 +180,21 @@ def check_class_counts(teachers: TeacherSet, data: Data) -> None:
                           f"{data.splits.num_classes}; use teachers trained on this dataset")
 
 
-def distill(config: Config, run_dir: Path, *, resume=False, progress=None, data: Data | None = None,
-            teachers: TeacherSet | None = None):
-    """Train the student with the configured method (`ce`: the student alone)."""
-    data = data or prepare_data(config)
+def prepare_distill(config: Config, data: Data, teachers=None):
+    """The method and what it reads teacher outputs from, checked before any work is written."""
     check_method(config.method.name)
     method = create_method(config.method.name, **config.method.options)
     if method.needs.teachers and teachers is None:
-        teachers = teachers_for(config, data, method.needs)
-    if method.needs.teachers and isinstance(teachers, CachedTeachers):
-        teachers.check(method.needs)  # taps or perturbed inputs cannot come from a cache
+        teachers = teachers_for(config, data, method.needs)  # a cache is checked against the needs here
+    return method, teachers
+
+
+def distill(config: Config, run_dir: Path, *, resume=False, progress=None, data: Data | None = None,
+            teachers: TeacherSet | None = None, method=None):
+    """Train the student with the configured method (`ce`: the student alone)."""
+    data = data or prepare_data(config)
+    if method is None:
+        method, teachers = prepare_distill(config, data, teachers)
     model = build_model(config.student, data)
     info = train_one(model, method, data, config, config.student.train, run_dir, seed=config.student.seed,
                      resume=resume, progress=progress, teachers=teachers,
