@@ -154,6 +154,16 @@ def test_cache_refuses_taps_and_perturbed_inputs(teachers, loader, cache16):
         cached.outputs(batch.x, Needs(teacher_logits=True, perturbs_inputs=True), index=batch.index, epoch=0)
     with pytest.raises(ValueError, match="index=, epoch="):
         cached.outputs(batch.x, LOGITS)
+    with pytest.raises(ValueError, match="eval-mode logits"):
+        cached.outputs(batch.x, Needs(teacher_logits=True, teacher_bn="train"), index=batch.index, epoch=0)
+
+
+def test_cache_serves_the_members_a_method_chose(teachers, loader, cache16):
+    cached = open_cache(cache16, teachers, loader)
+    batch = next(loader.batches(0))
+    every = cached.outputs(batch.x, LOGITS, index=batch.index, epoch=0).logits
+    chosen = cached.outputs(batch.x, LOGITS, index=batch.index, epoch=0, members=[1]).logits
+    assert chosen.shape == (1, *every.shape[1:]) and torch.equal(chosen[0], every[1])
 
 
 @pytest.mark.parametrize("dtype, tol", [("float32", dict(rtol=1e-5, atol=1e-6)), ("float16", dict(rtol=0, atol=1e-2))])

@@ -6,6 +6,7 @@ is usable from Python too.
 
 from __future__ import annotations
 
+import copy
 import json
 import time
 from dataclasses import dataclass
@@ -124,19 +125,21 @@ def _read_manifest(run_dir: Path) -> dict:
     return {m["name"]: m for m in json.loads(path.read_text())["members"]}
 
 
-def load_teachers(config: Config, data: Data) -> TeacherSet:
+def load_teachers(config: Config, data: Data, needs=None) -> TeacherSet:
     if config.teachers.source is None:
         raise ConfigError("teachers.source is not set; point it at a train-teachers run directory")
     teachers = TeacherSet.from_run(config.teachers.source, device=data.device)
     check_class_counts(teachers, data)
-    return fast_teachers(config, teachers)
+    return fast_teachers(config, teachers, needs)
 
 
-def fast_teachers(config: Config, teachers: TeacherSet) -> TeacherSet:
-    """Inference copies of the members (BN folded, bf16 and channels_last on GPUs, compiled if asked)."""
+def fast_teachers(config: Config, teachers: TeacherSet, needs=None) -> TeacherSet:
+    """Inference copies of the members (BN folded, bf16 and channels_last on GPUs, compiled if asked).
+    BatchNorm stays unfolded for a method that runs the teachers on batch statistics."""
     cfg = config.teachers
     fast = TeacherSet(list(teachers.members), teachers.names)
-    return fast.prepare_for_inference(precision=cfg.precision, fold_bn=cfg.fold_bn, compile=cfg.compile)
+    fold = cfg.fold_bn and (needs is None or needs.teacher_bn == "eval")
+    return fast.prepare_for_inference(precision=cfg.precision, fold_bn=fold, compile=cfg.compile)
 
 
 def open_teacher_cache(config: Config, data: Data, needs=None) -> CachedTeachers:
@@ -155,7 +158,7 @@ def teachers_for(config: Config, data: Data, needs) -> TeacherSet | CachedTeache
     """What a distill run reads teacher outputs from: the cache when teachers.cache is set, else the teachers."""
     if config.teachers.cache is not None:
         return open_teacher_cache(config, data, needs)
-    return load_teachers(config, data)
+    return load_teachers(config, data, needs)
 
 
 def cache_teachers(config: Config, out_dir: Path, progress=None, data: Data | None = None) -> Path:
@@ -186,6 +189,10 @@ def prepare_distill(config: Config, data: Data, teachers=None):
     method = create_method(config.method.name, **config.method.options)
     if method.needs.teachers and teachers is None:
         teachers = teachers_for(config, data, method.needs)  # a cache is checked against the needs here
+    elif method.needs.teacher_bn != "eval" and getattr(teachers, "folded", False):
+        # teachers shared between runs (the demo) were folded; this method needs their BatchNorm
+        unfolded = TeacherSet([copy.deepcopy(m).to(data.device) for m in teachers.source_members], teachers.names)
+        teachers = fast_teachers(config, unfolded, method.needs)
     return method, teachers
 
 

@@ -9,14 +9,18 @@ import torch
 from ..config import OptimConfig
 
 
-def build_optimizer(params, cfg: OptimConfig) -> torch.optim.Optimizer:
-    # No weight decay on BatchNorm and biases: the usual choice for these networks.
-    decay, no_decay = [], []
-    for p in params:
-        if p.requires_grad:
-            (no_decay if p.ndim <= 1 else decay).append(p)
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay},
-              {"params": no_decay, "weight_decay": 0.0}]
+def build_optimizer(params, cfg: OptimConfig, extra_groups=()) -> torch.optim.Optimizer:
+    """SGD or AdamW over `params` (the model's) and `extra_groups` (a method's, dicts with "params"
+    and optionally their own "lr"). No weight decay on BatchNorm and biases: the usual choice."""
+    groups = []
+    for group in [{"params": params}, *extra_groups]:
+        options = {k: v for k, v in group.items() if k != "params"}
+        decay, no_decay = [], []
+        for p in group["params"]:
+            if p.requires_grad:
+                (no_decay if p.ndim <= 1 else decay).append(p)
+        groups += [{"params": ps, "weight_decay": wd, **options}
+                   for ps, wd in ((decay, cfg.weight_decay), (no_decay, 0.0)) if ps]
     if cfg.name == "sgd":
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum,
                                nesterov=cfg.nesterov and cfg.momentum > 0)

@@ -77,7 +77,7 @@ class Trainer:
         method.bind(model, teachers, next(iter(loader.batches(0))).x)
         method.to(device)
         self.forward_model = self._wrap_distributed(model)
-        self.optimizer = build_optimizer(list(model.parameters()) + list(method.parameters()), train.optim)
+        self.optimizer = build_optimizer(list(model.parameters()), train.optim, method.param_groups())
         self.scheduler = build_scheduler(self.optimizer, train.optim, self.total_steps, self.steps_per_epoch)
         self.pos = Position()
         self._pending: list[tuple[int, torch.Tensor, dict]] = []  # steps not yet checked for NaN
@@ -168,8 +168,7 @@ class Trainer:
                 if self.progress is not None:
                     self.progress.update(task, status=f"loss {loss.item():.3f}")
                 self.log.write({"step": self.pos.step, "epoch": self.pos.step / self.steps_per_epoch,
-                                "lr": self.optimizer.param_groups[0]["lr"],
-                                **{k: v.item() for k, v in logs.items()}})
+                                **self._learning_rates(), **{k: v.item() for k, v in logs.items()}})
             if self.cfg.checkpoint_every and self.pos.step % self.cfg.checkpoint_every == 0:
                 self.save()
             if self.progress is not None:
@@ -181,7 +180,7 @@ class Trainer:
         self._sync_buffers()
         n = max(1, ran)
         record = {"epoch": epoch + 1, "step": self.pos.step, "seconds": time.perf_counter() - started,
-                  "lr": self.optimizer.param_groups[0]["lr"],
+                  **self._learning_rates(),
                   **{f"train_{k}": (v / n).item() for k, v in sums.items()}}
         if self.val_loader is not None:
             record.update(self._validate())
@@ -195,7 +194,9 @@ class Trainer:
             batch = batch._replace(x=batch.x.contiguous(memory_format=torch.channels_last))
         teacher_out = None
         if needs.teachers:
-            teacher_out = self.teachers.outputs(batch.x, needs, index=batch.index, epoch=self.pos.epoch)
+            members = self.method.teacher_indices(self.pos.step, len(self.teachers), self.seed)
+            teacher_out = self.teachers.outputs(batch.x, needs, index=batch.index, epoch=self.pos.epoch,
+                                                members=members)
         with self._autocast():
             if needs.student_taps:
                 logits, taps = forward_with_taps(self.forward_model, batch.x, needs.student_taps)
@@ -222,6 +223,11 @@ class Trainer:
         logs = {k: v.detach() if isinstance(v, torch.Tensor) else torch.tensor(v) for k, v in out.logs.items()}
         logs.setdefault("loss", out.loss.detach())
         return out.loss.detach(), logs
+
+    def _learning_rates(self) -> dict[str, float]:
+        """lr: the student's; lr_<name>: each named method group's (e.g. MEAL's discriminators)."""
+        groups = self.optimizer.param_groups
+        return {"lr": groups[0]["lr"], **{f"lr_{g['name']}": g["lr"] for g in groups if "name" in g}}
 
     def _check_finite(self) -> None:
         """One host sync for all steps since the last check (not one per step)."""

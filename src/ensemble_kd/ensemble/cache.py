@@ -228,6 +228,9 @@ def _check_needs(needs: Needs, where: str) -> None:
     if needs.teacher_taps:
         raise ValueError(f"the method needs teacher taps {list(needs.teacher_taps)} but the teacher cache "
                          f"{where} serves logits only; drop teachers.cache to run the teachers online")
+    if needs.teacher_bn != "eval":
+        raise ValueError(f"the method runs the teachers with BatchNorm in {needs.teacher_bn} mode, and the "
+                         f"teacher cache {where} holds eval-mode logits; drop teachers.cache or set teacher_bn=eval")
     if needs.perturbs_inputs:
         raise ValueError(f"the method perturbs its inputs, so the teacher cache {where} (logits of unperturbed "
                          f"views) cannot serve it; drop teachers.cache to run the teachers online")
@@ -280,12 +283,18 @@ class CachedTeachers:
             out.scatter_(-1, t["classes"][e].index_select(0, idx).long(), t["values"][e].index_select(0, idx).float())
         return out.transpose(0, 1).contiguous()
 
-    def outputs(self, x: torch.Tensor, needs: Needs, *, index=None, epoch=None) -> TeacherOutput:
-        """The cached logits for the views the batch was made from; `x` itself is not read."""
+    def outputs(self, x: torch.Tensor, needs: Needs, *, index=None, epoch=None, members=None) -> TeacherOutput:
+        """The cached logits for the views the batch was made from; `x` itself is not read.
+        `members` (indices) selects those teachers, in that order; None gives all."""
         self.check(needs)
         if index is None or epoch is None:
             raise ValueError("cached teachers need the batch's dataset indices and its epoch (index=, epoch=)")
-        logits = self.logits(index, epoch).to(x.device) if needs.teacher_logits else None
+        logits = None
+        if needs.teacher_logits:
+            logits = self.logits(index, epoch)
+            if members is not None:
+                logits = logits[torch.as_tensor(list(members), dtype=torch.int64, device=logits.device)]
+            logits = logits.to(x.device)
         return TeacherOutput(logits, {})
 
 

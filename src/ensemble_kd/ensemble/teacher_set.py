@@ -36,6 +36,7 @@ class TeacherSet(nn.Module):
         self.eval()
         self.precision: torch.dtype | None = None  # autocast dtype for inference, None: fp32
         self.channels_last = False
+        self.folded = False  # BatchNorm folded into the convolutions (prepare_for_inference)
 
     def train(self, mode: bool = True) -> TeacherSet:
         return super().train(False)  # teachers stay frozen in eval mode
@@ -82,6 +83,7 @@ class TeacherSet(nn.Module):
         # The weights as trained (folding rewrites them): what a cache fingerprint must name.
         # Kept on the CPU: only their bytes are read, and the GPU holds the fast copies.
         self.source_members = getattr(self, "source_members", None) or [copy.deepcopy(m).cpu() for m in self.members]
+        self.folded = fold_bn
         for i, member in enumerate(self.members):
             # copies: the modules the set was built from are left as they were
             member = fold_batchnorm(member) if fold_bn else copy.deepcopy(member)
@@ -125,24 +127,52 @@ class TeacherSet(nn.Module):
         return self.member_probs(x).mean(0)
 
     @torch.no_grad()
-    def outputs(self, x: torch.Tensor, needs: Needs, *, index=None, epoch=None) -> TeacherOutput:
+    def outputs(self, x: torch.Tensor, needs: Needs, *, index=None, epoch=None, members=None) -> TeacherOutput:
         """What a method declared it needs, computed once per member.
 
         `index` and `epoch` name the view; online teachers ignore them, a cache reads by them.
+        `members` (indices) runs only those teachers, in that order; None runs all.
         """
         logits, taps = [], {name: [] for name in needs.teacher_taps}
         x, autocast = self._inference(x)
+        chosen = self.members if members is None else [self.members[i] for i in members]
         with autocast:
-            for m in self.members:
-                if needs.teacher_taps:
-                    # hooks and a compiled graph don't mix: taps come from the eager module
-                    out, got = forward_with_taps(getattr(m, "_orig_mod", m), x, needs.teacher_taps)
-                    for name in needs.teacher_taps:
-                        taps[name].append(got[name].float())
-                else:
-                    out = m(x)
+            for m in chosen:
+                with self._normalisation(m, needs.teacher_bn):
+                    if needs.teacher_taps:
+                        # hooks and a compiled graph don't mix: taps come from the eager module
+                        out, got = forward_with_taps(getattr(m, "_orig_mod", m), x, needs.teacher_taps)
+                        for name in needs.teacher_taps:
+                            taps[name].append(got[name].float())
+                    else:
+                        out = m(x)
                 logits.append(out.float())
         return TeacherOutput(torch.stack(logits) if needs.teacher_logits else None, taps)
+
+    def _normalisation(self, member: nn.Module, mode: str):
+        if mode == "eval":
+            return contextlib.nullcontext()
+        if mode != "train":
+            raise ValueError(f"teacher_bn must be 'eval' or 'train', got {mode!r}")
+        if self.folded:
+            raise ValueError("teacher_bn=train needs the teachers' BatchNorm layers, and they were folded "
+                             "into the convolutions; set teachers.fold_bn=false")
+        return batch_statistics(getattr(member, "_orig_mod", member))
+
+
+@contextlib.contextmanager
+def batch_statistics(model: nn.Module):
+    """BatchNorm layers normalise with each batch's own statistics and leave their running ones alone
+    (train mode without tracking: no running mean, variance or batch count is updated)."""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    saved = [(m.training, m.track_running_stats) for m in norms]
+    for m in norms:
+        m.training, m.track_running_stats = True, False
+    try:
+        yield
+    finally:
+        for m, (training, track) in zip(norms, saved):
+            m.training, m.track_running_stats = training, track
 
 
 def fold_batchnorm(model: nn.Module) -> nn.Module:

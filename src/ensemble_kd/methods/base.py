@@ -21,6 +21,9 @@ class Needs:
     teacher_taps: tuple[str, ...] = ()
     student_taps: tuple[str, ...] = ()
     perturbs_inputs: bool = False  # then teacher outputs cannot come from a cache
+    # "train": the teachers normalise with each batch's statistics (their running ones untouched),
+    # as MEAL's public code runs them; then BatchNorm is not folded and no cache can serve them.
+    teacher_bn: str = "eval"
 
     @property
     def teachers(self) -> bool:
@@ -55,6 +58,17 @@ class Method(nn.Module):
         """Called once by the engine before it builds the optimizer, so that a method can build
         parameters whose shapes depend on the models (e.g. hint regressors). `teachers` is the
         teacher set (or a list of modules), `example_x` a batch of inputs. Default: nothing."""
+
+    def teacher_indices(self, step: int, num_teachers: int, seed: int) -> list[int] | None:
+        """The teachers this step needs, by index (None: all). The engine asks before running the
+        teachers, so members left out cost nothing. The answer must depend on the arguments alone:
+        then every DDP rank, and a resumed run, get the same. Default: all."""
+        return None
+
+    def param_groups(self) -> list[dict]:
+        """The method's trainable parameters as optimizer groups. A group may set its own "lr"; the
+        engine's schedule scales it by the same factor as the student's. Default: one group."""
+        return [{"params": list(self.parameters())}]
 
     def extra_optimizers(self) -> list[torch.optim.Optimizer]:
         return []

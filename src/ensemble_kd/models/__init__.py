@@ -10,9 +10,10 @@ from __future__ import annotations
 # Importing the architecture files registers their models.
 from . import mobilenetv2, resnet_cifar, small, vgg, wrn  # noqa: F401
 from .registry import create, list_models, register_model
-from .taps import default_taps, forward_with_taps, resolve_module, unwrap
+from .taps import LOGITS, default_taps, forward_with_taps, resolve_module, unwrap
 
 __all__ = [
+    "LOGITS",
     "create",
     "default_taps",
     "forward_with_taps",
