@@ -15,7 +15,7 @@ from ensemble_kd.config import load_config
 from ensemble_kd.data.loader import Batch
 from ensemble_kd.engine import Trainer
 from ensemble_kd.ensemble import TeacherSet
-from ensemble_kd.methods import Needs, StudentOutput, TeacherOutput, create_method
+from ensemble_kd.methods import Needs, StudentOutput, create_method
 from ensemble_kd.methods.meal import (Discriminator, adversarial_loss, align, discriminator_inputs,
                                       draw_teacher, similarity)
 from ensemble_kd.models import create, forward_with_taps
