@@ -7,7 +7,8 @@ Rows, per number of teachers M:
 - naive: teachers in a Python loop, fp32, eager, then the student's fp32 step (what public KD code does);
 - aver online: the engine's step with fast teachers (BN folded, bf16 + channels_last on GPU, compiled with --compile);
 - aver cached: the engine's step fed from teacher logits already in memory (what the teacher cache serves);
-- every other registered method the engine can run with online teachers (aekd, ...).
+- every other registered method the engine can run with online teachers (aekd, meal, ...); MEAL runs
+  one teacher per step (drawn per iteration) with its block taps and discriminators.
 Each is timed over the same models and batch; the ratio column is images/s over naive.
 """
 
@@ -52,8 +53,11 @@ class MemoryCache:
     def __init__(self, logits: torch.Tensor):
         self.logits = logits
 
-    def outputs(self, x, needs, *, index=None, epoch=None):
-        return TeacherOutput(self.logits, {})
+    def __len__(self):
+        return self.logits.shape[0]
+
+    def outputs(self, x, needs, *, index=None, epoch=None, members=None):
+        return TeacherOutput(self.logits if members is None else self.logits[members], {})
 
 
 def sync(device):

@@ -1,0 +1,33 @@
+"""The benchmark scripts still run (the timings themselves are read on a GPU, never asserted here)."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+from ensemble_kd.methods import METHODS
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_throughput_prints_a_row_per_method_beside_the_naive_loop(capsys):
+    throughput = _load("throughput")
+    assert throughput.main(["--device", "cpu", "--teacher-arch", "small_cnn", "--student-arch", "small_cnn",
+                            "--batch", "8", "--image", "8", "--teachers", "2", "--iters", "1", "--warmup", "1"]) == 0
+    out = capsys.readouterr().out
+    table = [line for line in out.splitlines() if line.startswith("| 2 |")]
+    names = [line.split("|")[2].strip() for line in table]
+    expected = ["naive fp32 loop", "aver online", "aver cached"]
+    expected += [f"{m} online" for m in sorted(METHODS) if m not in ("ce", "aver", "kd")]
+    assert names == expected
+    ratios = [float(line.split("|")[4]) for line in table]
+    assert ratios[0] == pytest.approx(1.0) and all(r > 0 for r in ratios)
