@@ -33,7 +33,7 @@ def torchrun(*args):
     assert done.returncode == 0, done.stderr[-3000:]
 
 
-@pytest.mark.parametrize("method", ["aver", "aekd"])
+@pytest.mark.parametrize("method", ["aver", "aekd", "meal"])
 def test_torchrun_distill_ends_with_identical_weights_on_both_ranks(teacher_run, tmp_path, method):
     torchrun("distill", str(tmp_path), *TINY, f"method.name={method}", f"teachers.source={teacher_run}")
     rank0 = torch.load(tmp_path / "rank0.pt", weights_only=True)

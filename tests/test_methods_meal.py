@@ -233,6 +233,18 @@ def test_bind_takes_the_block_taps_their_lengths_and_the_papers_weights():
     assert logits_only.needs.teacher_taps == () and len(logits_only.discriminators) == 0
 
 
+def test_teachers_of_another_architecture_align_to_the_same_lengths():
+    torch.manual_seed(0)
+    teachers = TeacherSet([create("resnet20", num_classes=4, in_channels=1)])  # 16/32/64 channels
+    student = create("small_cnn", num_classes=4, in_channels=1, width=0.25)  # 8/16/32 channels
+    x, y = torch.randn(6, 1, 8, 8), torch.randint(0, 4, (6,))
+    method = create_method("meal", lengths=[32, 8, 2, 4])  # down-sampling every map
+    method.bind(student, teachers, x)
+    assert method.teacher_taps == ("layer1", "layer2", "layer3", "logits")
+    out, _ = _loss(method, teachers, student, x, y, members=[0])
+    assert torch.isfinite(out.loss) and out.loss.requires_grad
+
+
 def test_loss_is_the_weighted_sum_of_its_terms_and_reaches_every_part():
     teachers, student, x, y = _models()
     method = create_method("meal", alpha=0.7, beta=0.3, ce_weight=0.5)
