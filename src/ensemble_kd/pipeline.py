@@ -202,7 +202,8 @@ def distill(config: Config, run_dir: Path, *, resume=False, progress=None, data:
     data = data or prepare_data(config)
     if method is None:
         method, teachers = prepare_distill(config, data, teachers)
-    model = build_model(config.student, data)
+    arch, kwargs = method.student_spec(config.student.arch, config.student.kwargs)
+    model = build_model(config.student.model_copy(update={"arch": arch, "kwargs": kwargs}), data)
     info = train_one(model, method, data, config, config.student.train, run_dir, seed=config.student.seed,
                      resume=resume, progress=progress, teachers=teachers,
                      description=f"student ({config.method.name})")

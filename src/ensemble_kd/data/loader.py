@@ -10,7 +10,7 @@ import torch
 from .datasets import ImageDataset
 from .views import AugmentSpec, hash_ints, make_view
 
-__all__ = ["Batch", "DeviceLoader"]
+__all__ = ["Batch", "DeviceLoader", "ShardedLoader"]
 
 _STREAM_ORDER = 0x0D0E  # keeps the epoch order independent of the per-sample view hashes
 
@@ -23,14 +23,69 @@ class Batch(NamedTuple):
     index: torch.Tensor
 
 
-class DeviceLoader:
-    """Iterates seeded, augmented (train) or sequential (eval) batches of a dataset held on `device`.
+class ShardedLoader:
+    """The order of a dataset held on one device: seeded shuffles for training, sharded by rank.
 
     Train order is a permutation drawn from a CPU generator seeded by hash(seed, epoch), padded to a
     multiple of world_size by repeating its start, and sharded as order[rank::world_size] (like
-    DistributedSampler). Eval order is 0..N-1 sharded the same way without padding, so every
-    sample is evaluated exactly once across ranks.
+    DistributedSampler), the last partial batch dropped. Eval order is 0..N-1 sharded the same way
+    without padding, every batch kept, so every sample is evaluated exactly once across ranks.
+    Subclasses hold the data and cut the batches.
     """
+
+    def __init__(self, size: int, *, batch_size: int, train: bool, seed: int, device, drop_last: bool | None,
+                 rank: int, world_size: int) -> None:
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}.")
+        if not (isinstance(world_size, int) and world_size >= 1 and isinstance(rank, int) and 0 <= rank < world_size):
+            raise ValueError(
+                f"rank must be in 0..world_size-1 with world_size >= 1, got rank={rank}, world_size={world_size}."
+            )
+        if size == 0:
+            raise ValueError("the dataset is empty; a loader needs at least one sample.")
+        self.size = size
+        self.device = torch.device(device)
+        self.train, self.seed, self.batch_size = train, seed, batch_size
+        self.drop_last = train if drop_last is None else drop_last
+        self.rank, self.world_size = rank, world_size
+
+    @property
+    def num_samples(self) -> int:
+        """Samples this rank sees per epoch (padding included)."""
+        if self.train:
+            return math.ceil(self.size / self.world_size)
+        return len(range(self.rank, self.size, self.world_size))
+
+    def __len__(self) -> int:
+        n = self.num_samples
+        return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
+
+    def indices(self, epoch: int | None) -> torch.Tensor:
+        """This rank's dataset indices for `epoch`, in iteration order (int64, on the loader's device)."""
+        n = self.size
+        if not self.train:
+            return torch.arange(self.rank, n, self.world_size, device=self.device)
+        if epoch is None:
+            raise ValueError("a training loader needs an integer epoch: the order (and the views) depend on it.")
+        gen = torch.Generator().manual_seed(hash_ints(self.seed, epoch, _STREAM_ORDER))
+        order = torch.randperm(n, generator=gen)
+        total = math.ceil(n / self.world_size) * self.world_size
+        if total > n:  # pad by repeating the start, as DistributedSampler does
+            order = torch.cat([order, order.repeat(math.ceil((total - n) / n))[: total - n]])
+        return order[self.rank :: self.world_size].to(self.device)
+
+    def batch_indices(self, epoch: int | None, start: int = 0) -> Iterator[torch.Tensor]:
+        """The indices of each of the epoch's batches, skipping the first `start` (to resume mid-epoch)."""
+        nb = len(self)
+        if not isinstance(start, int) or not 0 <= start <= nb:
+            raise ValueError(f"start must be an integer in 0..{nb} (batches per epoch), got {start!r}.")
+        order = self.indices(epoch)
+        for b in range(start, nb):
+            yield order[b * self.batch_size : (b + 1) * self.batch_size]
+
+
+class DeviceLoader(ShardedLoader):
+    """Iterates seeded, augmented (train) or sequential (eval) batches of a dataset held on `device`."""
 
     def __init__(
         self,
@@ -47,15 +102,8 @@ class DeviceLoader:
         rank: int = 0,
         world_size: int = 1,
     ) -> None:
-        if not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}.")
-        if not (isinstance(world_size, int) and world_size >= 1 and isinstance(rank, int) and 0 <= rank < world_size):
-            raise ValueError(
-                f"rank must be in 0..world_size-1 with world_size >= 1, got rank={rank}, world_size={world_size}."
-            )
-        if len(dataset) == 0:
-            raise ValueError("the dataset is empty; a DeviceLoader needs at least one sample.")
-        self.device = torch.device(device)
+        super().__init__(len(dataset), batch_size=batch_size, train=train, seed=seed, device=device,
+                         drop_last=drop_last, rank=rank, world_size=world_size)
         self.images = dataset.images.to(self.device)
         self.labels = dataset.labels.to(self.device)
         self.mean = tuple(float(m) for m in mean)
@@ -66,38 +114,6 @@ class DeviceLoader:
                 f"got {len(self.mean)} and {len(self.std)}."
             )
         self.spec = spec
-        self.train = train
-        self.seed = seed
-        self.batch_size = batch_size
-        self.drop_last = train if drop_last is None else drop_last
-        self.rank = rank
-        self.world_size = world_size
-
-    @property
-    def num_samples(self) -> int:
-        """Samples this rank sees per epoch (padding included)."""
-        n = len(self.labels)
-        if self.train:
-            return math.ceil(n / self.world_size)
-        return len(range(self.rank, n, self.world_size))
-
-    def __len__(self) -> int:
-        n = self.num_samples
-        return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
-
-    def indices(self, epoch: int | None) -> torch.Tensor:
-        """This rank's dataset indices for `epoch`, in iteration order (int64, on the loader's device)."""
-        n = len(self.labels)
-        if not self.train:
-            return torch.arange(self.rank, n, self.world_size, device=self.device)
-        if epoch is None:
-            raise ValueError("a training DeviceLoader needs an integer epoch: the order and the views depend on it.")
-        gen = torch.Generator().manual_seed(hash_ints(self.seed, epoch, _STREAM_ORDER))
-        order = torch.randperm(n, generator=gen)
-        total = math.ceil(n / self.world_size) * self.world_size
-        if total > n:  # pad by repeating the start, as DistributedSampler does
-            order = torch.cat([order, order.repeat(math.ceil((total - n) / n))[: total - n]])
-        return order[self.rank :: self.world_size].to(self.device)
 
     def batches(self, epoch: int | None, start: int = 0, view_epoch: int | None = None) -> Iterator[Batch]:
         """Yield the epoch's batches, skipping the first `start` (to resume mid-epoch).
@@ -105,13 +121,8 @@ class DeviceLoader:
         `view_epoch` (default: `epoch`) picks the augmented views apart from the order, so a
         run served by a teacher cache of E epochs can reuse views e % E in a fresh order.
         """
-        nb = len(self)
-        if not isinstance(start, int) or not 0 <= start <= nb:
-            raise ValueError(f"start must be an integer in 0..{nb} (batches per epoch), got {start!r}.")
-        order = self.indices(epoch)
         view_epoch = (epoch if view_epoch is None else view_epoch) if self.train else None
-        for b in range(start, nb):
-            idx = order[b * self.batch_size : (b + 1) * self.batch_size]
+        for idx in self.batch_indices(epoch, start):
             x = make_view(
                 self.images, idx, epoch=view_epoch, seed=self.seed, spec=self.spec, mean=self.mean, std=self.std
             )

@@ -59,6 +59,11 @@ class Method(nn.Module):
         parameters whose shapes depend on the models (e.g. hint regressors). `teachers` is the
         teacher set (or a list of modules), `example_x` a batch of inputs. Default: nothing."""
 
+    def student_spec(self, arch: str, kwargs: dict) -> tuple[str, dict]:
+        """The architecture the student is built as, from the configured one: a method that trains a
+        network of its own shape (EnsembleNet's multi-headed one) rewrites it. Default: unchanged."""
+        return arch, kwargs
+
     def teacher_indices(self, step: int, num_teachers: int, seed: int) -> list[int] | None:
         """The teachers this step needs, by index (None: all). The engine asks before running the
         teachers, so members left out cost nothing. The answer must depend on the arguments alone:

@@ -6,11 +6,14 @@ resnet20 0.27M, resnet32 0.46M, resnet44 0.66M, resnet56 0.86M, resnet110 1.7M p
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .registry import register_model
+from .stages import stage_widths
 
 
 class ShortcutA(nn.Module):
@@ -18,6 +21,9 @@ class ShortcutA(nn.Module):
 
     def __init__(self, extra_channels: int):
         super().__init__()
+        if extra_channels < 0:
+            raise ValueError(f"an option-A shortcut only adds channels, got {extra_channels} extra; "
+                             f"a stage cannot be narrower than the one before it")
         self.extra_channels = extra_channels
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -48,20 +54,24 @@ class BasicBlock(nn.Module):
 class CifarResNet(nn.Module):
     """ResNet-(6n+2) for small images; any in_channels, any input of at least 8x8."""
 
-    def __init__(self, depth: int = 20, num_classes: int = 10, in_channels: int = 3):
+    def __init__(self, depth: int = 20, num_classes: int = 10, in_channels: int = 3,
+                 widths: Sequence[int] | None = None):
         super().__init__()
         if depth < 8 or (depth - 2) % 6 != 0:
             raise ValueError(f"CIFAR ResNet depth must be 6n+2 with n >= 1 (20, 32, 56, 110), got {depth}.")
         n = (depth - 2) // 6
-        self.conv1 = nn.Conv2d(in_channels, 16, 3, 1, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(16)
-        self.layer1 = self._stage(16, 16, n, stride=1)
-        self.layer2 = self._stage(16, 32, n, stride=2)
-        self.layer3 = self._stage(32, 64, n, stride=2)
+        w1, w2, w3 = stage_widths(f"resnet{depth}", widths, (16, 32, 64))
+        self.conv1 = nn.Conv2d(in_channels, w1, 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(w1)
+        self.layer1 = self._stage(w1, w1, n, stride=1)
+        self.layer2 = self._stage(w1, w2, n, stride=2)
+        self.layer3 = self._stage(w2, w3, n, stride=2)
         self.pool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(64, num_classes)
+        self.fc = nn.Linear(w3, num_classes)
+        self.stem_points: tuple[str, ...] = ("conv1", "bn1")
         self.tap_points: tuple[str, ...] = ("layer1", "layer2", "layer3")
-        self.stage_channels: tuple[int, ...] = (16, 32, 64)
+        self.head_points: tuple[str, ...] = ("pool", "fc")
+        self.stage_channels: tuple[int, ...] = (w1, w2, w3)
         for m in self.modules():
             if isinstance(m, (nn.Conv2d, nn.Linear)):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
@@ -74,37 +84,41 @@ class CifarResNet(nn.Module):
         layers += [BasicBlock(planes, planes) for _ in range(blocks - 1)]
         return nn.Sequential(*layers)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.relu(self.bn1(self.conv1(x)))
-        x = self.layer3(self.layer2(self.layer1(x)))
+    def forward_stem(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(self.bn1(self.conv1(x)))
+
+    def forward_head(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(torch.flatten(self.pool(x), 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.layer3(self.layer2(self.layer1(self.forward_stem(x)))))
 
 
 @register_model("resnet20")
-def resnet20(num_classes: int = 10, in_channels: int = 3) -> CifarResNet:
+def resnet20(num_classes: int = 10, in_channels: int = 3, widths: Sequence[int] | None = None) -> CifarResNet:
     """ResNet-20 (0.27M parameters at 10 classes)."""
-    return CifarResNet(20, num_classes, in_channels)
+    return CifarResNet(20, num_classes, in_channels, widths)
 
 
 @register_model("resnet32")
-def resnet32(num_classes: int = 10, in_channels: int = 3) -> CifarResNet:
+def resnet32(num_classes: int = 10, in_channels: int = 3, widths: Sequence[int] | None = None) -> CifarResNet:
     """ResNet-32 (0.46M)."""
-    return CifarResNet(32, num_classes, in_channels)
+    return CifarResNet(32, num_classes, in_channels, widths)
 
 
 @register_model("resnet44")
-def resnet44(num_classes: int = 10, in_channels: int = 3) -> CifarResNet:
+def resnet44(num_classes: int = 10, in_channels: int = 3, widths: Sequence[int] | None = None) -> CifarResNet:
     """ResNet-44 (0.66M)."""
-    return CifarResNet(44, num_classes, in_channels)
+    return CifarResNet(44, num_classes, in_channels, widths)
 
 
 @register_model("resnet56")
-def resnet56(num_classes: int = 10, in_channels: int = 3) -> CifarResNet:
+def resnet56(num_classes: int = 10, in_channels: int = 3, widths: Sequence[int] | None = None) -> CifarResNet:
     """ResNet-56 (0.86M)."""
-    return CifarResNet(56, num_classes, in_channels)
+    return CifarResNet(56, num_classes, in_channels, widths)
 
 
 @register_model("resnet110")
-def resnet110(num_classes: int = 10, in_channels: int = 3) -> CifarResNet:
+def resnet110(num_classes: int = 10, in_channels: int = 3, widths: Sequence[int] | None = None) -> CifarResNet:
     """ResNet-110 (1.7M)."""
-    return CifarResNet(110, num_classes, in_channels)
+    return CifarResNet(110, num_classes, in_channels, widths)

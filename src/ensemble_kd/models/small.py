@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from .registry import register_model
+from .stages import stage_widths
 
 
 def conv_bn_relu(in_ch: int, out_ch: int) -> nn.Sequential:
@@ -26,13 +27,14 @@ def conv_bn_relu(in_ch: int, out_ch: int) -> nn.Sequential:
 class SmallCNN(nn.Module):
     """Three conv-BN-ReLU stages; cheap enough to train on a CPU, strong on digits/Fashion-MNIST."""
 
-    def __init__(self, num_classes: int = 10, in_channels: int = 3, width: float = 1.0, dropout: float = 0.0):
+    def __init__(self, num_classes: int = 10, in_channels: int = 3, width: float = 1.0, dropout: float = 0.0,
+                 widths: Sequence[int] | None = None):
         super().__init__()
         if width <= 0:
             raise ValueError(f"small_cnn width must be positive, got {width}.")
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"small_cnn dropout must be in [0, 1), got {dropout}.")
-        c1, c2, c3 = (max(1, round(c * width)) for c in (32, 64, 128))
+        c1, c2, c3 = stage_widths("small_cnn", widths, [max(1, round(c * width)) for c in (32, 64, 128)])
         # ceil_mode pools take 8x8 -> 4 -> 2 and 28x28 -> 14 -> 7 without dropping edge pixels.
         self.layer1 = nn.Sequential(conv_bn_relu(in_channels, c1), conv_bn_relu(c1, c1))
         self.layer2 = nn.Sequential(
@@ -44,15 +46,22 @@ class SmallCNN(nn.Module):
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.fc = nn.Linear(c3, num_classes)
+        self.stem_points: tuple[str, ...] = ()
         self.tap_points: tuple[str, ...] = ("layer1", "layer2", "layer3")
+        self.head_points: tuple[str, ...] = ("pool", "dropout", "fc")
         self.stage_channels: tuple[int, ...] = (c1, c2, c3)
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.layer3(self.layer2(self.layer1(x)))
+    def forward_stem(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    def forward_head(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(self.dropout(torch.flatten(self.pool(x), 1)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.layer3(self.layer2(self.layer1(self.forward_stem(x)))))
 
 
 class MLP(nn.Module):
@@ -100,10 +109,11 @@ class MLP(nn.Module):
 
 @register_model("small_cnn")
 def small_cnn(
-    num_classes: int = 10, in_channels: int = 3, width: float = 1.0, dropout: float = 0.0
+    num_classes: int = 10, in_channels: int = 3, width: float = 1.0, dropout: float = 0.0,
+    widths: Sequence[int] | None = None,
 ) -> SmallCNN:
-    """Compact CNN, widths 32/64/128 x width (0.29M at width=1)."""
-    return SmallCNN(num_classes, in_channels, width, dropout)
+    """Compact CNN, widths 32/64/128 x width (0.29M at width=1); `widths` sets each stage's."""
+    return SmallCNN(num_classes, in_channels, width, dropout, widths)
 
 
 @register_model("mlp")

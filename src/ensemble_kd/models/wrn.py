@@ -6,11 +6,14 @@ Stages: conv1 stem, layer1..layer3 (widths 16k/32k/64k), bn + ReLU, adaptive ave
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .registry import register_model
+from .stages import stage_widths
 
 
 class WideBlock(nn.Module):
@@ -46,6 +49,7 @@ class WideResNet(nn.Module):
         num_classes: int = 10,
         in_channels: int = 3,
         dropout: float = 0.0,
+        widths: Sequence[int] | None = None,
     ):
         super().__init__()
         if depth < 10 or (depth - 4) % 6 != 0:
@@ -55,7 +59,7 @@ class WideResNet(nn.Module):
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"WRN dropout must be in [0, 1), got {dropout}.")
         n = (depth - 4) // 6
-        widths = (16 * width, 32 * width, 64 * width)
+        widths = tuple(stage_widths(f"wrn{depth}_{width}", widths, (16 * width, 32 * width, 64 * width)))
         self.conv1 = nn.Conv2d(in_channels, 16, 3, 1, 1, bias=False)
         self.layer1 = self._stage(16, widths[0], n, 1, dropout)
         self.layer2 = self._stage(widths[0], widths[1], n, 2, dropout)
@@ -64,7 +68,9 @@ class WideResNet(nn.Module):
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(widths[2], num_classes)
         # Stage ends are the pre-activation block outputs (the final bn/ReLU belongs to the head).
+        self.stem_points: tuple[str, ...] = ("conv1",)
         self.tap_points: tuple[str, ...] = ("layer1", "layer2", "layer3")
+        self.head_points: tuple[str, ...] = ("bn", "pool", "fc")
         self.stage_channels: tuple[int, ...] = widths
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
@@ -78,23 +84,29 @@ class WideResNet(nn.Module):
         layers += [WideBlock(planes, planes, 1, dropout) for _ in range(blocks - 1)]
         return nn.Sequential(*layers)
 
+    def forward_stem(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv1(x)
+
+    def forward_head(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.flatten(self.pool(F.relu(self.bn(x))), 1))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.layer3(self.layer2(self.layer1(self.conv1(x))))
-        x = F.relu(self.bn(x))
-        return self.fc(torch.flatten(self.pool(x), 1))
+        return self.forward_head(self.layer3(self.layer2(self.layer1(self.forward_stem(x)))))
 
 
 @register_model("wrn")
 def wrn(
-    num_classes: int = 10, in_channels: int = 3, depth: int = 28, width: int = 10, dropout: float = 0.0
+    num_classes: int = 10, in_channels: int = 3, depth: int = 28, width: int = 10, dropout: float = 0.0,
+    widths: Sequence[int] | None = None,
 ) -> WideResNet:
-    """WRN-depth-width; the aliases below fix depth and width."""
-    return WideResNet(depth, width, num_classes, in_channels, dropout)
+    """WRN-depth-width; the aliases below fix depth and width. `widths` sets each stage's channels."""
+    return WideResNet(depth, width, num_classes, in_channels, dropout, widths)
 
 
 def _alias(depth: int, width: int):
-    def builder(num_classes: int = 10, in_channels: int = 3, dropout: float = 0.0) -> WideResNet:
-        return WideResNet(depth, width, num_classes, in_channels, dropout)
+    def builder(num_classes: int = 10, in_channels: int = 3, dropout: float = 0.0,
+                widths: Sequence[int] | None = None) -> WideResNet:
+        return WideResNet(depth, width, num_classes, in_channels, dropout, widths)
 
     builder.__name__ = f"wrn{depth}_{width}"
     builder.__doc__ = f"WRN-{depth}-{width}."

@@ -1,0 +1,163 @@
+"""Multi-headed networks (EnsembleNet): shared lower stages, N branches of the upper stages.
+
+    net = create("multihead", base="resnet20", branches=2, fork="layer3")
+
+Any registered model that keeps the stage contract (models/stages.py) can be the base: the
+stem and the stages before `fork` are built once and shared; the stages from `fork` on and the
+head are built N times, as branches, at the base's widths divided by `width_factor`. By
+default the factor is the smallest (on a 0.05 grid) that keeps the whole network no larger
+than the base (about 1.4 for two branches, as the paper's ≈1.5).
+
+forward(x) is the ensembler's prediction from one pass, as logits: log p_ens for a
+classifier (softmax gives p_ens back), logit(p_ens) for a multi-label model (sigmoid does).
+The branch logits (N, B, K) pass through the identity module `heads` and the gate's weights
+(B, N) come out of `ensembler`, so a method reads both as taps. Ensemblers: "mean" (the
+average of the branch probabilities) and "gate" (ONE's gate: the shared features, pooled,
+through linear -> BN -> ReLU -> softmax over the branches).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .registry import create, register_model
+from .stages import has_stages, run_stages
+
+ENSEMBLERS = ("mean", "gate")
+_EPS = 1e-6
+
+
+class Gate(nn.Module):
+    """Weights over the branches from the shared features: pool -> linear -> BN -> ReLU -> softmax."""
+
+    def __init__(self, channels: int, branches: int):
+        super().__init__()
+        self.fc = nn.Linear(channels, branches)
+        self.bn = nn.BatchNorm1d(branches)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        pooled = h.flatten(2).mean(-1) if h.dim() > 2 else h
+        return F.softmax(F.relu(self.bn(self.fc(pooled))), dim=-1)
+
+
+def mix_log(log_x: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """log Σ_i w_i x_i from (N, B, K) log x_i: the mean (w_i = 1/N) or (B, N) weights; (B, K)."""
+    N = log_x.shape[0]
+    log_w = (torch.full(log_x.shape[:2], -math.log(N), device=log_x.device) if weights is None
+             else weights.float().clamp_min(1e-30).log().T)[..., None]  # (N, B, 1)
+    return torch.logsumexp(log_x + log_w, 0)
+
+
+def ensemble_logits(branch_logits: torch.Tensor, weights: torch.Tensor | None = None,
+                    multilabel: bool = False) -> torch.Tensor:
+    """(N, B, K) branch logits -> (B, K) logits of the mixture of their probabilities (mean, or
+    weighted by (B, N) weights): log p_ens (softmax), or logit(p_ens) (sigmoid, multi-label)."""
+    z = branch_logits.float()
+    if not multilabel:
+        return mix_log(F.log_softmax(z, -1), weights)
+    p = mix_log(F.logsigmoid(z), weights).exp().clamp(_EPS, 1 - _EPS)
+    return torch.log(p) - torch.log1p(-p)
+
+
+class MultiHeadNet(nn.Module):
+    def __init__(self, base: str, num_classes: int = 10, in_channels: int = 3, branches: int = 2,
+                 fork: str | None = None, width_factor: float | None = None, ensembler: str = "mean",
+                 base_kwargs: dict | None = None):
+        super().__init__()
+        if isinstance(branches, bool) or not isinstance(branches, int) or branches < 1:
+            raise ValueError(f"multihead branches must be a positive integer, got {branches!r}.")
+        if ensembler not in ENSEMBLERS:
+            raise ValueError(f"multihead ensembler must be one of {', '.join(ENSEMBLERS)}, got {ensembler!r}.")
+        kwargs = dict(base_kwargs or {})
+        trunk = create(base, num_classes=num_classes, in_channels=in_channels, **kwargs)
+        if not has_stages(trunk):
+            raise ValueError(f"model {base!r} does not expose its stages (stem_points, tap_points, head_points, "
+                             f"forward_stem, forward_head); the multi-head builder needs them.")
+        points = list(trunk.tap_points)
+        fork = fork or points[-1]
+        if fork not in points:
+            raise ValueError(f"multihead fork must be one of {base}'s stages {points}, got {fork!r}.")
+        at = points.index(fork)
+        if ensembler == "gate" and at == 0:
+            raise ValueError("the gate ensembler reads the shared stages' output; fork after the first stage.")
+        base_widths = list(trunk.stage_channels)
+        if width_factor is None:
+            gate = (base_widths[at - 1] + 3) * branches if ensembler == "gate" else 0  # linear + BN
+            width_factor = fitting_width_factor(base, num_classes, in_channels, branches, at, kwargs, extra=gate)
+        if isinstance(width_factor, bool) or not isinstance(width_factor, (int, float)) or not width_factor > 0:
+            raise ValueError(f"multihead width_factor must be a positive number, got {width_factor!r}.")
+        widths = branch_widths(base_widths, at, width_factor)
+        kwargs.pop("widths", None)
+        self.base, self.width_factor = base, float(width_factor)
+        self.shared_points, self.branch_points = tuple(points[:at]), tuple(points[at:])
+        self.branch_widths = tuple(widths)
+        self.multilabel = bool(getattr(trunk, "multilabel", False))
+        members = [create(base, num_classes=num_classes, in_channels=in_channels, widths=widths, **kwargs)
+                   for _ in range(branches)]
+        _drop(trunk, (*self.branch_points, *trunk.head_points))
+        for member in members:
+            _drop(member, (*member.stem_points, *self.shared_points))
+        self.trunk = trunk
+        self.branches = nn.ModuleList(members)
+        self.heads = nn.Identity()  # its output is the (N, B, K) branch logits: a tap for the method
+        self.ensembler = Gate(base_widths[at - 1], branches) if ensembler == "gate" else None
+
+    def forward_branches(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(N, B, K) branch logits and the gate's (B, N) weights (None for the mean)."""
+        h = run_stages(self.trunk, self.trunk.forward_stem(x), self.shared_points)
+        z = torch.stack([b.forward_head(run_stages(b, h, self.branch_points)) for b in self.branches])
+        return self.heads(z), (self.ensembler(h) if self.ensembler is not None else None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z, weights = self.forward_branches(x)
+        return ensemble_logits(z, weights, self.multilabel)
+
+
+def branch_widths(widths, at: int, factor: float) -> list[int]:
+    """The base's stage widths, those from stage `at` on divided by `factor` (at least 1)."""
+    return list(widths[:at]) + [max(1, round(w / factor)) for w in widths[at:]]
+
+
+def fitting_width_factor(base: str, num_classes: int, in_channels: int, branches: int, at: int,
+                         kwargs: dict, extra: int = 0) -> float:
+    """The smallest factor on a 0.05 grid for which N branches, the shared part and `extra`
+    parameters (the gate's) are no more than the base network's (counted on the meta device)."""
+    with torch.device("meta"):
+        reference = create(base, num_classes=num_classes, in_channels=in_channels, **kwargs)
+        budget = _count(reference)
+        widths = list(reference.stage_channels)
+        rest = {k: v for k, v in kwargs.items() if k != "widths"}
+        head_and_upper = sum(_count(getattr(reference, n)) for n in (*reference.tap_points[at:], *reference.head_points))
+        shared = budget - head_and_upper
+        for step in range(0, 20 * (branches + 1)):
+            factor = 1.0 + 0.05 * step
+            member = create(base, num_classes=num_classes, in_channels=in_channels,
+                            widths=branch_widths(widths, at, factor), **rest)
+            per_branch = sum(_count(getattr(member, n)) for n in (*member.tap_points[at:], *member.head_points))
+            if shared + branches * per_branch + extra <= budget:
+                return round(factor, 2)
+    raise ValueError(f"no width factor keeps {branches} branches of {base} within the base's parameters; "
+                     f"set width_factor")
+
+
+def _count(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def _drop(model: nn.Module, names) -> None:
+    """Remove the named direct submodules (they live in another part of the multi-headed net)."""
+    for name in names:
+        if name in model._modules:
+            delattr(model, name)
+
+
+@register_model("multihead")
+def multihead(num_classes: int = 10, in_channels: int = 3, base: str = "small_cnn", branches: int = 2,
+              fork: str | None = None, width_factor: float | None = None, ensembler: str = "mean",
+              base_kwargs: dict | None = None) -> MultiHeadNet:
+    """EnsembleNet's multi-headed version of `base` (any model with stages): N branches from `fork`."""
+    return MultiHeadNet(base, num_classes, in_channels, branches, fork, width_factor, ensembler, base_kwargs)

@@ -1,0 +1,39 @@
+"""The stage contract: a model as stem -> stages -> head, so that builders can cut it.
+
+A model that keeps it has
+- `stem_points`, `tap_points`, `head_points`: the names of its direct submodules that make
+  the stem, each stage (in order), and the head;
+- `forward_stem(x)` and `forward_head(h)`, with forward(x) = head(stages(stem(x)));
+- `stage_channels`: each stage's output channels, and a `widths` constructor argument that
+  sets them (the multi-head builder shrinks the branches through it).
+small_cnn, the CIFAR ResNets, the WRNs and dbof keep it.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import nn
+
+
+def stage_widths(name: str, widths: Sequence[int] | None, default: Sequence[int]) -> list[int]:
+    """`widths` (one channel count per stage) when given, else the default; checked."""
+    if widths is None:
+        return list(default)
+    widths = list(widths)
+    if len(widths) != len(default) or not all(isinstance(w, int) and not isinstance(w, bool) and w >= 1
+                                              for w in widths):
+        raise ValueError(f"{name} widths must be {len(default)} positive integers (one per stage), got {widths!r}.")
+    return widths
+
+
+def has_stages(model: nn.Module) -> bool:
+    return all(hasattr(model, a) for a in ("stem_points", "tap_points", "head_points", "forward_stem",
+                                           "forward_head", "stage_channels"))
+
+
+def run_stages(model: nn.Module, x: torch.Tensor, names: Sequence[str]) -> torch.Tensor:
+    for name in names:
+        x = getattr(model, name)(x)
+    return x
