@@ -184,3 +184,20 @@ def test_ensemblenet_trains_end_to_end_on_digits(tmp_path, options):
     assert any("train_ensemble" in r for r in records)
     loaded = create(**model.spec)
     loaded.load_state_dict(torch.load(tmp_path / "model.pt", weights_only=True))
+
+
+def test_ensemblenet_trains_on_generated_video_features_and_reports_gap_and_map(tmp_path):
+    """DBoF forked after pooling: two branches of hidden layer + MoE, multi-label BCE, GAP@20 and mAP."""
+    config = load_config(None, ["data.name=video-synthetic", "student.arch=dbof",
+                                "student.kwargs={cluster_size: 64, hidden_size: 32}", "method.name=ensemblenet",
+                                "student.train.epochs=3", "data.batch_size=128", "device=cpu",
+                                "student.train.optim={name: adamw, lr: 0.03}"])
+    data = pipeline.prepare_data(config)
+    assert data.splits.num_classes == 20 and data.splits.in_channels == 32
+    method, _ = pipeline.prepare_distill(config, data)
+    model, _ = pipeline.distill(config, tmp_path, data=data, method=method)
+    assert model.multilabel and model.shared_points == ("frames",) and model.branch_points == ("hidden",)
+    row = pipeline.evaluate_student(config, model, data)
+    assert row["map"] > 0.2 and row["gap"] > 0.15  # chance: about 0.11 mAP (2 labels of 20 per item)
+    assert row["flops"] > 0 and row["params"] <= count_parameters(create("dbof", num_classes=20, in_channels=32,
+                                                                         cluster_size=64, hidden_size=32))

@@ -24,7 +24,7 @@ from .report import (accuracy_vs_cost, load_results, print_table, reliability_di
                      teacher_weights_over_training, write_results)
 
 DEMO_COLUMNS = ["name", "acc", "nll", "ece", "cnll", "cece", "params", "flops", "train_time_s"]
-EVAL_COLUMNS = ["name", "acc", "top5", "nll", "ece", "cnll", "cece", "brier", "params", "flops",
+EVAL_COLUMNS = ["name", "acc", "gap", "map", "hit1", "top5", "nll", "ece", "cnll", "cece", "brier", "params", "flops",
                 "latency_ms", "throughput"]
 
 # Wide enough for the results table when the output is a file or a CI log.

@@ -16,6 +16,7 @@ import torch
 
 from .config import Config, ConfigError, DataConfig, ModelConfig, TrainConfig, load_config
 from .data import AugmentSpec, DatasetSplits, DeviceLoader, load_dataset
+from .data.video import VIDEO_DATASETS, VideoLoader, VideoSplits, load_video_splits
 from .engine import Trainer, distributed, resolve_device, save_model, seed_everything
 from .engine.evaluate import evaluate_model, evaluate_teacher_set
 from .ensemble import MANIFEST, TeacherSet, write_manifest
@@ -29,7 +30,7 @@ STUDENT_DIR = "student"
 
 @dataclass
 class Data:
-    splits: DatasetSplits
+    splits: DatasetSplits | VideoSplits
     val: DeviceLoader | None
     test: DeviceLoader
     config: Config
@@ -42,6 +43,9 @@ class Data:
         between the runs of a sweep that share the loaded splits).
         """
         seed = cfg.view_seed if cfg.view_seed is not None else seed
+        if isinstance(self.splits, VideoSplits):
+            return VideoLoader(self.splits.train, batch_size=cfg.batch_size, train=True, seed=seed,
+                               device=self.device, rank=rank, world_size=world_size)
         spec = AugmentSpec(**cfg.augment.model_dump()) if cfg.augment else self.splits.augment
         return DeviceLoader(self.splits.train, batch_size=cfg.batch_size, mean=self.splits.mean,
                             std=self.splits.std, spec=spec, train=True, seed=seed, device=self.device,
@@ -52,9 +56,14 @@ def prepare_data(config: Config, device: torch.device | None = None) -> Data:
     """Load the dataset named by the config and put its eval splits on the device."""
     device = device or distributed.device_for(distributed.world(), resolve_device(config.device))
     cfg = config.data
-    splits = load_dataset(cfg.name, root=cfg.root, val_fraction=cfg.val_fraction, split_seed=cfg.split_seed)
+    if cfg.name in VIDEO_DATASETS:
+        splits = load_video_splits(cfg.name, root=cfg.root, val_fraction=cfg.val_fraction, split_seed=cfg.split_seed)
+    else:
+        splits = load_dataset(cfg.name, root=cfg.root, val_fraction=cfg.val_fraction, split_seed=cfg.split_seed)
 
     def eval_loader(dataset):
+        if isinstance(splits, VideoSplits):
+            return VideoLoader(dataset, batch_size=cfg.eval_batch_size, train=False, device=device)
         return DeviceLoader(dataset, batch_size=cfg.eval_batch_size, mean=splits.mean, std=splits.std,
                             train=False, device=device)
 

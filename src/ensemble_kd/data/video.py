@@ -154,3 +154,52 @@ class VideoLoader(ShardedLoader):
         for idx in self.batch_indices(epoch, start):
             longest = int(self.num_frames.index_select(0, idx).max())
             yield Batch(self.features.index_select(0, idx)[:, :longest], self.labels.index_select(0, idx), idx)
+
+
+# ----------------------------------------------------------------------------- splits for a run
+VIDEO_DATASETS = ("video-synthetic", "video-npz")
+
+
+@dataclass
+class VideoSplits:
+    """Train / validation (or None) / test video sets: the `data.name` video-* counterpart of DatasetSplits."""
+
+    name: str
+    train: VideoDataset
+    val: VideoDataset | None
+    test: VideoDataset
+
+    @property
+    def num_classes(self) -> int:
+        return self.train.num_classes
+
+    @property
+    def in_channels(self) -> int:  # what a video model's builder takes as its input width
+        return self.train.feature_dim
+
+
+def load_video_splits(name: str, root: str | os.PathLike | None = None, val_fraction: float = 0.1,
+                      split_seed: int = 0) -> VideoSplits:
+    """video-synthetic: 6000 generated items (seed 0) split 4/1 into train and test; video-npz:
+    `root`/train.npz and `root`/test.npz (and val.npz, else `val_fraction` of train, by `split_seed`)."""
+    if name == "video-synthetic":
+        every = make_video_dataset(6000, num_classes=20, feature_dim=32, signal=2.0, seed=0)
+        order = np.random.default_rng(0).permutation(len(every))
+        train, test, val = every.subset(order[:4800]), every.subset(order[4800:]), None
+    elif name == "video-npz":
+        if root is None:
+            raise ValueError("data.name video-npz reads root/train.npz and root/test.npz; set data.root")
+        root = os.fspath(root)
+        train, test = (load_video_npz(os.path.join(root, f"{s}.npz")) for s in ("train", "test"))
+        val_path = os.path.join(root, "val.npz")
+        val = load_video_npz(val_path) if os.path.isfile(val_path) else None
+        if train.num_classes != test.num_classes or train.feature_dim != test.feature_dim:
+            raise ValueError(f"train.npz has {train.num_classes} classes and {train.feature_dim} features but "
+                             f"test.npz has {test.num_classes} and {test.feature_dim}; they must match")
+    else:
+        raise ValueError(f"unknown video dataset {name!r}; available: {', '.join(VIDEO_DATASETS)}")
+    if val is None and val_fraction > 0:
+        order = np.random.default_rng(split_seed).permutation(len(train))
+        held = int(round(val_fraction * len(train)))
+        train, val = train.subset(np.sort(order[held:])), train.subset(np.sort(order[:held]))
+    return VideoSplits(name, train, val, test)

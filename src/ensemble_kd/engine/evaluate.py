@@ -12,6 +12,8 @@ from torch import nn
 from ..ensemble import TeacherSet, majority_vote
 from ..metrics import (classification_metrics, count_flops, count_parameters, measure_latency,
                        measure_throughput, reliability_bins)
+from ..metrics.multilabel import global_average_precision, mean_average_precision
+from ..models import unwrap
 
 
 @torch.no_grad()
@@ -51,11 +53,28 @@ def _log_probs(probs: torch.Tensor) -> torch.Tensor:
 
 
 def evaluate_model(name: str, model: nn.Module, test_loader, val_loader, eval_cfg, device) -> dict:
+    if getattr(unwrap(model), "multilabel", False):
+        return evaluate_multilabel(name, model, test_loader, eval_cfg, device)
     test_logits, labels = predict(model, test_loader)
     val = predict(model, val_loader) if val_loader is not None else (None, None)
     row = metrics_row(name, test_logits.softmax(-1), labels, val_logits=val[0], val_labels=val[1],
                       test_logits=test_logits)
     return {**row, **cost_row(model, _input_shape(test_loader), device, eval_cfg)}
+
+
+def evaluate_multilabel(name: str, model: nn.Module, test_loader, eval_cfg, device) -> dict:
+    """Multi-label models (video): GAP@20, mAP and hit@1 (the top class is a positive) on the test set.
+    FLOPs are counted on a real test item (padding frames are skipped, so zeros would cost nothing)."""
+    logits, labels = predict(model, test_loader)
+    scores = torch.sigmoid(logits)
+    row = {"name": name, "gap": global_average_precision(scores, labels, top_k=20),
+           "map": mean_average_precision(scores, labels),
+           "hit1": labels.gather(1, scores.argmax(1, keepdim=True)).mean().item(),
+           "params": count_parameters(model)}
+    if eval_cfg.cost:
+        example = next(iter(test_loader.batches(0))).x[:1]
+        row["flops"] = count_flops(model, tuple(example.shape[1:]), example=example)
+    return row
 
 
 def evaluate_teacher_set(teachers: TeacherSet, test_loader, val_loader, eval_cfg, device,

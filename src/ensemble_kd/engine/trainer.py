@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..config import TrainConfig
@@ -270,8 +271,12 @@ class Trainer:
         count = 0
         for batch in self.val_loader.batches(0):
             logits = self.model(batch.x).float()
-            totals[0] += torch.nn.functional.cross_entropy(logits, batch.y, reduction="sum")
-            totals[1] += (logits.argmax(1) == batch.y).sum()
+            if batch.y.dim() == 2:  # multi-hot labels: binary NLL summed over classes; acc = hit@1
+                totals[0] += F.binary_cross_entropy_with_logits(logits, batch.y.float(), reduction="sum")
+                totals[1] += batch.y.gather(1, logits.argmax(1, keepdim=True)).sum()
+            else:
+                totals[0] += F.cross_entropy(logits, batch.y, reduction="sum")
+                totals[1] += (logits.argmax(1) == batch.y).sum()
             count += len(batch.y)
         self.model.train()
         nll, correct = (totals / max(1, count)).tolist()

@@ -1,4 +1,7 @@
-"""Cross-entropy on the labels: a teacher's training, and the student trained alone."""
+"""Cross-entropy on the labels: a teacher's training, and the student trained alone.
+
+Multi-hot labels (B, K) take the binary cross entropy, summed over the classes.
+"""
 
 from __future__ import annotations
 
@@ -16,5 +19,9 @@ class CrossEntropy(Method):
         self.label_smoothing = label_smoothing
 
     def loss(self, batch, student, teachers=None) -> MethodLoss:
-        loss = F.cross_entropy(student.logits, batch.y, label_smoothing=self.label_smoothing)
+        if batch.y.dim() == 2:  # multi-hot labels (video): binary cross entropy, summed over classes
+            y = batch.y.float() * (1 - self.label_smoothing) + 0.5 * self.label_smoothing
+            loss = F.binary_cross_entropy_with_logits(student.logits.float(), y, reduction="sum") / len(y)
+        else:
+            loss = F.cross_entropy(student.logits, batch.y, label_smoothing=self.label_smoothing)
         return MethodLoss(loss, {"ce": loss.detach()})

@@ -67,16 +67,17 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def count_flops(model: nn.Module, input_shape: Sequence[int]) -> int:
+def count_flops(model: nn.Module, input_shape: Sequence[int], example: torch.Tensor | None = None) -> int:
     """FLOPs of one forward pass per sample (batch 1, eval mode), via FlopCounterMode.
 
     input_shape excludes the batch, e.g. (3, 32, 32). A multiply-add counts as 2 FLOPs;
     only matmul, convolution and attention are counted (not BN, activations, pooling),
-    so nn.Linear(10, 5) gives 2 * 10 * 5 = 100.
+    so nn.Linear(10, 5) gives 2 * 10 * 5 = 100. The input is zeros, or `example` (a batch of
+    one) for models whose cost depends on the values (a video model skips zero padding frames).
     """
     shape = _check_shape(input_shape)
     device, dtype = _model_device_dtype(model)
-    x = torch.zeros((1, *shape), device=device, dtype=dtype)
+    x = torch.zeros((1, *shape), device=device, dtype=dtype) if example is None else example.to(device, dtype)
     with _eval_mode(model), torch.no_grad(), FlopCounterMode(display=False) as counter:
         model(x)
     return int(counter.get_total_flops())
