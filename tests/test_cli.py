@@ -29,7 +29,7 @@ def test_demo_prints_and_writes_everything(demo_dir, capsys):
     assert names[3].startswith("ensemble (M=3)") and names[4].startswith("majority vote")
     assert names[5].startswith("student alone")
     assert names[6].startswith("student aver") and names[7].startswith("student aekd")
-    assert names[8].startswith("student meal") and len(names) == 9
+    assert names[8].startswith("student meal") and names[9].startswith("student ensemblenet") and len(names) == 10
     meal_logs = [json.loads(line) for line in (demo_dir / "student-meal" / "metrics.jsonl").read_text().splitlines()]
     assert any("train_gan" in r and "lr_discriminators" in r for r in meal_logs)
     alphas = [json.loads(line) for line in (demo_dir / "student-aekd" / "metrics.jsonl").read_text().splitlines()]

@@ -11,7 +11,7 @@ import torch
 
 from ensemble_kd import pipeline
 from ensemble_kd.config import load_config
-from ensemble_kd.methods import Needs
+from ensemble_kd.methods import Needs, create_method
 
 WORKER = Path(__file__).with_name("_ddp_worker.py")
 TINY = ["teachers.count=2", "teachers.train.epochs=1", "teachers.kwargs={width: 0.25}",
@@ -33,7 +33,7 @@ def torchrun(*args):
     assert done.returncode == 0, done.stderr[-3000:]
 
 
-@pytest.mark.parametrize("method", ["aver", "aekd", "meal"])
+@pytest.mark.parametrize("method", ["aver", "aekd", "meal", "ensemblenet"])
 def test_torchrun_distill_ends_with_identical_weights_on_both_ranks(teacher_run, tmp_path, method):
     torchrun("distill", str(tmp_path), *TINY, f"method.name={method}", f"teachers.source={teacher_run}")
     rank0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
@@ -46,7 +46,10 @@ def test_torchrun_distill_ends_with_identical_weights_on_both_ranks(teacher_run,
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert records[-1]["step"] == 607 // 128
     assert (run / "model.pt").is_file()
-    trained = pipeline.build_model(load_config(None, TINY).student, pipeline.prepare_data(load_config(None, TINY)))
+    student = load_config(None, TINY).student
+    arch, kwargs = create_method(method).student_spec(student.arch, student.kwargs)  # ensemblenet: multi-headed
+    trained = pipeline.build_model(student.model_copy(update={"arch": arch, "kwargs": kwargs}),
+                                   pipeline.prepare_data(load_config(None, TINY)))
     assert not all(torch.equal(trained.state_dict()[k], rank0[k]) for k in rank0)  # it did train
 
 

@@ -343,3 +343,17 @@ def test_meal_trains_end_to_end_on_digits(trained, tmp_path, options):
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     sims = [r["sim"] for r in records if "sim" in r]
     assert sims[-1] < sims[0]
+
+
+def test_teachers_on_batch_statistics_are_given_unfolded(trained):
+    """Shared teachers (the demo's) are folded; a method that wants their BatchNorm gets unfolded copies."""
+    config, data, folded = trained
+    assert folded.folded
+    meal_config = config.model_copy(update={"method": config.method.model_copy(
+        update={"name": "meal", "options": {"teacher_bn": "train"}})})
+    method, teachers = pipeline.prepare_distill(meal_config, data, folded)
+    assert method.needs.teacher_bn == "train" and not teachers.folded
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in teachers.members[0].modules())
+    batch = next(data.train_loader(config.data, seed=0).batches(0))
+    out = teachers.outputs(batch.x, method.needs)
+    assert torch.isfinite(out.logits).all()

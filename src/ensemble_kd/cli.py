@@ -270,8 +270,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     command("demo", cmd_demo, "train teachers and a student on digits, print one table", config=False)
     sub.choices["demo"].add_argument("--config", help="a YAML config instead of the built-in demo")
-    sub.choices["demo"].add_argument("--methods", default="ce,aver,aekd,meal",
-                                     help="students to train, by method (default ce,aver,aekd,meal)")
+    sub.choices["demo"].add_argument("--methods", default="ce,aver,aekd,meal,ensemblenet",
+                                     help="students to train, by method (default ce,aver,aekd,meal,ensemblenet)")
     command("train-teachers", cmd_train_teachers, "train an ensemble of M members")
     command("distill", cmd_distill, "train a student with a method (ce: the student alone)")
     command("cache-teachers", cmd_cache_teachers,
