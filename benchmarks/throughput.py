@@ -92,8 +92,11 @@ def naive_step(teachers, student, optimizer, x, y, T=4.0):
     optimizer.step()
 
 
-def engine_step(method_name, student, teachers, batch, device, train_cfg, options=None):
+def engine_step(method_name, student_arch, build, teachers, batch, device, train_cfg, options=None):
+    """The engine's step for one method; `build(arch, kwargs)` makes the student the method asks for
+    (the plain `student_arch`, EnsembleNet's multi-headed or LatentBE's BatchEnsemble version of it)."""
     method = create_method(method_name, **(options or {}))  # the Trainer binds it
+    student = build(*method.student_spec(student_arch, {}, len(teachers)))
     with tempfile.TemporaryDirectory() as tmp:
         trainer = Trainer(student, method.to(device), FixedBatches(batch, 1), train_cfg, Path(tmp),
                           device=device, teachers=teachers, is_main=False)
@@ -136,8 +139,8 @@ def main(argv=None) -> int:
     rows = []
     for m in [int(v) for v in args.teachers.split(",")]:
         members = [create(args.teacher_arch, num_classes=args.classes).to(device).eval() for _ in range(m)]
-        def new_student():  # each row its own: the engine may switch a student to channels_last
-            return create(args.student_arch, num_classes=args.classes).to(device)
+        def new_student(arch=args.student_arch, kwargs=None):  # each row its own: channels_last may switch
+            return create(arch, num_classes=args.classes, **(kwargs or {})).to(device)
 
         student = new_student()
         opt = torch.optim.SGD(student.parameters(), lr=0.01, momentum=0.9)
@@ -147,16 +150,16 @@ def main(argv=None) -> int:
         rows.append((m, "naive fp32 loop", naive))
         fast = TeacherSet(members).prepare_for_inference(compile=args.compile)
         rows.append((m, "aver online", images_per_second(
-            engine_step("aver", new_student(), fast, batch, device, train_cfg), args.batch, device, args.warmup,
+            engine_step("aver", args.student_arch, new_student, fast, batch, device, train_cfg), args.batch, device, args.warmup,
             args.iters)))
         cached = MemoryCache(fast.member_logits(x))
         rows.append((m, "aver cached", images_per_second(
-            engine_step("aver", new_student(), cached, batch, device, train_cfg), args.batch, device, args.warmup,
+            engine_step("aver", args.student_arch, new_student, cached, batch, device, train_cfg), args.batch, device, args.warmup,
             args.iters)))
         for name in extra:
             try:
                 options = {"C": max(0.6, 1.0 / m)} if name == "aekd" else {}  # C must be >= 1/M
-                step = engine_step(name, new_student(), fast, batch, device, train_cfg, options)
+                step = engine_step(name, args.student_arch, new_student, fast, batch, device, train_cfg, options)
             except (ValueError, TypeError) as err:
                 print(f"  skipping {name}: {err}", file=sys.stderr)
                 continue

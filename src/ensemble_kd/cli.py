@@ -102,7 +102,7 @@ def cmd_demo(args) -> None:
     if not distributed.world().is_main:
         return  # rank 0 evaluates and reports
     rows = pipeline.evaluate_teachers(config, teachers, data, teacher_dir)
-    rows += [pipeline.evaluate_student(c, student, data, info) for c, student, info in students]
+    rows += [row for c, student, info in students for row in pipeline.evaluate_student(c, student, data, info)]
     _finish(run_dir, rows, f"ensemble-kd demo on {config.data.name} ({time.perf_counter() - started:.0f} s)",
             DEMO_COLUMNS)
 
@@ -132,7 +132,7 @@ def cmd_distill(args) -> None:
                                          data=data, teachers=teachers, method=method)
     if not distributed.world().is_main:
         return
-    _finish(run_dir, [pipeline.evaluate_student(config, student, data, info)],
+    _finish(run_dir, pipeline.evaluate_student(config, student, data, info),
             f"{pipeline.student_row_name(config)} on {config.data.name}", EVAL_COLUMNS)
 
 

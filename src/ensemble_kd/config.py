@@ -113,6 +113,15 @@ class MethodConfig(_Section):
     options: dict[str, Any] = Field(default_factory=dict)
 
 
+class PerturbConfig(_Section):
+    """Input perturbations for distillation (engine/perturb.py): they need online teachers."""
+
+    kind: Literal["none", "gaussian", "ods", "confods", "tdiv_sdiv"] = "none"
+    step: float = Field(1.0, gt=0.0)  # in units of 1/255
+    fraction: float = Field(1.0, gt=0.0, le=1.0)  # of each batch, replaced by perturbed copies
+    temperature: float = Field(1.0, gt=0.0)  # ODS's softmax temperature
+
+
 class CacheConfig(_Section):
     """What `cache-teachers` stores: logits of `epochs` epochs of training views (later epochs wrap)."""
 
@@ -151,6 +160,7 @@ class Config(_Section):
     teachers: TeachersConfig = Field(default_factory=TeachersConfig)
     student: StudentConfig = Field(default_factory=StudentConfig)
     method: MethodConfig = Field(default_factory=MethodConfig)
+    perturb: PerturbConfig = Field(default_factory=PerturbConfig)
     cache: CacheConfig = Field(default_factory=CacheConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     run: RunConfig = Field(default_factory=RunConfig)

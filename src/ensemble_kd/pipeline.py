@@ -7,6 +7,7 @@ is usable from Python too.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import time
 from dataclasses import dataclass
@@ -19,10 +20,11 @@ from .data import AugmentSpec, DatasetSplits, DeviceLoader, load_dataset
 from .data.video import VIDEO_DATASETS, VideoLoader, VideoSplits, load_video_splits
 from .engine import Trainer, distributed, resolve_device, save_model, seed_everything
 from .engine.evaluate import evaluate_model, evaluate_teacher_set
+from .engine.perturb import Perturbation
 from .ensemble import MANIFEST, TeacherSet, write_manifest
 from .ensemble.cache import CachedTeachers, build_cache, open_cache
 from .methods import METHODS, create_method
-from .models import create
+from .models import create, unwrap
 
 TEACHERS_DIR = "teachers"
 STUDENT_DIR = "student"
@@ -86,14 +88,14 @@ def member_name(index: int, member: ModelConfig) -> str:
 
 
 def train_one(model, method, data: Data, config: Config, train: TrainConfig, out_dir: Path, *, seed: int,
-              resume: bool, progress=None, description="train", teachers=None) -> dict:
+              resume: bool, progress=None, description="train", teachers=None, perturbation=None) -> dict:
     """Train, then save model.pt (plain state_dict) with its sidecar; returns timing info."""
     started = time.perf_counter()
     world = distributed.world()  # under torchrun each rank trains on its shard; data.batch_size is per rank
     loader = data.train_loader(config.data, seed, world.rank, world.size)
     trainer = Trainer(model, method.to(data.device), loader, train, out_dir,
                       device=data.device, seed=seed, teachers=teachers, val_loader=data.val,
-                      progress=progress, description=description)
+                      progress=progress, description=description, perturbation=perturbation)
     trainer.fit(resume=resume)
     info = {"train_time_s": time.perf_counter() - started, "steps": trainer.pos.step}
     if world.is_main:
@@ -196,8 +198,14 @@ def prepare_distill(config: Config, data: Data, teachers=None):
     """The method and what it reads teacher outputs from, checked before any work is written."""
     check_method(config.method.name)
     method = create_method(config.method.name, **config.method.options)
-    if method.needs.teachers and teachers is None:
-        teachers = teachers_for(config, data, method.needs)  # a cache is checked against the needs here
+    needs = method.needs
+    if config.perturb.kind != "none":
+        if not needs.teachers:
+            raise ConfigError(f"config key 'perturb.kind': perturbations move inputs where teachers disagree; "
+                              f"method '{config.method.name}' has no teachers")
+        needs = dataclasses.replace(needs, perturbs_inputs=True)
+    if needs.teachers and teachers is None:
+        teachers = teachers_for(config, data, needs)  # a cache is checked against the needs here
     elif method.needs.teacher_bn != "eval" and getattr(teachers, "folded", False):
         # teachers shared between runs (the demo) were folded; this method needs their BatchNorm
         unfolded = TeacherSet([copy.deepcopy(m).to(data.device) for m in teachers.source_members], teachers.names)
@@ -211,12 +219,23 @@ def distill(config: Config, run_dir: Path, *, resume=False, progress=None, data:
     data = data or prepare_data(config)
     if method is None:
         method, teachers = prepare_distill(config, data, teachers)
-    arch, kwargs = method.student_spec(config.student.arch, config.student.kwargs)
+    arch, kwargs = method.student_spec(config.student.arch, config.student.kwargs,
+                                       len(teachers) if teachers is not None else None)
     model = build_model(config.student.model_copy(update={"arch": arch, "kwargs": kwargs}), data)
     info = train_one(model, method, data, config, config.student.train, run_dir, seed=config.student.seed,
-                     resume=resume, progress=progress, teachers=teachers,
+                     resume=resume, progress=progress, teachers=teachers, perturbation=perturbation_of(config, data),
                      description=f"student ({config.method.name})")
     return model, info
+
+
+def perturbation_of(config: Config, data: Data) -> Perturbation | None:
+    cfg = config.perturb
+    if cfg.kind == "none":
+        return None
+    if not hasattr(data.splits, "mean"):
+        raise ConfigError(f"config key 'perturb.kind': perturbations apply to images, not to {data.splits.name}")
+    return Perturbation(cfg.kind, step=cfg.step, fraction=cfg.fraction, temperature=cfg.temperature,
+                        mean=data.splits.mean, std=data.splits.std)
 
 
 def check_method(name: str) -> None:
@@ -230,9 +249,19 @@ def student_row_name(config: Config) -> str:
     return f"{label} ({config.student.arch})"
 
 
-def evaluate_student(config: Config, model, data: Data, info: dict | None = None) -> dict:
-    row = evaluate_model(student_row_name(config), model, data.test, data.val, config.eval, data.device)
-    return {**row, **({"train_time_s": info["train_time_s"]} if info else {})}
+def evaluate_student(config: Config, model, data: Data, info: dict | None = None) -> list[dict]:
+    """The student's row; when its method ships another network (LatentBE collapses its
+    BatchEnsemble), that network's row first ("part": "collapsed"), then the trained one's."""
+    name = student_row_name(config)
+    timing = {"train_time_s": info["train_time_s"]} if info else {}
+
+    def row(label, net, **extra):
+        return {**evaluate_model(label, net, data.test, data.val, config.eval, data.device), **timing, **extra}
+    shipped = create_method(config.method.name, **config.method.options).deployable(model)
+    if shipped is None:
+        return [row(name, model)]
+    members = getattr(unwrap(model), "members", "")
+    return [row(f"{name} collapsed", shipped, part="collapsed"), row(f"{name} BE (M={members})", model, part="BE")]
 
 
 def evaluate_model_row(path: Path, model, config: Config, data: Data) -> dict:

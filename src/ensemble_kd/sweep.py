@@ -63,9 +63,11 @@ def run_sweep(config: Config, run_dir: Path, *, progress=None, data=None, only=N
             write_config(out, variant, "distill")
             student, info = pipeline.distill(variant, out, resume=True, progress=progress, data=data)
             if distributed.world().is_main:  # rank 0 evaluates and writes; the others wait for it
-                write_results(out, [pipeline.evaluate_student(variant, student, data, info)])
+                write_results(out, pipeline.evaluate_student(variant, student, data, info))
             distributed.barrier()
-        by_variant.setdefault(name, []).append(load_results(out)[0])
+        for row in load_results(out):  # LatentBE gives two: collapsed and BE
+            label = f"{name} [{row['part']}]" if row.get("part") else name
+            by_variant.setdefault(label, []).append(row)
     return [summarise(name, rows) for name, rows in by_variant.items()]
 
 

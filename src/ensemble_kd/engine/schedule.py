@@ -9,16 +9,18 @@ import torch
 from ..config import OptimConfig
 
 
-def build_optimizer(params, cfg: OptimConfig, extra_groups=()) -> torch.optim.Optimizer:
+def build_optimizer(params, cfg: OptimConfig, extra_groups=(), no_decay_params=()) -> torch.optim.Optimizer:
     """SGD or AdamW over `params` (the model's) and `extra_groups` (a method's, dicts with "params"
-    and optionally their own "lr"). No weight decay on BatchNorm and biases: the usual choice."""
+    and optionally their own "lr"). No weight decay on BatchNorm and biases (the usual choice) nor
+    on `no_decay_params` (a model's `no_weight_decay()`, e.g. BatchEnsemble factors, pulled to 1)."""
+    skip = {id(p) for p in no_decay_params}
     groups = []
     for group in [{"params": params}, *extra_groups]:
         options = {k: v for k, v in group.items() if k != "params"}
         decay, no_decay = [], []
         for p in group["params"]:
             if p.requires_grad:
-                (no_decay if p.ndim <= 1 else decay).append(p)
+                (no_decay if p.ndim <= 1 or id(p) in skip else decay).append(p)
         groups += [{"params": ps, "weight_decay": wd, **options}
                    for ps, wd in ((decay, cfg.weight_decay), (no_decay, 0.0)) if ps]
     if cfg.name == "sgd":

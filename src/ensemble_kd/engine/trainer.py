@@ -9,6 +9,7 @@ on a non-finite loss naming the step, the loss terms and the last good checkpoin
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import signal
 import threading
 import time
@@ -21,7 +22,7 @@ from torch import nn
 
 from ..config import TrainConfig
 from ..methods import Method, StudentOutput
-from ..models import forward_with_taps
+from ..models import forward_with_taps, unwrap
 from . import checkpoint as ckpt
 from . import distributed
 from .runs import MetricsLog
@@ -51,9 +52,12 @@ class Trainer:
 
     def __init__(self, model: nn.Module, method: Method, loader, train: TrainConfig, out_dir: str | Path,
                  *, device: torch.device, seed: int = 0, teachers=None, val_loader=None,
-                 progress=None, description: str = "train", is_main: bool = True):
+                 progress=None, description: str = "train", is_main: bool = True, perturbation=None):
         if method.needs.teachers and teachers is None:
             raise ValueError(f"method '{getattr(method, 'name', method)}' needs teachers, and none were given")
+        self.perturbation = perturbation if perturbation is not None and perturbation.kind != "none" else None
+        if self.perturbation is not None and teachers is None:
+            raise ValueError("input perturbations need teachers (and a method that distils from them)")
         self.model, self.method, self.loader, self.cfg = model, method, loader, train
         self.teachers, self.val_loader = teachers, val_loader
         # A teacher cache holds E epochs of views; epoch e then trains on the views of view_epoch(e) = e % E.
@@ -78,7 +82,8 @@ class Trainer:
         method.bind(model, teachers, next(iter(loader.batches(0))).x)
         method.to(device)
         self.forward_model = self._wrap_distributed(model)
-        self.optimizer = build_optimizer(list(model.parameters()), train.optim, method.param_groups())
+        no_decay = getattr(unwrap(model), "no_weight_decay", lambda: ())()
+        self.optimizer = build_optimizer(list(model.parameters()), train.optim, method.param_groups(), no_decay)
         self.scheduler = build_scheduler(self.optimizer, train.optim, self.total_steps, self.steps_per_epoch)
         self.pos = Position()
         self._pending: list[tuple[int, torch.Tensor, dict]] = []  # steps not yet checked for NaN
@@ -194,6 +199,9 @@ class Trainer:
         if self.channels_last and batch.x.dim() == 4:
             batch = batch._replace(x=batch.x.contiguous(memory_format=torch.channels_last))
         teacher_out = None
+        if self.perturbation is not None:  # before anyone sees the batch; the cache cannot serve it
+            batch = self.perturbation(batch, self.teachers, self.model, step=self.pos.step, seed=self.seed)
+            needs = dataclasses.replace(needs, perturbs_inputs=True)
         if needs.teachers:
             members = self.method.teacher_indices(self.pos.step, len(self.teachers), self.seed)
             teacher_out = self.teachers.outputs(batch.x, needs, index=batch.index, epoch=self.pos.epoch,

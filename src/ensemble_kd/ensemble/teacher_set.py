@@ -117,6 +117,13 @@ class TeacherSet(nn.Module):
         with autocast:
             return torch.stack([m(x).float() for m in self.members])
 
+    def member_forward(self, i: int, x: torch.Tensor) -> torch.Tensor:
+        """Member i's float32 logits, gradients flowing to `x` (input perturbations need them);
+        the weights stay frozen."""
+        x, autocast = self._inference(x)
+        with autocast:
+            return self.members[i](x).float()
+
     @torch.no_grad()
     def member_probs(self, x: torch.Tensor) -> torch.Tensor:
         return self.member_logits(x).softmax(-1)

@@ -2,7 +2,7 @@
 
 from .base import (METHODS, Method, MethodLoss, Needs, StudentOutput, TeacherOutput,
                    create_method, register_method)
-from . import aekd, ce, ensemblenet, kd, meal  # noqa: F401  (registers)
+from . import aekd, ce, ensemblenet, kd, latentbe, meal  # noqa: F401  (registers)
 
 __all__ = ["METHODS", "Method", "MethodLoss", "Needs", "StudentOutput", "TeacherOutput",
            "create_method", "register_method"]

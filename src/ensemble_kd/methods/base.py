@@ -59,10 +59,16 @@ class Method(nn.Module):
         parameters whose shapes depend on the models (e.g. hint regressors). `teachers` is the
         teacher set (or a list of modules), `example_x` a batch of inputs. Default: nothing."""
 
-    def student_spec(self, arch: str, kwargs: dict) -> tuple[str, dict]:
+    def student_spec(self, arch: str, kwargs: dict, num_teachers: int | None = None) -> tuple[str, dict]:
         """The architecture the student is built as, from the configured one: a method that trains a
-        network of its own shape (EnsembleNet's multi-headed one) rewrites it. Default: unchanged."""
+        network of its own shape (EnsembleNet's multi-headed one, LatentBE's BatchEnsemble with one
+        member per teacher) rewrites it. Default: unchanged."""
         return arch, kwargs
+
+    def deployable(self, model: nn.Module) -> nn.Module | None:
+        """The plain network to ship when it is not the trained one (LatentBE's collapsed
+        BatchEnsemble), evaluated beside it; None: the trained model is the product."""
+        return None
 
     def teacher_indices(self, step: int, num_teachers: int, seed: int) -> list[int] | None:
         """The teachers this step needs, by index (None: all). The engine asks before running the

@@ -154,7 +154,7 @@ class EnsembleNet(Method):
         self.needs = Needs(student_taps=("heads", "ensembler") if ensembler == "gate" else ("heads",))
         self.multilabel = False
 
-    def student_spec(self, arch: str, kwargs: dict) -> tuple[str, dict]:
+    def student_spec(self, arch: str, kwargs: dict, num_teachers: int | None = None) -> tuple[str, dict]:
         if arch == "multihead":  # already multi-headed: keep it as configured
             return arch, kwargs
         return "multihead", {"base": arch, "base_kwargs": dict(kwargs),

@@ -11,6 +11,7 @@ from __future__ import annotations
 from . import mobilenetv2, resnet_cifar, small, vgg, wrn  # noqa: F401
 from . import video  # noqa: F401
 from . import multihead  # noqa: F401  (after the bases it builds on)
+from . import batchensemble  # noqa: F401  (after the bases it builds on)
 from .registry import create, list_models, register_model
 from .taps import LOGITS, default_taps, forward_with_taps, resolve_module, unwrap
 

@@ -1,0 +1,118 @@
+"""Input perturbations for distillation (Nam et al., ICML 2022): where teachers disagree, the
+student learns to disagree too. Applied to a batch before the teachers and the student see it.
+
+Every kind works in pixel space: the batch is un-normalised to [0, 1] with the loader's mean and
+std, moved, clipped to [0, 1] and normalised again. `step` is in units of 1/255 and `fraction`
+of each batch (its first rows; batches are shuffled) is replaced by perturbed copies.
+
+- gaussian: x + N(0, 1)·step/255.
+- ods (output diversified sampling): one teacher drawn per batch and w ~ U(-1, 1)^K;
+  δ ∝ ∇_x Σ_k w_k softmax(z_t(x)/T)_k, rescaled per sample to L2 norm √D·step/255 (D = C·H·W).
+- confods: ods, each sample's step scaled by that teacher's max probability.
+- tdiv_sdiv: a pair (i, j) of members drawn per batch, the same for the teachers and the
+  BatchEnsemble student; div(x) = mean_b CE(sg(p_j), p_i); δ ∝ ∇_x (TDiv − SDiv) with the
+  student's BatchNorm in eval mode, one step of L2 norm √D·step/255 per sample.
+Draws come from (seed, step), so every rank and a resumed run perturb alike.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from ..data import Batch, hash_ints
+from ..models import forward_with_taps, unwrap
+
+KINDS = ("none", "gaussian", "ods", "confods", "tdiv_sdiv")
+MEMBERS_TAP = "members_out"  # a BatchEnsemble student's (M, B, K) member logits
+_STREAM = 0x0D5
+
+
+class Perturbation:
+    def __init__(self, kind: str, *, step: float = 1.0, fraction: float = 1.0, temperature: float = 1.0,
+                 mean=None, std=None):
+        if kind not in KINDS:
+            raise ValueError(f"perturbation kind must be one of {', '.join(KINDS)}, got {kind!r}")
+        if not step > 0 or not 0 < fraction <= 1 or not temperature > 0:
+            raise ValueError(f"perturbation needs step > 0, fraction in (0, 1] and temperature > 0, got "
+                             f"{step}, {fraction} and {temperature}")
+        if mean is None or std is None:
+            raise ValueError("perturbations work in pixel space and need the loader's mean and std (image data)")
+        self.kind, self.step, self.fraction, self.temperature = kind, float(step), float(fraction), float(temperature)
+        self.mean = torch.as_tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
+        self.std = torch.as_tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
+
+    def __call__(self, batch: Batch, teachers, student, *, step: int, seed: int) -> Batch:
+        if self.kind == "none":
+            return batch
+        x = batch.x
+        n = max(1, math.ceil(self.fraction * len(x)))
+        mean, std = self.mean.to(x.device), self.std.to(x.device)
+        x01 = (x[:n].float() * std + mean).detach()
+        gen = torch.Generator(device=x.device).manual_seed(int(hash_ints(seed, step, _STREAM)))
+        if self.kind == "gaussian":
+            delta = torch.randn(x01.shape, generator=gen, device=x.device) * (self.step / 255)
+        else:
+            delta = self._gradient_step(x01, mean, std, teachers, student, gen)
+        moved = ((x01 + delta).clamp(0.0, 1.0) - mean) / std
+        return batch._replace(x=torch.cat([moved.to(x.dtype), x[n:]]) if n < len(x) else moved.to(x.dtype))
+
+    def _gradient_step(self, x01, mean, std, teachers, student, gen) -> torch.Tensor:
+        members = getattr(teachers, "members", None)
+        if members is None:
+            raise ValueError(f"the {self.kind} perturbation differentiates through the teachers; a teacher "
+                             f"cache cannot; unset teachers.cache")
+        M = len(members)
+        x01 = x01.clone().requires_grad_()
+        with torch.enable_grad():
+            xn = (x01 - mean) / std
+            if self.kind in ("ods", "confods"):
+                i = int(torch.randint(M, (1,), generator=gen, device=x01.device))
+                probs = F.softmax(teachers.member_forward(i, xn) / self.temperature, dim=-1)
+                w = torch.rand(probs.shape[-1], generator=gen, device=x01.device) * 2 - 1
+                (grad,) = torch.autograd.grad((probs * w).sum(), x01)
+                scale = probs.detach().amax(-1) if self.kind == "confods" else None
+            else:
+                if M < 2:
+                    raise ValueError("tdiv_sdiv draws a pair of members and needs at least 2 teachers")
+                i, j = (int(v) for v in torch.randperm(M, generator=gen, device=x01.device)[:2])
+                t_i, t_j = teachers.member_forward(i, xn), teachers.member_forward(j, xn)
+                s = _student_members(student, xn, M)
+                objective = _divergence(t_i, t_j) - _divergence(s[i], s[j])
+                (grad,) = torch.autograd.grad(objective, x01)
+                scale = None
+        return _normalised(grad, self.step, scale)
+
+
+def _divergence(z_i: torch.Tensor, z_j: torch.Tensor) -> torch.Tensor:
+    """mean_b CE(sg(p_j), p_i) at T = 1."""
+    return -(F.softmax(z_j.detach().float(), -1) * F.log_softmax(z_i.float(), -1)).sum(-1).mean()
+
+
+def _student_members(student, x, M: int) -> torch.Tensor:
+    """The (M, B, K) member logits of a BatchEnsemble student, its BatchNorm in eval mode."""
+    net = unwrap(student)  # not through DDP: only the input's gradient is taken here
+    was_training = net.training
+    net.eval()
+    try:
+        _, taps = forward_with_taps(net, x, (MEMBERS_TAP,))
+    except ValueError:
+        raise ValueError("tdiv_sdiv needs a BatchEnsemble student (method latentbe) whose members pair with "
+                         "the teachers") from None
+    finally:
+        net.train(was_training)
+    out = taps[MEMBERS_TAP]
+    if out.shape[0] != M:
+        raise ValueError(f"tdiv_sdiv pairs student members with teachers: {out.shape[0]} members, {M} teachers")
+    return out
+
+
+def _normalised(grad: torch.Tensor, step: float, scale: torch.Tensor | None) -> torch.Tensor:
+    """Each sample's gradient rescaled to L2 norm √D·step/255 (times `scale` per sample)."""
+    flat = grad.flatten(1)
+    norm = flat.norm(dim=1).clamp_min(1e-12)
+    size = math.sqrt(flat.shape[1]) * step / 255
+    factor = size / norm if scale is None else size * scale / norm
+    return grad * factor.view(-1, *([1] * (grad.dim() - 1)))
