@@ -64,7 +64,7 @@ def test_evaluate_a_teacher_run_a_checkpoint_and_compare(demo_dir, tmp_path):
     out = tmp_path / "cmp"
     assert main(["compare", str(demo_dir), str(tmp_path / "one"), "--out", str(out)]) == 0
     rows = _rows(out)
-    assert len(rows) == 9 and rows[0]["name"].startswith("demo: ")
+    assert len(rows) == 11 and rows[0]["name"].startswith("demo: ")  # the demo's 10 rows and the checkpoint's
     assert (out / "results.md").is_file() and (out / "reliability.png").is_file()
     assert (out / "teacher_weights.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # the AE-KD student's
 

@@ -24,7 +24,8 @@ from .report import (accuracy_vs_cost, load_results, print_table, reliability_di
                      teacher_weights_over_training, write_results)
 
 DEMO_COLUMNS = ["name", "acc", "nll", "ece", "cnll", "cece", "params", "flops", "train_time_s"]
-EVAL_COLUMNS = ["name", "acc", "gap", "map", "hit1", "top5", "nll", "ece", "cnll", "cece", "brier", "params", "flops",
+EVAL_COLUMNS = ["name", "acc", "gap", "map", "hit1", "top5", "nll", "ece", "cnll", "cece", "brier", "corr_acc",
+                "corr_nll", "corr_ece", "ood_auroc_maxprob", "ood_auroc_entropy", "params", "flops",
                 "latency_ms", "throughput"]
 
 # Wide enough for the results table when the output is a file or a CI log.
@@ -192,7 +193,10 @@ def cmd_evaluate(args) -> None:
         if model.spec["num_classes"] != data.splits.num_classes:
             raise ConfigError(f"'{path}' predicts {model.spec['num_classes']} classes but dataset "
                               f"'{data.splits.name}' has {data.splits.num_classes}; set data.name to its dataset")
-        rows = [pipeline.evaluate_model_row(path, model, config, data)]
+        if target.is_dir() and (target / "config.yaml").is_file():  # a student run: its rows (collapsed too)
+            rows = pipeline.evaluate_student(config, model, data)
+        else:
+            rows = [pipeline.evaluate_model_row(path, model, config, data)]
     out_dir = Path(args.out) if args.out else (target if target.is_dir() else target.parent)
     _finish(out_dir, rows, f"evaluate {target}", EVAL_COLUMNS)
 

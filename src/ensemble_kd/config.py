@@ -135,6 +135,11 @@ class EvalConfig(_Section):
     cost: bool = True
     latency: bool = True
     throughput_batch: int = Field(256, gt=0)
+    corruptions: bool = False  # accuracy/NLL/ECE under 8 corruptions x 5 severities (engine/robustness.py)
+    ood: str | None = None  # a second dataset's test split as out-of-distribution inputs (AUROC)
+    ood_root: str | None = None
+    corruption_samples: int = Field(2000, gt=0)  # test images used by both
+    eval_batch_size: int = Field(500, gt=0)
 
 
 class SweepConfig(_Section):

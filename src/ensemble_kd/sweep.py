@@ -24,7 +24,8 @@ from .engine import distributed
 from .engine.runs import write_config
 from .report import load_results, write_results
 
-SPREAD_KEYS = ("acc", "gap", "map", "hit1", "top5", "nll", "ece", "cnll", "cece", "brier", "train_time_s")
+SPREAD_KEYS = ("acc", "gap", "map", "hit1", "top5", "corr_acc", "corr_nll", "corr_ece", "ood_auroc_maxprob",
+               "ood_auroc_entropy", "nll", "ece", "cnll", "cece", "brier", "train_time_s")
 
 
 def variant_configs(config: Config) -> list[tuple[str, int, Config]]:

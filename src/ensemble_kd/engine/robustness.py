@@ -1,0 +1,71 @@
+"""Robustness rows: accuracy, NLL and ECE under common corruptions, and OOD detection AUROC.
+
+Both run on the first `eval.corruption_samples` test images. Corruptions act in pixel space
+([0, 1]) and the result is normalised as the model's inputs are. The OOD set is the test split
+of a second dataset (`eval.ood`), resized to the in-distribution images' size and channel count;
+the scores are the maximum probability and the negative entropy (higher: in distribution).
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from ..data import load_dataset
+from ..metrics.corruptions import corruption_suite
+from ..metrics.ood import ood_metrics
+
+
+def robustness_fields(log_probs: Callable[[torch.Tensor], torch.Tensor], test_loader, eval_cfg) -> dict:
+    """`log_probs(x)` maps normalised inputs to (B, K) log-probabilities (logits do too)."""
+    if not eval_cfg.corruptions and not eval_cfg.ood:
+        return {}
+    images = getattr(test_loader, "images", None)
+    if images is None:
+        raise ValueError("eval.corruptions and eval.ood apply to image datasets")
+    n = min(eval_cfg.corruption_samples, len(images))
+    x01 = images[:n].float() / 255.0
+    mean, std = test_loader.mean, test_loader.std
+    out = {}
+    with torch.no_grad():
+        if eval_cfg.corruptions:
+            suite = corruption_suite(lambda x: log_probs(_normalised(x, mean, std)), x01,
+                                     test_loader.labels[:n], batch_size=eval_cfg.eval_batch_size)
+            out.update({f"corr_{k}": v for k, v in suite["mean"].items()})
+            out["corruptions"] = suite["by_corruption"]
+        if eval_cfg.ood:
+            ood = ood_images(eval_cfg.ood, eval_cfg.ood_root, tuple(images.shape[1:]), n).to(images.device)
+            p_in = _probs(log_probs, _normalised(x01, mean, std), eval_cfg.eval_batch_size)
+            p_out = _probs(log_probs, _normalised(ood, mean, std), eval_cfg.eval_batch_size)
+            out.update({f"ood_{k}": v for k, v in ood_metrics(p_in, p_out).items()})
+    return out
+
+
+def _normalised(x01: torch.Tensor, mean, std) -> torch.Tensor:
+    m = torch.as_tensor(mean, dtype=torch.float32, device=x01.device).view(1, -1, 1, 1)
+    s = torch.as_tensor(std, dtype=torch.float32, device=x01.device).view(1, -1, 1, 1)
+    return (x01.float() - m) / s
+
+
+def _probs(log_probs, x: torch.Tensor, batch_size: int) -> torch.Tensor:
+    return torch.cat([log_probs(x[i:i + batch_size]).float().softmax(-1) for i in range(0, len(x), batch_size)])
+
+
+@lru_cache(maxsize=4)
+def ood_images(name: str, root: str | None, shape: tuple[int, int, int], limit: int) -> torch.Tensor:
+    """Up to `limit` test images of dataset `name` as [0, 1] floats of `shape` (C, H, W): resized
+    (bilinear) and converted between grey and colour (channel mean or repeat)."""
+    splits = load_dataset(name, root=root, val_fraction=0.0)
+    x = splits.test.images[:limit].float() / 255.0
+    c, h, w = shape
+    if x.shape[1] != c:
+        x = x.mean(1, keepdim=True) if c == 1 else x.mean(1, keepdim=True).expand(-1, c, -1, -1)
+    if tuple(x.shape[2:]) != (h, w):
+        x = F.interpolate(x, size=(h, w), mode="bilinear", align_corners=False)
+    return x.clamp(0.0, 1.0).contiguous()
+
+
+__all__ = ["ood_images", "robustness_fields"]
