@@ -178,3 +178,17 @@ def test_aekd_features_from_a_cache_is_refused_in_one_line(demo_dir, tmp_path, c
                  f"teachers.cache={tmp_path / 'cache'}", *common])
     assert code == 2
     assert "teacher cache does not hold" in capsys.readouterr().err
+
+
+def test_evaluate_reports_corruption_and_ood_metrics(demo_dir, tmp_path):
+    overrides = ["eval.latency=false", "eval.corruptions=true", "eval.ood=digits", "eval.corruption_samples=60"]
+    assert main(["evaluate", str(demo_dir / "student-aver"), "--out", str(tmp_path / "s"), *overrides]) == 0
+    (row,) = _rows(tmp_path / "s")
+    assert 0 <= row["corr_acc"] <= row["acc"] + 0.2 and row["corr_nll"] > 0
+    assert set(row["corruptions"]) == {"gaussian_noise", "shot_noise", "impulse_noise", "defocus_blur", "contrast",
+                                       "brightness", "jpeg", "pixelate"}
+    assert row["ood_auroc_maxprob"] == pytest.approx(0.5, abs=0.01)  # the test set against itself
+    assert row["ood_auroc_entropy"] == pytest.approx(0.5, abs=0.01)
+    assert main(["evaluate", str(demo_dir / "teachers"), "--out", str(tmp_path / "t"), *overrides]) == 0
+    ensemble = next(r for r in _rows(tmp_path / "t") if r["name"].startswith("ensemble"))
+    assert "corr_acc" in ensemble and "ood_auroc_entropy" in ensemble

@@ -65,25 +65,44 @@ class Perturbation:
             raise ValueError(f"the {self.kind} perturbation differentiates through the teachers; a teacher "
                              f"cache cannot; unset teachers.cache")
         M = len(members)
-        x01 = x01.clone().requires_grad_()
-        with torch.enable_grad():
-            xn = (x01 - mean) / std
-            if self.kind in ("ods", "confods"):
-                i = int(torch.randint(M, (1,), generator=gen, device=x01.device))
-                probs = F.softmax(teachers.member_forward(i, xn) / self.temperature, dim=-1)
-                w = torch.rand(probs.shape[-1], generator=gen, device=x01.device) * 2 - 1
-                (grad,) = torch.autograd.grad((probs * w).sum(), x01)
-                scale = probs.detach().amax(-1) if self.kind == "confods" else None
-            else:
-                if M < 2:
-                    raise ValueError("tdiv_sdiv draws a pair of members and needs at least 2 teachers")
-                i, j = (int(v) for v in torch.randperm(M, generator=gen, device=x01.device)[:2])
-                t_i, t_j = teachers.member_forward(i, xn), teachers.member_forward(j, xn)
-                s = _student_members(student, xn, M)
-                objective = _divergence(t_i, t_j) - _divergence(s[i], s[j])
-                (grad,) = torch.autograd.grad(objective, x01)
-                scale = None
-        return _normalised(grad, self.step, scale)
+
+        def teacher(i):
+            return lambda x: teachers.member_forward(i, (x - mean) / std)
+        if self.kind in ("ods", "confods"):
+            i = int(torch.randint(M, (1,), generator=gen, device=x01.device))
+            K = teachers.member_forward(i, (x01[:1] - mean) / std).shape[-1]
+            w = torch.rand(K, generator=gen, device=x01.device) * 2 - 1
+            return ods_delta(teacher(i), x01, w, step=self.step, temperature=self.temperature,
+                             confidence=self.kind == "confods")
+        if M < 2:
+            raise ValueError("tdiv_sdiv draws a pair of members and needs at least 2 teachers")
+        i, j = (int(v) for v in torch.randperm(M, generator=gen, device=x01.device)[:2])
+        return tdiv_sdiv_delta(teacher(i), teacher(j), lambda x: _student_members(student, (x - mean) / std, M),
+                               (i, j), x01, step=self.step)
+
+
+def ods_delta(logits_fn, x01: torch.Tensor, w: torch.Tensor, *, step: float = 1.0, temperature: float = 1.0,
+              confidence: bool = False) -> torch.Tensor:
+    """ODS: ∇_x Σ_k w_k softmax(z(x)/T)_k per sample, rescaled to L2 norm √D·step/255 (times the
+    max probability with `confidence`: ConfODS). `logits_fn` maps [0, 1] pixels to logits."""
+    x = x01.detach().clone().requires_grad_()
+    with torch.enable_grad():
+        probs = F.softmax(logits_fn(x).float() / temperature, dim=-1)
+        (grad,) = torch.autograd.grad((probs * w).sum(), x)
+    return _normalised(grad, step, probs.detach().amax(-1) if confidence else None)
+
+
+def tdiv_sdiv_delta(teacher_i, teacher_j, student_members, pair: tuple[int, int], x01: torch.Tensor, *,
+                    step: float = 1.0) -> torch.Tensor:
+    """One step up ∇_x (TDiv − SDiv) of L2 norm √D·step/255 per sample: teachers i and j, and the
+    student's members i and j (the same pair), with div = mean_b CE(sg(p_j), p_i)."""
+    i, j = pair
+    x = x01.detach().clone().requires_grad_()
+    with torch.enable_grad():
+        s = student_members(x)
+        objective = _divergence(teacher_i(x), teacher_j(x)) - _divergence(s[i], s[j])
+        (grad,) = torch.autograd.grad(objective, x)
+    return _normalised(grad, step, None)
 
 
 def _divergence(z_i: torch.Tensor, z_j: torch.Tensor) -> torch.Tensor:
