@@ -29,7 +29,8 @@ def test_demo_prints_and_writes_everything(demo_dir, capsys):
     assert names[3].startswith("ensemble (M=3)") and names[4].startswith("majority vote")
     assert names[5].startswith("student alone")
     assert names[6].startswith("student aver") and names[7].startswith("student aekd")
-    assert names[8].startswith("student meal") and names[9].startswith("student ensemblenet") and len(names) == 10
+    assert names[8].startswith("student meal") and names[9].startswith("student ensemblenet")
+    assert names[10].endswith("collapsed") and names[11].endswith("BE (M=3)") and len(names) == 12  # latentbe
     meal_logs = [json.loads(line) for line in (demo_dir / "student-meal" / "metrics.jsonl").read_text().splitlines()]
     assert any("train_gan" in r and "lr_discriminators" in r for r in meal_logs)
     alphas = [json.loads(line) for line in (demo_dir / "student-aekd" / "metrics.jsonl").read_text().splitlines()]
@@ -64,7 +65,7 @@ def test_evaluate_a_teacher_run_a_checkpoint_and_compare(demo_dir, tmp_path):
     out = tmp_path / "cmp"
     assert main(["compare", str(demo_dir), str(tmp_path / "one"), "--out", str(out)]) == 0
     rows = _rows(out)
-    assert len(rows) == 11 and rows[0]["name"].startswith("demo: ")  # the demo's 10 rows and the checkpoint's
+    assert len(rows) == 13 and rows[0]["name"].startswith("demo: ")  # the demo's 12 rows and the checkpoint's
     assert (out / "results.md").is_file() and (out / "reliability.png").is_file()
     assert (out / "teacher_weights.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # the AE-KD student's
 

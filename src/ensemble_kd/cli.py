@@ -163,10 +163,23 @@ def cmd_sweep(args) -> None:
         rows = sweep.run_sweep(config, run_dir, progress=progress, data=data, only=only)
     if not distributed.world().is_main:
         return
-    source = Path(config.teachers.source) if config.teachers.source else None
-    if source is not None and (source / "results.json").is_file():  # the teachers beside their students
-        rows = [r for r in load_results(source) if not r["name"].startswith("majority")] + rows
+    if config.teachers.source:  # the teachers beside their students
+        rows = [r for r in _teacher_rows(config, data, run_dir) if not r["name"].startswith("majority")] + rows
     _finish(run_dir, rows, f"sweep on {config.data.name}", EVAL_COLUMNS + ["train_time_s"])
+
+
+def _teacher_rows(config, data, run_dir: Path) -> list[dict]:
+    """The source run's own rows when they answer this sweep's questions; else the teachers it uses
+    (teachers.take of them) evaluated with this sweep's eval section, once (kept in run_dir/teachers)."""
+    source = Path(config.teachers.source)
+    plain = config.teachers.take is None and not config.eval.corruptions and not config.eval.ood
+    if plain and (source / "results.json").is_file():
+        return load_results(source)
+    kept = run_dir / pipeline.TEACHERS_DIR
+    if not (kept / "results.json").is_file():
+        teachers = TeacherSet.from_run(source, device=data.device, take=config.teachers.take)
+        write_results(kept, pipeline.evaluate_teachers(config, teachers, data, source))
+    return load_results(kept)
 
 
 def cmd_evaluate(args) -> None:
@@ -274,8 +287,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     command("demo", cmd_demo, "train teachers and a student on digits, print one table", config=False)
     sub.choices["demo"].add_argument("--config", help="a YAML config instead of the built-in demo")
-    sub.choices["demo"].add_argument("--methods", default="ce,aver,aekd,meal,ensemblenet",
-                                     help="students to train, by method (default ce,aver,aekd,meal,ensemblenet)")
+    sub.choices["demo"].add_argument("--methods", default="ce,aver,aekd,meal,ensemblenet,latentbe",
+                                     help="students to train, by method (default ce,aver,aekd,meal,ensemblenet,latentbe)")
     command("train-teachers", cmd_train_teachers, "train an ensemble of M members")
     command("distill", cmd_distill, "train a student with a method (ce: the student alone)")
     command("cache-teachers", cmd_cache_teachers,

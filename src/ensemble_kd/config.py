@@ -84,6 +84,7 @@ class TeachersConfig(_Section):
     seed: int = 0
     train: TrainConfig = Field(default_factory=TrainConfig)
     source: str | None = None  # a train-teachers run directory to read members from
+    take: int | None = Field(None, gt=0)  # use only the first `take` members of teachers.source (e.g. DE-4 of 5)
     precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"  # inference; auto: bf16 on CUDA
     fold_bn: bool = True
     compile: bool = False  # torch.compile the frozen teachers

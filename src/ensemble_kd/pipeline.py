@@ -139,7 +139,7 @@ def _read_manifest(run_dir: Path) -> dict:
 def load_teachers(config: Config, data: Data, needs=None) -> TeacherSet:
     if config.teachers.source is None:
         raise ConfigError("teachers.source is not set; point it at a train-teachers run directory")
-    teachers = TeacherSet.from_run(config.teachers.source, device=data.device)
+    teachers = TeacherSet.from_run(config.teachers.source, device=data.device, take=config.teachers.take)
     check_class_counts(teachers, data)
     return fast_teachers(config, teachers, needs)
 
@@ -158,7 +158,8 @@ def open_teacher_cache(config: Config, data: Data, needs=None) -> CachedTeachers
     and, when teachers.source names them, against the teachers' weights (loaded, never run).
     """
     source = config.teachers.source
-    teachers = TeacherSet.from_run(source) if source is not None and Path(source).is_dir() else None
+    teachers = (TeacherSet.from_run(source, take=config.teachers.take)
+                if source is not None and Path(source).is_dir() else None)
     cached = open_cache(config.teachers.cache, teachers, data.train_loader(config.data, config.student.seed), data.device,
                         dataset=config.data.name, needs=needs)
     check_class_counts(cached, data)

@@ -53,14 +53,18 @@ class TeacherSet(nn.Module):
         return cls(models, names or [Path(p).parent.name or Path(p).stem for p in paths])
 
     @classmethod
-    def from_run(cls, run_dir: str | Path, device="cpu") -> TeacherSet:
-        """Members listed in a train-teachers run's manifest.json."""
+    def from_run(cls, run_dir: str | Path, device="cpu", take: int | None = None) -> TeacherSet:
+        """Members listed in a train-teachers run's manifest.json (the first `take` of them if given)."""
         run_dir = Path(run_dir)
         path = run_dir / MANIFEST
         if not path.is_file():
             raise FileNotFoundError(f"'{run_dir}' has no {MANIFEST}: is it a finished train-teachers run?")
         manifest = json.loads(path.read_text())
         members = manifest["members"]
+        if take is not None:
+            if take > len(members):
+                raise ValueError(f"teachers.take={take} but '{run_dir}' has {len(members)} members")
+            members = members[:take]
         return cls.from_checkpoints([run_dir / m["checkpoint"] for m in members],
                                     [m["name"] for m in members], device=device)
 
