@@ -169,7 +169,7 @@ def test_bias_free_linear_collapse_is_the_member_mean_when_the_input_factor_is_s
 
 
 # --------------------------------------------------------------------------- (d) networks
-NETS = [("small_cnn", 1, {"width": 0.25}), ("resnet20", 3, {})]
+NETS = [("small_cnn", 1, {"width": 0.25}), ("resnet20", 3, {}), ("wrn16_1", 3, {})]
 
 
 @pytest.mark.parametrize("base,in_channels,base_kwargs", NETS)
@@ -184,7 +184,7 @@ def test_batchensemble_net_shapes_mean_probability_and_collapse(base, in_channel
     assert taps["net.layer1"].shape[0] == M * B  # features are member-major tiled
     torch.testing.assert_close(out.softmax(-1), taps["members_out"].softmax(-1).mean(0))
     assert isinstance(resolve_module(be, "net.layer1.0.0" if base == "small_cnn" else "net.layer1.0.conv1"),
-                      BEConv2d)
+                      BEConv2d)  # module paths kept
     assert isinstance(be.net.fc, BELinear) and be.members == M
     n_layers = sum(isinstance(m, (nn.Conv2d, nn.Linear)) for m in create(**be.base_spec).modules())
     assert len(be.be_layers()) == n_layers and len(be.factor_parameters()) == 2 * n_layers

@@ -70,7 +70,7 @@ class Perturbation:
             return lambda x: teachers.member_forward(i, (x - mean) / std)
         if self.kind in ("ods", "confods"):
             i = int(torch.randint(M, (1,), generator=gen, device=x01.device))
-            K = teachers.member_forward(i, (x01[:1] - mean) / std).shape[-1]
+            K = getattr(teachers, "num_classes", None) or teachers.member_forward(i, (x01[:1] - mean) / std).shape[-1]
             w = torch.rand(K, generator=gen, device=x01.device) * 2 - 1
             return ods_delta(teacher(i), x01, w, step=self.step, temperature=self.temperature,
                              confidence=self.kind == "confods")
