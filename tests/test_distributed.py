@@ -33,7 +33,7 @@ def torchrun(*args):
     assert done.returncode == 0, done.stderr[-3000:]
 
 
-@pytest.mark.parametrize("method", ["aver", "aekd", "meal", "ensemblenet"])
+@pytest.mark.parametrize("method", ["aver", "aekd", "meal", "ensemblenet", "latentbe"])
 def test_torchrun_distill_ends_with_identical_weights_on_both_ranks(teacher_run, tmp_path, method):
     torchrun("distill", str(tmp_path), *TINY, f"method.name={method}", f"teachers.source={teacher_run}")
     rank0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
@@ -47,7 +47,7 @@ def test_torchrun_distill_ends_with_identical_weights_on_both_ranks(teacher_run,
     assert records[-1]["step"] == 607 // 128
     assert (run / "model.pt").is_file()
     student = load_config(None, TINY).student
-    arch, kwargs = create_method(method).student_spec(student.arch, student.kwargs)  # ensemblenet: multi-headed
+    arch, kwargs = create_method(method).student_spec(student.arch, student.kwargs, 2)  # multi-headed, BE, or plain
     trained = pipeline.build_model(student.model_copy(update={"arch": arch, "kwargs": kwargs}),
                                    pipeline.prepare_data(load_config(None, TINY)))
     assert not all(torch.equal(trained.state_dict()[k], rank0[k]) for k in rank0)  # it did train
