@@ -174,14 +174,20 @@ def test_perturbations_are_refused_without_teachers_or_with_a_cache():
 
 
 # --------------------------------------------------------------------------- end to end
-@pytest.mark.parametrize("perturb", ["none", "confods"])
-def test_latentbe_trains_on_digits_and_reports_the_collapsed_network(tmp_path, perturb):
+@pytest.fixture(scope="module")
+def digits_teachers(tmp_path_factory):
     config = load_config(None, ["data.batch_size=64", "teachers.count=2", "teachers.train.epochs=6",
-                                "teachers.kwargs={width: 0.5}", "student.kwargs={width: 0.25}",
-                                "student.train.epochs=6", "method.name=latentbe", "device=cpu",
-                                "eval.latency=false", f"perturb.kind={perturb}"])
+                                "teachers.kwargs={width: 0.5}", "device=cpu"])
     data = pipeline.prepare_data(config)
-    teachers = pipeline.train_teachers(config, tmp_path / "teachers", data=data)
+    return data, pipeline.train_teachers(config, tmp_path_factory.mktemp("lbe") / "teachers", data=data)
+
+
+@pytest.mark.parametrize("perturb", ["none", "confods"])
+def test_latentbe_trains_on_digits_and_reports_the_collapsed_network(digits_teachers, tmp_path, perturb):
+    data, teachers = digits_teachers
+    config = load_config(None, ["data.batch_size=64", "student.kwargs={width: 0.25}", "student.train.epochs=6",
+                                "method.name=latentbe", "device=cpu", "eval.latency=false",
+                                f"perturb.kind={perturb}"])
     method, fast = pipeline.prepare_distill(config, data, pipeline.fast_teachers(config, teachers))
     model, info = pipeline.distill(config, tmp_path / "student", data=data, teachers=fast, method=method)
     assert model.spec["name"] == "batchensemble" and model.members == 2
