@@ -195,3 +195,5 @@ def test_latentbe_trains_on_digits_and_reports_the_collapsed_network(digits_teac
     assert collapsed["part"] == "collapsed" and whole["part"] == "BE"
     assert collapsed["params"] < whole["params"] and collapsed["flops"] < whole["flops"]
     assert collapsed["acc"] > 0.85 and whole["acc"] > 0.85  # the student alone: about 92% on this budget
+    plain = create(**model.base_spec)  # the collapsed network is saved as a plain checkpoint too
+    plain.load_state_dict(torch.load(tmp_path / "student" / "collapsed.pt", weights_only=True))

@@ -226,6 +226,9 @@ def distill(config: Config, run_dir: Path, *, resume=False, progress=None, data:
     info = train_one(model, method, data, config, config.student.train, run_dir, seed=config.student.seed,
                      resume=resume, progress=progress, teachers=teachers, perturbation=perturbation_of(config, data),
                      description=f"student ({config.method.name})")
+    shipped = method.deployable(model)  # LatentBE: the collapsed network, a plain checkpoint beside model.pt
+    if shipped is not None and distributed.world().is_main:
+        save_model(shipped, run_dir / "collapsed.pt", info)
     return model, info
 
 
