@@ -178,7 +178,7 @@ def test_aekd_features_from_a_cache_is_refused_in_one_line(demo_dir, tmp_path, c
     code = main(["distill", "method.name=aekd", "method.options={variant: features}",
                  f"teachers.cache={tmp_path / 'cache'}", *common])
     assert code == 2
-    assert "teacher cache does not hold" in capsys.readouterr().err
+    assert "serves logits only" in capsys.readouterr().err
 
 
 def test_evaluate_reports_corruption_and_ood_metrics(demo_dir, tmp_path):

@@ -355,5 +355,6 @@ def test_teachers_on_batch_statistics_are_given_unfolded(trained):
     assert method.needs.teacher_bn == "train" and not teachers.folded
     assert any(isinstance(m, torch.nn.BatchNorm2d) for m in teachers.members[0].modules())
     batch = next(data.train_loader(config.data, seed=0).batches(0))
+    method.bind(pipeline.build_model(config.student, data), teachers, batch.x)  # resolves the stage taps
     out = teachers.outputs(batch.x, method.needs)
     assert torch.isfinite(out.logits).all()

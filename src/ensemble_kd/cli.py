@@ -20,6 +20,8 @@ from .config import Config, ConfigError, load_config
 from .engine import CheckpointError, NonFiniteLossError, distributed, load_model
 from .engine.runs import MetricsLog, new_run_dir, write_config
 from .ensemble import MANIFEST, TeacherSet
+from .ensemble.cache import open_cache
+from .methods import create_method
 from .report import (accuracy_vs_cost, load_results, print_table, reliability_diagram,
                      teacher_weights_over_training, write_results)
 
@@ -95,12 +97,15 @@ def cmd_demo(args) -> None:
         teachers = pipeline.train_teachers(config, teacher_dir, resume=args.resume is not None,
                                            progress=progress, data=data)
         fast = pipeline.fast_teachers(config, teachers)
-        for method in methods:  # every student learns from the same teachers, run in memory
+        cached = _demo_cache(config, data, fast, run_dir / "cache", progress)
+        for method in methods:  # every student learns from the same teachers: cached logits where they do
             student_config = config.model_copy(update={"method": config.method.model_copy(update={"name": method})})
             out_dir = run_dir / (pipeline.STUDENT_DIR if method == "ce" else f"student-{method}")
             write_config(out_dir, student_config, "distill")
+            needs = create_method(method, **config.method.options).needs
+            source = cached if _servable(cached, needs) and config.perturb.kind == "none" else fast
             student, info = pipeline.distill(student_config, out_dir, resume=args.resume is not None,
-                                             progress=progress, data=data, teachers=fast)
+                                             progress=progress, data=data, teachers=source)
             students.append((student_config, student, info))
     if not distributed.world().is_main:
         return  # rank 0 evaluates and reports
@@ -108,6 +113,25 @@ def cmd_demo(args) -> None:
     rows += [row for c, student, info in students for row in pipeline.evaluate_student(c, student, data, info)]
     _finish(run_dir, rows, f"ensemble-kd demo on {config.data.name} ({time.perf_counter() - started:.0f} s)",
             DEMO_COLUMNS)
+
+
+def _demo_cache(config, data, teachers, cache_dir: Path, progress):
+    """The teachers' logits on the students' training views, computed once for every student that
+    needs nothing else (kd, aver, aekd logits, latentbe): the engine's teacher cache at work."""
+    if not (cache_dir / "cache.json").is_file():
+        epochs = config.cache.model_copy(update={"epochs": config.student.train.epochs})
+        pipeline.cache_teachers(config.model_copy(update={"cache": epochs}), cache_dir, progress=progress,
+                                data=data, teachers=teachers)
+    return open_cache(cache_dir, teachers, data.train_loader(config.data, config.student.seed), data.device,
+                      dataset=config.data.name)
+
+
+def _servable(cached, needs) -> bool:
+    try:
+        cached.check(needs)
+    except ValueError:
+        return False
+    return True
 
 
 def cmd_train_teachers(args) -> None:

@@ -173,14 +173,15 @@ def teachers_for(config: Config, data: Data, needs) -> TeacherSet | CachedTeache
     return load_teachers(config, data, needs)
 
 
-def cache_teachers(config: Config, out_dir: Path, progress=None, data: Data | None = None) -> Path:
+def cache_teachers(config: Config, out_dir: Path, progress=None, data: Data | None = None,
+                   teachers: TeacherSet | None = None) -> Path:
     """Store the teachers' logits for cache.epochs epochs of training views, for `distill teachers.cache=DIR`.
 
     The views are those of the student's loader (seed student.seed): the student trains on
     them, and the cache is checked against that seed when it is opened.
     """
     data = data or prepare_data(config)
-    teachers = load_teachers(config, data)
+    teachers = teachers or load_teachers(config, data)
     cfg = config.cache
     world = distributed.world()  # each rank computes and writes its own shard
     return build_cache(teachers, data.train_loader(config.data, config.student.seed), out_dir, epochs=cfg.epochs,

@@ -17,6 +17,7 @@ from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from ..methods import Needs, TeacherOutput
+from ..methods.base import STAGE_TAPS
 from ..models import forward_with_taps
 
 MANIFEST = "manifest.json"
@@ -144,6 +145,9 @@ class TeacherSet(nn.Module):
         `index` and `epoch` name the view; online teachers ignore them, a cache reads by them.
         `members` (indices) runs only those teachers, in that order; None runs all.
         """
+        if STAGE_TAPS in needs.teacher_taps:
+            raise ValueError("the method's taps are named when it is bound: call method.bind(student, teachers, "
+                             "example_x) before asking for teacher outputs (the engine does)")
         logits, taps = [], {name: [] for name in needs.teacher_taps}
         x, autocast = self._inference(x)
         chosen = self.members if members is None else [self.members[i] for i in members]

@@ -53,7 +53,7 @@ from torch import nn
 
 from ..engine.distributed import all_reduce_mean
 from ..models import default_taps, forward_with_taps, resolve_module, unwrap
-from .base import Method, MethodLoss, Needs, register_method
+from .base import STAGE_TAPS, Method, MethodLoss, Needs, register_method
 from .kd import check_temperature, teacher_kd_losses, teacher_logits_of
 
 VARIANTS = ("logits", "features")
@@ -399,9 +399,9 @@ class AEKD(Method):
         self.regressors = nn.ModuleList(Regressor(student_channels, c, self.kernel) for c in teacher_channels)
 
     def _set_needs(self) -> None:
-        if self.variant == "features" and self.student_tap and self.teacher_tap:
-            self.needs = Needs(teacher_logits=True, teacher_taps=(self.teacher_tap,),
-                               student_taps=(self.student_tap,))
+        if self.variant == "features":  # unset taps: the last stage, resolved at bind
+            self.needs = Needs(teacher_logits=True, teacher_taps=(self.teacher_tap or STAGE_TAPS,),
+                               student_taps=(self.student_tap or STAGE_TAPS,))
 
     def bind(self, student: nn.Module, teachers=None, example_x: torch.Tensor | None = None) -> None:
         """Resolve the taps and build the regressors (features variant; a no-op for logits)."""

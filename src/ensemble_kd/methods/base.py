@@ -15,6 +15,11 @@ import torch
 from torch import nn
 
 
+# In a method's needs before bind(): "the model's stage-end taps", named once bind() resolves them.
+# Declaring them early lets a teacher cache (logits only) be refused before any work starts.
+STAGE_TAPS = "<stage ends>"
+
+
 @dataclass(frozen=True)
 class Needs:
     teacher_logits: bool = False

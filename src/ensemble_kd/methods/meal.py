@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..models import LOGITS, default_taps, forward_with_taps, resolve_module, unwrap
-from .base import Method, MethodLoss, Needs, register_method
+from .base import STAGE_TAPS, Method, MethodLoss, Needs, register_method
 from .kd import teacher_logits_of
 
 SIMILARITIES = ("ce", "kl", "l1", "l2")
@@ -229,9 +229,10 @@ class MEAL(Method):
 
     # ------------------------------------------------------------------ setup
     def _set_needs(self) -> None:
-        def inner(paths):
-            return tuple(p for p in (paths or ()) if p != LOGITS)
-        self.needs = Needs(teacher_logits=True, teacher_taps=inner(self.teacher_taps),
+        def inner(paths):  # None: the model's stage ends, resolved at bind
+            return (STAGE_TAPS,) if paths is None else tuple(p for p in paths if p != LOGITS)
+        teacher = self.teacher_taps if self.teacher_taps is not None else self.student_taps
+        self.needs = Needs(teacher_logits=True, teacher_taps=inner(teacher),
                            student_taps=inner(self.student_taps), teacher_bn=self.teacher_bn)
 
     def bind(self, student: nn.Module, teachers=None, example_x: torch.Tensor | None = None) -> None:
