@@ -51,15 +51,16 @@ class Perturbation:
         n = max(1, math.ceil(self.fraction * len(x)))
         mean, std = self.mean.to(x.device), self.std.to(x.device)
         x01 = (x[:n].float() * std + mean).detach()
-        gen = torch.Generator(device=x.device).manual_seed(int(hash_ints(seed, step, _STREAM)))
+        h = int(hash_ints(seed, step, _STREAM))
+        gen = torch.Generator(device=x.device).manual_seed(h)  # tensors, drawn where they are used
         if self.kind == "gaussian":
             delta = torch.randn(x01.shape, generator=gen, device=x.device) * (self.step / 255)
-        else:
-            delta = self._gradient_step(x01, mean, std, teachers, student, gen)
+        else:  # member choices from a CPU generator: reading them back would sync a GPU
+            delta = self._gradient_step(x01, mean, std, teachers, student, gen, torch.Generator().manual_seed(h))
         moved = ((x01 + delta).clamp(0.0, 1.0) - mean) / std
         return batch._replace(x=torch.cat([moved.to(x.dtype), x[n:]]) if n < len(x) else moved.to(x.dtype))
 
-    def _gradient_step(self, x01, mean, std, teachers, student, gen) -> torch.Tensor:
+    def _gradient_step(self, x01, mean, std, teachers, student, gen, choices) -> torch.Tensor:
         members = getattr(teachers, "members", None)
         if members is None:
             raise ValueError(f"the {self.kind} perturbation differentiates through the teachers; a teacher "
@@ -69,14 +70,14 @@ class Perturbation:
         def teacher(i):
             return lambda x: teachers.member_forward(i, (x - mean) / std)
         if self.kind in ("ods", "confods"):
-            i = int(torch.randint(M, (1,), generator=gen, device=x01.device))
+            i = int(torch.randint(M, (1,), generator=choices))
             K = getattr(teachers, "num_classes", None) or teachers.member_forward(i, (x01[:1] - mean) / std).shape[-1]
             w = torch.rand(K, generator=gen, device=x01.device) * 2 - 1
             return ods_delta(teacher(i), x01, w, step=self.step, temperature=self.temperature,
                              confidence=self.kind == "confods")
         if M < 2:
             raise ValueError("tdiv_sdiv draws a pair of members and needs at least 2 teachers")
-        i, j = (int(v) for v in torch.randperm(M, generator=gen, device=x01.device)[:2])
+        i, j = (int(v) for v in torch.randperm(M, generator=choices)[:2])
         return tdiv_sdiv_delta(teacher(i), teacher(j), lambda x: _student_members(student, (x - mean) / std, M),
                                (i, j), x01, step=self.step)
 
