@@ -433,3 +433,33 @@ def test_aekd_trains_in_the_engine_and_logs_alpha(data, tmp_path, options):
     if options:
         assert all("hint_alpha_1" in r and np.isfinite(r["hint"]) for r in steps)
     assert "train_alpha_0" in records[-1]
+
+
+@pytest.mark.parametrize("M", [2, 3, 5, 8])
+def test_device_solver_finds_the_same_optimum_without_the_host(M):
+    rng = np.random.default_rng(M)
+    for trial in range(60 if M < 8 else 12):
+        g = rng.standard_normal((M, int(rng.integers(1, 10))))
+        if trial % 4 == 0:
+            g[1] = g[0]  # identical teachers
+        if trial % 5 == 0:
+            g = g[:, :1] * rng.standard_normal((1, g.shape[1]))  # rank one, some opposite
+        if trial % 9 == 0:
+            g[:] = 0
+        G = g @ g.T
+        C = float(rng.uniform(1.0 / M, 1.0))
+        exact = weights_from_gram(G, C)
+        got = aekd.weights_from_gram_on_device(torch.from_numpy(G), C).numpy()
+        assert got.min() >= -1e-9 and got.max() <= C + 1e-7 and abs(got.sum() - 1) < 1e-9
+        assert got @ G @ got <= exact @ G @ exact + 1e-9 * max(1.0, G.diagonal().max())
+    batch = torch.from_numpy(np.stack([np.eye(M), np.ones((M, M))]))  # a batch keeps its shape
+    assert aekd.weights_from_gram_on_device(batch, 1.0).shape == (2, M)
+
+
+def test_aekd_device_solver_gives_the_host_solvers_loss():
+    z, zt, y = _outputs()
+    host = create_method("aekd", C=0.7).loss(_batch(y), StudentOutput(z, {}), TeacherOutput(zt, {}))
+    device = create_method("aekd", C=0.7, solver="device").loss(_batch(y), StudentOutput(z, {}), TeacherOutput(zt, {}))
+    torch.testing.assert_close(device.loss, host.loss, rtol=1e-6, atol=1e-7)
+    with pytest.raises(ValueError, match="solver"):
+        create_method("aekd", solver="gpu")

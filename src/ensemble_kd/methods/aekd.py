@@ -279,6 +279,63 @@ def _projected_gradient(G: np.ndarray, C: float, start: np.ndarray, iters: int =
     return x
 
 
+# --------------------------------------------------------------------------- the weights, on the device
+DEVICE_SOLVER_MAX_M = 8  # 3^8 = 6561 small systems; beyond that the host solver
+
+
+@lru_cache(maxsize=16)
+def _faces(M: int) -> np.ndarray:
+    """(F, M) int8: every assignment of each weight to 0 (held at 0), 1 (held at C) or 2 (free)
+    with at least one free weight."""
+    grid = np.array(np.meshgrid(*[np.arange(3)] * M, indexing="ij")).reshape(M, -1).T.astype(np.int8)
+    return grid[(grid == 2).any(1)]
+
+
+def weights_from_gram_on_device(gram: torch.Tensor, C: float) -> torch.Tensor:
+    """The same exact minimiser as `weights_from_gram`, computed where `gram` lives, with no copy to
+    the host: every face of the capped simplex (each weight at 0, at C or free) is solved at once as
+    a batch of small KKT systems, and the feasible solution with the least objective is kept. The
+    optimum lies on a face whose KKT system is nonsingular (from an optimum with a singular
+    reduced Hessian, a zero-curvature direction leads to a bound, and to a smaller face), so the
+    singular faces of degenerate gradients are skipped. A few batched kernels, M <= 8. (B, M, M) or (M, M) in, float64 weights of the same batch shape out."""
+    single = gram.dim() == 2
+    G = gram.detach().double().reshape(-1, *gram.shape[-2:])
+    B, M = G.shape[0], G.shape[-1]
+    if M > DEVICE_SOLVER_MAX_M:
+        raise ValueError(f"the device solver enumerates 3^M faces; M={M} > {DEVICE_SOLVER_MAX_M}: use the host solver")
+    C = _check_cap(C, M)
+    if M == 1 or C * M <= 1.0 + 1e-12:
+        out = torch.full((B, M), 1.0 / M, dtype=torch.float64, device=G.device)
+        return out[0] if single else out
+    G = 0.5 * (G + G.transpose(-1, -2))
+    scale = G.diagonal(dim1=-2, dim2=-1).amax(-1).clamp_min(1e-300)[:, None, None]
+    G = G / scale  # the weights do not depend on the scale; zero gradients stay zero
+    faces = torch.as_tensor(_faces(M), device=G.device)  # (F, M)
+    free = faces == 2
+    held = (faces == 1).double() * C  # values of the held weights, in float64 (float32 would miss the cap)
+    F_ = faces.shape[0]
+    # KKT system per (batch, face): rows of free i: (G α)_i - ν = 0; rows of held i: α_i = v_i; Σα = 1.
+    A = torch.zeros(B, F_, M + 1, M + 1, dtype=torch.float64, device=G.device)
+    A[..., :M, :M] = torch.where(free[None, :, :, None], G[:, None], torch.eye(M, dtype=torch.float64,
+                                                                               device=G.device)[None, None])
+    A[..., :M, M] = -free.double()[None]
+    A[..., M, :M] = 1.0
+    rhs = torch.zeros(B, F_, M + 1, dtype=torch.float64, device=G.device)
+    rhs[..., :M] = held[None]  # 0 on the free rows
+    rhs[..., M] = 1.0
+    solution, info = torch.linalg.solve_ex(A, rhs)  # LU, batched; a singular face reports info != 0
+    alpha = solution[..., :M]  # (B, F, M)
+    tol = 1e-9
+    ok = (info == 0) & torch.isfinite(alpha).all(-1)
+    ok &= ((alpha >= -tol) & (alpha <= C + tol)).all(-1) & ((alpha.sum(-1) - 1).abs() <= 1e-7)
+    objective = torch.einsum("bfi,bij,bfj->bf", alpha, G, alpha)
+    objective = torch.where(ok, objective, torch.full_like(objective, float("inf")))
+    best = objective.argmin(-1)  # the uniform point is feasible, so some face always is
+    out = alpha[torch.arange(B, device=G.device), best].clamp(0.0, C)
+    out = out / out.sum(-1, keepdim=True)
+    return out[0] if single else out
+
+
 # --------------------------------------------------------------------------- gradients
 def kd_logit_gradients(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
                        temperature: float) -> torch.Tensor:
@@ -354,7 +411,8 @@ class AEKD(Method):
     """γ·CE + a·Σ α_m ℓ_m [+ β·Σ α'_m h_m], weights from the min-norm point of the gradients.
 
     Options: C (cap, in [1/M, 1]), temperature T, ce_weight γ, kd_weight a, variant
-    ("logits" or "features"); for features: hint_weight β, student_tap and teacher_tap
+    ("logits" or "features"), solver ("host": the active-set method, one copy of the Gram per
+    step; "device": the same optimum from every face at once where the Gram is, for M <= 8); for features: hint_weight β, student_tap and teacher_tap
     (module paths; default the last stage), regressor_kernel (1 or 3), and optionally
     student_channels / teacher_channels (one per teacher) to build the regressors without
     bind(). The feature variant owns one regressor per teacher; the engine calls
@@ -365,8 +423,11 @@ class AEKD(Method):
                  kd_weight: float = 0.9, variant: str = "logits", hint_weight: float = 1.0,
                  student_tap: str | None = None, teacher_tap: str | None = None,
                  regressor_kernel: int = 1, student_channels: int | None = None,
-                 teacher_channels: list[int] | None = None):
+                 teacher_channels: list[int] | None = None, solver: str = "host"):
         super().__init__()
+        if solver not in ("host", "device"):
+            raise ValueError(f"aekd option solver must be host or device, got {solver!r}")
+        self.solver = solver
         if isinstance(C, bool) or not isinstance(C, (int, float)) or not 0.0 < C <= 1.0:
             raise ValueError(f"aekd option C must be in (0, 1] (and at least 1/M), got {C!r}")
         for name, value in (("ce_weight", ce_weight), ("kd_weight", kd_weight), ("hint_weight", hint_weight)):
@@ -467,6 +528,8 @@ class AEKD(Method):
         under torch.distributed, one copy to the host and one back, however many sets."""
         grams = all_reduce_mean(torch.stack([gram_matrix(g) for g in grads]))  # same alpha on every rank
         C = _check_cap(self.C, M)
+        if self.solver == "device" and M <= DEVICE_SOLVER_MAX_M:  # no host round-trip at all
+            return weights_from_gram_on_device(grams, C).float()
         host = grams.to("cpu").numpy()  # the step's one sync
         alphas = np.stack([_min_norm_weights(G, C) for G in host])
         return torch.from_numpy(alphas).to(device=grams.device, dtype=torch.float32)
