@@ -6,31 +6,27 @@ plus the reliability bins, so `compare` can redraw diagrams from results.json.
 
 from __future__ import annotations
 
-import contextlib
-import math
-
 import torch
 from torch import nn
 
 from ..ensemble import TeacherSet, majority_vote
-from ..metrics import (classification_metrics, count_flops, count_parameters, measure_latency,
+from ..metrics import (classification_metrics, count_flops, count_parameters, eval_mode, measure_latency,
                        measure_throughput, reliability_bins)
 from ..metrics.multilabel import global_average_precision, mean_average_precision
 from ..models import unwrap
+from ..models.multihead import ensemble_logits
 from .robustness import robustness_fields
 
 
 @torch.no_grad()
 def predict(model: nn.Module, loader) -> tuple[torch.Tensor, torch.Tensor]:
     """Logits and labels over a whole split, on the CPU. A TeacherSet gives (M, N, K)."""
-    was_training = model.training
-    model.eval()
     outs, labels = [], []
-    for batch in loader.batches(0):
-        out = model.member_logits(batch.x) if isinstance(model, TeacherSet) else model(batch.x)
-        outs.append(out.float().cpu())
-        labels.append(batch.y.cpu())
-    model.train(was_training)
+    with eval_mode(model):
+        for batch in loader.batches(0):
+            out = model.member_logits(batch.x) if isinstance(model, TeacherSet) else model(batch.x)
+            outs.append(out.float().cpu())
+            labels.append(batch.y.cpu())
     return torch.cat(outs, dim=-2), torch.cat(labels)
 
 
@@ -63,7 +59,7 @@ def evaluate_model(name: str, model: nn.Module, test_loader, val_loader, eval_cf
     val = predict(model, val_loader) if val_loader is not None else (None, None)
     row = metrics_row(name, test_logits.softmax(-1), labels, val_logits=val[0], val_labels=val[1],
                       test_logits=test_logits)
-    with _eval_mode(model):
+    with eval_mode(model):
         row.update(robustness_fields(model, test_loader, eval_cfg))
     return {**row, **cost_row(model, _input_shape(test_loader), device, eval_cfg)}
 
@@ -102,9 +98,7 @@ def evaluate_teacher_set(teachers: TeacherSet, test_loader, val_loader, eval_cfg
     ensemble = metrics_row(f"{prefix}ensemble (M={len(teachers)})", ens_probs, labels,
                            val_logits=ens_val, val_labels=val_labels, test_logits=_log_probs(ens_probs))
     summed = _sum_costs(rows)
-    M = len(teachers)
-    ensemble.update(robustness_fields(
-        lambda x: torch.logsumexp(teachers.member_logits(x).log_softmax(-1), 0) - math.log(M), test_loader, eval_cfg))
+    ensemble.update(robustness_fields(lambda x: ensemble_logits(teachers.member_logits(x)), test_loader, eval_cfg))
     rows.append({**ensemble, **summed})
 
     vote = majority_vote(member_probs)
@@ -122,16 +116,6 @@ def _sum_costs(rows: list[dict]) -> dict:
     if all("throughput" in r for r in rows):
         out["throughput"] = 1.0 / sum(1.0 / r["throughput"] for r in rows if r["throughput"] > 0)
     return out
-
-
-@contextlib.contextmanager
-def _eval_mode(model: nn.Module):
-    was_training = model.training
-    model.eval()
-    try:
-        yield
-    finally:
-        model.train(was_training)
 
 
 def _input_shape(loader) -> tuple[int, ...]:

@@ -23,10 +23,11 @@ import torch
 import torch.nn.functional as F
 
 from ..data import Batch, hash_ints
+from ..metrics import eval_mode
 from ..models import forward_with_taps, unwrap
+from ..models.batchensemble import MEMBERS_TAP
 
 KINDS = ("none", "gaussian", "ods", "confods", "tdiv_sdiv")
-MEMBERS_TAP = "members_out"  # a BatchEnsemble student's (M, B, K) member logits
 _STREAM = 0x0D5
 
 
@@ -114,15 +115,12 @@ def _divergence(z_i: torch.Tensor, z_j: torch.Tensor) -> torch.Tensor:
 def _student_members(student, x, M: int) -> torch.Tensor:
     """The (M, B, K) member logits of a BatchEnsemble student, its BatchNorm in eval mode."""
     net = unwrap(student)  # not through DDP: only the input's gradient is taken here
-    was_training = net.training
-    net.eval()
     try:
-        _, taps = forward_with_taps(net, x, (MEMBERS_TAP,))
+        with eval_mode(net):
+            _, taps = forward_with_taps(net, x, (MEMBERS_TAP,))
     except ValueError:
         raise ValueError("tdiv_sdiv needs a BatchEnsemble student (method latentbe) whose members pair with "
                          "the teachers") from None
-    finally:
-        net.train(was_training)
     out = taps[MEMBERS_TAP]
     if out.shape[0] != M:
         raise ValueError(f"tdiv_sdiv pairs student members with teachers: {out.shape[0]} members, {M} teachers")

@@ -52,6 +52,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..engine.distributed import all_reduce_mean
+from ..metrics import eval_mode
 from ..models import default_taps, forward_with_taps, resolve_module, unwrap
 from .base import STAGE_TAPS, Method, MethodLoss, Needs, register_method
 from .kd import check_temperature, teacher_kd_losses, teacher_logits_of
@@ -297,7 +298,8 @@ def weights_from_gram_on_device(gram: torch.Tensor, C: float) -> torch.Tensor:
     a batch of small KKT systems, and the feasible solution with the least objective is kept. The
     optimum lies on a face whose KKT system is nonsingular (from an optimum with a singular
     reduced Hessian, a zero-curvature direction leads to a bound, and to a smaller face), so the
-    singular faces of degenerate gradients are skipped. A few batched kernels, M <= 8. (B, M, M) or (M, M) in, float64 weights of the same batch shape out."""
+    singular faces of degenerate gradients are skipped. A few batched kernels, M <= 8.
+    (B, M, M) or (M, M) in, float64 weights of the same batch shape out."""
     single = gram.dim() == 2
     G = gram.detach().double().reshape(-1, *gram.shape[-2:])
     B, M = G.shape[0], G.shape[-1]
@@ -389,13 +391,8 @@ def _channels(model: nn.Module, path: str, example_x, who: str) -> int:
     given (in eval mode, no grad, so BN statistics stay untouched), else from the model's
     stage_channels."""
     if example_x is not None:
-        was_training = model.training
-        model.eval()
-        try:
-            with torch.no_grad():  # the module inside DDP: its forward would be a collective
-                _, taps = forward_with_taps(unwrap(model), example_x[:2], (path,))
-        finally:
-            model.train(was_training)
+        with eval_mode(model), torch.no_grad():  # the module inside DDP: its forward would be a collective
+            _, taps = forward_with_taps(unwrap(model), example_x[:2], (path,))
         return int(_as_map(taps[path]).shape[1])
     inner = unwrap(model)
     points, channels = getattr(inner, "tap_points", None), getattr(inner, "stage_channels", None)
@@ -412,8 +409,8 @@ class AEKD(Method):
 
     Options: C (cap, in [1/M, 1]), temperature T, ce_weight γ, kd_weight a, variant
     ("logits" or "features"), solver ("host": the active-set method, one copy of the Gram per
-    step; "device": the same optimum from every face at once where the Gram is, for M <= 8); for features: hint_weight β, student_tap and teacher_tap
-    (module paths; default the last stage), regressor_kernel (1 or 3), and optionally
+    step; "device": the same optimum from every face at once where the Gram is, for M <= 8); for
+    features: hint_weight β, student_tap and teacher_tap (module paths; default the last stage), regressor_kernel (1 or 3), and optionally
     student_channels / teacher_channels (one per teacher) to build the regressors without
     bind(). The feature variant owns one regressor per teacher; the engine calls
     `bind(student, teachers, example_x)` once before building the optimizer.

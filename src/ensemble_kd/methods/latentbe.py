@@ -21,13 +21,11 @@ import torch
 import torch.nn.functional as F
 
 from ..models import unwrap
-from ..models.batchensemble import BatchEnsembleNet, collapse
+from ..models.batchensemble import MEMBERS_TAP, BatchEnsembleNet, collapse
 from .base import Method, MethodLoss, Needs, register_method
 from .kd import check_fraction, check_temperature, teacher_logits_of
 
 __all__ = ["LatentBE", "collapse", "member_kd_losses"]
-
-MEMBERS_TAP = "members_out"
 
 
 def member_kd_losses(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:

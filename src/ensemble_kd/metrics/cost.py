@@ -19,7 +19,7 @@ def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
 
 
 @contextlib.contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
+def eval_mode(model: nn.Module) -> Iterator[None]:
     """Put every submodule in eval mode; afterwards restore each one's own flag (modes may be mixed)."""
     modes = [(m, m.training) for m in model.modules()]
     model.eval()
@@ -78,7 +78,7 @@ def count_flops(model: nn.Module, input_shape: Sequence[int], example: torch.Ten
     shape = _check_shape(input_shape)
     device, dtype = _model_device_dtype(model)
     x = torch.zeros((1, *shape), device=device, dtype=dtype) if example is None else example.to(device, dtype)
-    with _eval_mode(model), torch.no_grad(), FlopCounterMode(display=False) as counter:
+    with eval_mode(model), torch.no_grad(), FlopCounterMode(display=False) as counter:
         model(x)
     return int(counter.get_total_flops())
 
@@ -88,7 +88,7 @@ def _time_forward(model: nn.Module, x: torch.Tensor, device: torch.device, repea
     if int(repeats) < 1 or int(warmup) < 0:
         raise ValueError(f"repeats={repeats} must be >= 1 and warmup={warmup} >= 0.")
     times = []
-    with _eval_mode(model), torch.no_grad():
+    with eval_mode(model), torch.no_grad():
         for _ in range(int(warmup)):
             model(x)
         _sync(device)

@@ -33,6 +33,7 @@ from .taps import unwrap
 INITS = ("ones", "normal", "sign")
 BIASES = ("shared", "member")
 COLLAPSE_MODES = ("product_of_means", "mean_of_products")
+MEMBERS_TAP = "members_out"  # the module whose output is the (M, B, K) member logits: a tap for methods
 
 
 def _check_choice(what: str, value, choices) -> None:
@@ -290,4 +291,4 @@ def batchensemble(num_classes: int = 10, in_channels: int = 3, base: str = "smal
     return BatchEnsembleNet(base, num_classes, in_channels, members, init, bias, base_kwargs)
 
 
-__all__ = ["BEConv2d", "BELinear", "BatchEnsembleNet", "batchensemble", "collapse"]
+__all__ = ["BEConv2d", "BELinear", "BatchEnsembleNet", "MEMBERS_TAP", "batchensemble", "collapse"]
