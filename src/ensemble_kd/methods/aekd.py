@@ -410,9 +410,9 @@ class AEKD(Method):
     Options: C (cap, in [1/M, 1]), temperature T, ce_weight γ, kd_weight a, variant
     ("logits" or "features"), solver ("host": the active-set method, one copy of the Gram per
     step; "device": the same optimum from every face at once where the Gram is, for M <= 8); for
-    features: hint_weight β, student_tap and teacher_tap (module paths; default the last stage), regressor_kernel (1 or 3), and optionally
-    student_channels / teacher_channels (one per teacher) to build the regressors without
-    bind(). The feature variant owns one regressor per teacher; the engine calls
+    features: hint_weight β, student_tap and teacher_tap (module paths; default the last stage),
+    regressor_kernel (1 or 3), and optionally student_channels / teacher_channels (one per
+    teacher) to build the regressors without bind(). The feature variant owns one regressor per teacher; the engine calls
     `bind(student, teachers, example_x)` once before building the optimizer.
     """
 
