@@ -27,25 +27,10 @@ import torch.nn.functional as F
 from ..models import unwrap
 from ..models.multihead import ENSEMBLERS, MultiHeadNet, mix_log
 from .base import Method, MethodLoss, Needs, register_method
+from .gradients import scale_gradient
 
 STRUCTURES = ("codistill", "ensembling")
 LOSSES = ("ce", "l2")
-
-
-class _ScaleGradient(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, scale):
-        ctx.scale = scale
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad * ctx.scale, None
-
-
-def scale_gradient(x: torch.Tensor, scale: float) -> torch.Tensor:
-    """Identity forward; the gradient passes back multiplied by `scale`."""
-    return _ScaleGradient.apply(x, float(scale))
 
 
 class Probs:

@@ -40,6 +40,7 @@ from torch import nn
 
 from ..models import LOGITS, default_taps, forward_with_taps, resolve_module, unwrap
 from .base import STAGE_TAPS, Method, MethodLoss, Needs, register_method
+from .gradients import scale_gradient
 from .kd import teacher_logits_of
 
 SIMILARITIES = ("ce", "kl", "l1", "l2")
@@ -110,21 +111,6 @@ class Discriminator(nn.Module):
         return self.layers(x)
 
 
-class _ReverseGradient(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x):
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return -grad
-
-
-def reverse_gradient(x: torch.Tensor) -> torch.Tensor:
-    """Identity forward; the gradient passes back negated."""
-    return _ReverseGradient.apply(x)
-
-
 def discriminator_inputs(student: torch.Tensor, teacher: torch.Tensor, layout: str = "separate"):
     """(inputs (2B, d), targets (2B, 2)) for one tap; class 0 is the student, class 1 the teacher.
 
@@ -149,7 +135,7 @@ def adversarial_loss(discriminator: nn.Module, student: torch.Tensor, teacher: t
     """The discriminator's BCE on one tap's aligned vectors. The discriminator always minimises it;
     the student minimises it too in "joint" mode and maximises it in "minimax" (reversed gradient)."""
     if mode == "minimax":
-        student = reverse_gradient(student)
+        student = scale_gradient(student, -1.0)  # the student ascends what the discriminator descends
     elif mode != "joint":
         raise ValueError(f"adversarial mode must be joint or minimax, got {mode!r}")
     x, targets = discriminator_inputs(student, teacher.detach(), layout)
