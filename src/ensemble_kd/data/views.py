@@ -99,13 +99,22 @@ def _channel_stats(values: Sequence[float] | torch.Tensor, channels: int, what: 
 
 def normalize(x_u8: torch.Tensor, mean, std) -> torch.Tensor:
     """(x/255 - mean) / std per channel, as float32."""
-    c = x_u8.shape[1]
-    m = _channel_stats(mean, c, "mean", x_u8.device)
-    s = _channel_stats(std, c, "std", x_u8.device)
+    # In place on the fresh float copy: the same arithmetic as (x/255 - m)/s with one allocation.
+    return _standardize_(x_u8.to(torch.float32).div_(255.0), mean, std)
+
+
+def standardize(x01: torch.Tensor, mean, std) -> torch.Tensor:
+    """(x - mean) / std per channel for images already on the [0, 1] scale, as a float32 copy."""
+    return _standardize_(x01.to(torch.float32, copy=True), mean, std)
+
+
+def _standardize_(x: torch.Tensor, mean, std) -> torch.Tensor:
+    c = x.shape[1]
+    m = _channel_stats(mean, c, "mean", x.device)
+    s = _channel_stats(std, c, "std", x.device)
     if any(float(v) <= 0 for v in (std if isinstance(std, (tuple, list)) else s.flatten().cpu().tolist())):
         raise ValueError(f"std must be positive in every channel, got {s.flatten().tolist()}.")  # no device sync for tuples
-    # In place on the fresh float copy: the same arithmetic as (x/255 - m)/s with one allocation.
-    return x_u8.to(torch.float32).div_(255.0).sub_(m).div_(s)
+    return x.sub_(m).div_(s)
 
 
 def make_view(

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from ..data import load_dataset
+from ..data.views import standardize
 from ..metrics.corruptions import corruption_suite
 from ..metrics.ood import ood_metrics
 
@@ -32,22 +33,16 @@ def robustness_fields(log_probs: Callable[[torch.Tensor], torch.Tensor], test_lo
     out = {}
     with torch.no_grad():
         if eval_cfg.corruptions:
-            suite = corruption_suite(lambda x: log_probs(_normalised(x, mean, std)), x01,
+            suite = corruption_suite(lambda x: log_probs(standardize(x, mean, std)), x01,
                                      test_loader.labels[:n], batch_size=eval_cfg.eval_batch_size)
             out.update({f"corr_{k}": v for k, v in suite["mean"].items()})
             out["corruptions"] = suite["by_corruption"]
         if eval_cfg.ood:
             ood = ood_images(eval_cfg.ood, eval_cfg.ood_root, tuple(images.shape[1:]), n).to(images.device)
-            p_in = _probs(log_probs, _normalised(x01, mean, std), eval_cfg.eval_batch_size)
-            p_out = _probs(log_probs, _normalised(ood, mean, std), eval_cfg.eval_batch_size)
+            p_in = _probs(log_probs, standardize(x01, mean, std), eval_cfg.eval_batch_size)
+            p_out = _probs(log_probs, standardize(ood, mean, std), eval_cfg.eval_batch_size)
             out.update({f"ood_{k}": v for k, v in ood_metrics(p_in, p_out).items()})
     return out
-
-
-def _normalised(x01: torch.Tensor, mean, std) -> torch.Tensor:
-    m = torch.as_tensor(mean, dtype=torch.float32, device=x01.device).view(1, -1, 1, 1)
-    s = torch.as_tensor(std, dtype=torch.float32, device=x01.device).view(1, -1, 1, 1)
-    return (x01.float() - m) / s
 
 
 def _probs(log_probs, x: torch.Tensor, batch_size: int) -> torch.Tensor:
