@@ -37,7 +37,8 @@ def kd_loss(student_logits: torch.Tensor, teacher_probs: torch.Tensor, temperatu
 
 def teacher_kd_losses(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
                       temperature: float) -> torch.Tensor:
-    """(M,) per-teacher KD losses T²·KL(p_m || p_s) (batch mean) from (B, K) and (M, B, K) logits."""
+    """(M,) per-teacher KD losses T²·KL(p_m || p_s) (batch mean) from (B, K) and (M, B, K) logits.
+    (M, B, K) student logits pair member m with teacher m (LatentBE's one-to-one losses)."""
     log_p = F.log_softmax(student_logits.float() / temperature, dim=-1)
     log_q = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
     kl = (log_q.exp() * (log_q - log_p)).sum(-1)  # log_softmax is finite, so q = 0 adds 0, never NaN

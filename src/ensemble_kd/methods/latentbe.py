@@ -23,16 +23,9 @@ import torch.nn.functional as F
 from ..models import unwrap
 from ..models.batchensemble import MEMBERS_TAP, BatchEnsembleNet, collapse
 from .base import Method, MethodLoss, Needs, register_method
-from .kd import check_fraction, check_temperature, teacher_logits_of
+from .kd import check_fraction, check_temperature, teacher_kd_losses, teacher_logits_of
 
-__all__ = ["LatentBE", "collapse", "member_kd_losses"]
-
-
-def member_kd_losses(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    """(M,) one-to-one KD losses T²·KL(p_t,i || p_s,i) (batch mean) from two (M, B, K) logit tensors."""
-    log_p = F.log_softmax(student_logits.float() / temperature, dim=-1)
-    log_q = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
-    return temperature * temperature * (log_q.exp() * (log_q - log_p)).sum(-1).mean(-1)
+__all__ = ["LatentBE", "collapse"]
 
 
 @register_method("latentbe")
@@ -93,7 +86,7 @@ class LatentBE(Method):
         if z_t.shape != z_s.shape:
             raise ValueError(f"latentbe pairs members with teachers: student logits {tuple(z_s.shape)}, "
                              f"teacher logits {tuple(z_t.shape)}")
-        kd = member_kd_losses(z_s, z_t, self.temperature).mean()
+        kd = teacher_kd_losses(z_s, z_t, self.temperature).mean()  # member i with teacher i
         ce = F.cross_entropy(z_s.float().flatten(0, 1), batch.y.repeat(z_s.shape[0]))  # mean over members
         loss = (1.0 - self.alpha) * ce + self.alpha * kd
         logs = {"ce": ce.detach(), "kd": kd.detach()}
