@@ -24,8 +24,7 @@ import torch.nn.functional as F
 
 from ..data import Batch, hash_ints
 from ..metrics import eval_mode
-from ..models import forward_with_taps, unwrap
-from ..models.batchensemble import MEMBERS_TAP
+from ..models import unwrap
 
 KINDS = ("none", "gaussian", "ods", "confods", "tdiv_sdiv")
 _STREAM = 0x0D5
@@ -115,13 +114,11 @@ def _divergence(z_i: torch.Tensor, z_j: torch.Tensor) -> torch.Tensor:
 def _student_members(student, x, M: int) -> torch.Tensor:
     """The (M, B, K) member logits of a BatchEnsemble student, its BatchNorm in eval mode."""
     net = unwrap(student)  # not through DDP: only the input's gradient is taken here
-    try:
-        with eval_mode(net):
-            _, taps = forward_with_taps(net, x, (MEMBERS_TAP,))
-    except ValueError:
+    if not hasattr(net, "forward_members"):
         raise ValueError("tdiv_sdiv needs a BatchEnsemble student (method latentbe) whose members pair with "
-                         "the teachers") from None
-    out = taps[MEMBERS_TAP]
+                         "the teachers")
+    with eval_mode(net):
+        out = net.forward_members(x)
     if out.shape[0] != M:
         raise ValueError(f"tdiv_sdiv pairs student members with teachers: {out.shape[0]} members, {M} teachers")
     return out
