@@ -2,8 +2,10 @@
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
-# Without a GPU, pin the CPU build of PyTorch (an unpinned torch pulls a multi-GB CUDA build).
-TORCH  ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo 'torch>=2.3,<3' || echo 'torch==2.13.0')
+# torchvision (and so timm) needs a torch built for it. On these machines without a GPU that pair is
+# torch 2.14.1 + torchvision 0.29.1, both on local disk (PyPI's torchvision fails beside the CPU torch 2.13.0);
+# with a GPU, any matching pair from the index. Override with `make TORCH='torch==X torchvision==Y' setup`.
+TORCH  ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo 'torch>=2.3,<3 torchvision' || echo 'torch==2.14.1 torchvision==0.29.1')
 
 .PHONY: setup demo test clean
 
@@ -11,8 +13,8 @@ setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q '$(TORCH)'
-	$(BIN)/pip install -q -e '.[test]'
+	$(BIN)/pip install -q $(TORCH)
+	$(BIN)/pip install -q -e '.[test,vision]'
 	touch $@
 
 demo: setup
