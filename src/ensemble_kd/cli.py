@@ -240,6 +240,26 @@ def cmd_evaluate(args) -> None:
     _finish(out_dir, rows, f"evaluate {target}", EVAL_COLUMNS)
 
 
+def cmd_models(args) -> None:
+    """What `arch:` can name, one section per source; a library that is not installed says so."""
+    from .models import models_by_source
+    from .models.external import INSTALL
+
+    for source, names in models_by_source(args.pattern).items():
+        if not names and source != "ensemble-kd" and not _installed(source):
+            out.print(f"{source}: not installed ({INSTALL})", highlight=False)
+            continue
+        out.print(f"{source} ({len(names)}):", highlight=False)
+        for name in names:
+            out.print(f"  {name}", highlight=False)
+
+
+def _installed(module: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None
+
+
 def cmd_compare(args) -> None:
     rows = []
     for run in args.runs:
@@ -327,6 +347,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.set_defaults(fn=cmd_evaluate)
     ev.add_argument("--config", help="the config naming the data (default: the run's config.yaml)")
     ev.add_argument("--out", help="where to write results (default: beside the target)")
+    mdl = sub.add_parser("models", help="list the model names arch: takes (ours, timm's, torchvision's)")
+    mdl.add_argument("pattern", nargs="?", help="a shell pattern, e.g. 'resnet1*' or 'timm/*'")
+    mdl.set_defaults(fn=cmd_models)
     cmp = sub.add_parser("compare", help="put runs side by side: table, reliability diagrams, accuracy vs cost")
     cmp.add_argument("runs", nargs="+", metavar="RUN_DIR")
     cmp.add_argument("--out", help="output directory (default runs/compare-<time>)")

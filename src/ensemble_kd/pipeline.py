@@ -23,7 +23,7 @@ from .engine.evaluate import evaluate_model, evaluate_teacher_set
 from .engine.perturb import Perturbation
 from .ensemble import MANIFEST, TeacherSet, write_manifest
 from .ensemble.cache import CachedTeachers, build_cache, open_cache
-from .methods import METHODS, create_method
+from .methods import create_method, method_class
 from .models import create, unwrap
 
 TEACHERS_DIR = "teachers"
@@ -244,8 +244,10 @@ def perturbation_of(config: Config, data: Data) -> Perturbation | None:
 
 
 def check_method(name: str) -> None:
-    if name not in METHODS:
-        raise ConfigError(f"config key 'method.name': unknown method '{name}' (known: {', '.join(sorted(METHODS))})")
+    try:
+        method_class(name)
+    except ValueError as err:  # unknown, or a plugin that failed to load: the sentence says which
+        raise ConfigError(f"config key 'method.name': {err}") from None
 
 
 def student_row_name(config: Config) -> str:

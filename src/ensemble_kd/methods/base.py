@@ -14,6 +14,8 @@ from typing import Callable, NamedTuple
 import torch
 from torch import nn
 
+from .. import plugins
+
 
 # In a method's needs before bind(): "the model's stage-end taps", named once bind() resolves them.
 # Declaring them early lets a teacher cache (logits only) be refused before any work starts.
@@ -103,10 +105,27 @@ def register_method(name: str) -> Callable[[type[Method]], type[Method]]:
     return add
 
 
-def create_method(name: str, **options) -> Method:
+def known_methods() -> list[str]:
+    """Ours and those installed packages register as entry points (group ensemble_kd.methods)."""
+    return sorted(set(METHODS) | set(plugins.names(plugins.METHODS)))
+
+
+def method_class(name: str) -> type[Method]:
+    """The class of method `name`, loading an installed plugin's on first use."""
     if name not in METHODS:
-        raise ValueError(f"unknown method '{name}'; known methods: {', '.join(sorted(METHODS))}")
+        cls = plugins.load(plugins.METHODS, name)
+        if cls is None:
+            raise ValueError(f"unknown method '{name}'; known methods: {', '.join(known_methods())}")
+        if name not in METHODS:  # a plugin module may register itself on import instead
+            if not (isinstance(cls, type) and issubclass(cls, Method)):
+                raise ValueError(f"the entry point '{name}' of group {plugins.METHODS!r} is not a Method subclass")
+            register_method(name)(cls)
+    return METHODS[name]
+
+
+def create_method(name: str, **options) -> Method:
+    cls = method_class(name)
     try:
-        return METHODS[name](**options)
+        return cls(**options)
     except TypeError as err:
         raise ValueError(f"method '{name}' got a bad option: {err}") from None

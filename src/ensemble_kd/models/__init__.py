@@ -12,7 +12,7 @@ from . import mobilenetv2, resnet_cifar, small, vgg, wrn  # noqa: F401
 from . import video  # noqa: F401
 from . import multihead  # noqa: F401  (after the bases it builds on)
 from . import batchensemble  # noqa: F401  (after the bases it builds on)
-from .registry import create, list_models, register_model
+from .registry import create, list_models, models_by_source, register_model
 from .taps import LOGITS, default_taps, forward_with_taps, resolve_module, unwrap
 
 __all__ = [
@@ -21,6 +21,7 @@ __all__ = [
     "default_taps",
     "forward_with_taps",
     "list_models",
+    "models_by_source",
     "register_model",
     "resolve_module",
     "unwrap",

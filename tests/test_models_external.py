@@ -1,0 +1,154 @@
+"""timm/ and torchvision/ names, users' own networks, entry-point plugins, `ensemble-kd models`."""
+
+from __future__ import annotations
+
+import sys
+import textwrap
+import urllib.error
+
+import pytest
+import torch
+
+from ensemble_kd import cli
+from ensemble_kd.engine import load_model, save_model
+from ensemble_kd.methods import create_method, known_methods
+from ensemble_kd.models import create, default_taps, forward_with_taps, list_models
+from ensemble_kd.models.external import PretrainedUnavailable
+
+pytest.importorskip("timm")
+pytest.importorskip("torchvision")
+
+TINY = [("timm/resnet10t", {}), ("torchvision/resnet18", {}), ("torchvision/mobilenet_v3_small", {})]
+
+
+@pytest.mark.parametrize("name,kwargs", TINY)
+@pytest.mark.parametrize("in_channels", [1, 3])
+def test_library_model_builds_and_its_spec_rebuilds_it(name, kwargs, in_channels, tmp_path):
+    torch.manual_seed(0)
+    model = create(name, num_classes=7, in_channels=in_channels, **kwargs).eval()
+    x = torch.randn(2, in_channels, 32, 32)
+    assert model(x).shape == (2, 7)
+    assert model.spec == {"name": name, "num_classes": 7, "in_channels": in_channels, **kwargs}
+    save_model(model, tmp_path / "model.pt")
+    again = load_model(tmp_path / "model.pt").eval()  # through model.json's spec
+    torch.testing.assert_close(again(x), model(x), rtol=0, atol=0)
+
+
+def test_kwargs_pass_through_to_the_library():
+    model = create("timm/resnet10t", num_classes=3, drop_rate=0.25)
+    assert model.drop_rate == 0.25
+    assert model.spec["drop_rate"] == 0.25
+    zero = create("torchvision/resnet18", num_classes=3, zero_init_residual=True)
+    assert zero.layer1[0].bn2.weight.abs().sum() == 0
+
+
+def test_stage_end_taps_of_library_models():
+    resnet = create("timm/resnet10t", num_classes=5)
+    assert default_taps(resnet) == ("layer1", "layer2", "layer3", "layer4", "logits")
+    assert default_taps(create("torchvision/resnet18", num_classes=5))[:4] == ("layer1", "layer2", "layer3", "layer4")
+    mobile = create("torchvision/mobilenet_v3_small", num_classes=5).eval()
+    taps = default_taps(mobile)
+    _, got = forward_with_taps(mobile, torch.randn(1, 3, 64, 64), taps)
+    sides = [got[t].shape[-1] for t in taps[:-1]]
+    assert sides == sorted(sides, reverse=True) and len(set(sides)) == len(sides)  # one tap per resolution
+
+
+def test_unknown_library_name_suggests_close_ones():
+    with pytest.raises(ValueError, match=r"timm has no model 'resnet19'.*timm/resnet18"):
+        create("timm/resnet19")
+    with pytest.raises(ValueError, match=r"torchvision has no model 'resnet_18'"):
+        create("torchvision/resnet_18")
+
+
+def test_missing_library_says_how_to_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, "timm", None)  # import timm now raises ImportError
+    with pytest.raises(ValueError, match=r"pip install 'ensemble-kd\[vision\]'"):
+        create("timm/resnet18")
+
+
+def test_pretrained_without_cache_or_network_says_to_use_weights(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    with pytest.raises(PretrainedUnavailable, match=r"timm/resnet10t: .*point `weights:` at"):
+        create("timm/resnet10t", num_classes=10, pretrained=True)
+
+    import torchvision.models._api as api
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("no network")
+
+    monkeypatch.setattr(api, "load_state_dict_from_url", offline)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    with pytest.raises(PretrainedUnavailable, match=r"torchvision/resnet18: .*no network.*`weights:`"):
+        create("torchvision/resnet18", num_classes=10, pretrained=True)
+    with pytest.raises(ValueError, match="no pretrained weights of its own"):
+        create("small_cnn", pretrained=True)
+
+
+def test_users_own_network_by_import_path(tmp_path, monkeypatch):
+    (tmp_path / "my_nets.py").write_text(textwrap.dedent("""
+        from torch import nn
+        def build(num_classes, in_channels, hidden=8):
+            return nn.Sequential(nn.Flatten(), nn.LazyLinear(hidden), nn.ReLU(), nn.Linear(hidden, num_classes))
+    """))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    model = create("my_nets:build", num_classes=4, in_channels=1, hidden=5)
+    assert model(torch.randn(3, 1, 8, 8)).shape == (3, 4)
+    assert model.spec == {"name": "my_nets:build", "num_classes": 4, "in_channels": 1, "hidden": 5}
+    with pytest.raises(ValueError, match="has no argument 'width'"):
+        create("my_nets:build", width=2)
+    with pytest.raises(ValueError, match="has no callable 'nope'"):
+        create("my_nets:nope")
+    with pytest.raises(ValueError, match="cannot import module 'not_a_module_here'"):
+        create("not_a_module_here:build")
+
+
+@pytest.fixture
+def plugin_package(tmp_path, monkeypatch):
+    """An installed distribution (a dist-info on sys.path) registering one model and one method."""
+    (tmp_path / "ekd_plugin.py").write_text(textwrap.dedent("""
+        import torch
+        from torch import nn
+        from ensemble_kd.methods import Method, MethodLoss, Needs
+
+        def tiny(num_classes=10, in_channels=3):
+            return nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(in_channels, num_classes))
+
+        class HalfCE(Method):
+            needs = Needs()
+            def loss(self, batch, student, teachers):
+                loss = 0.5 * nn.functional.cross_entropy(student.logits, batch.y)
+                return MethodLoss(loss, {"loss": loss.detach()})
+    """))
+    info = tmp_path / "ekd_plugin-0.1.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: ekd-plugin\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text(
+        "[ensemble_kd.models]\nplugin_tiny = ekd_plugin:tiny\n\n[ensemble_kd.methods]\nhalf_ce = ekd_plugin:HalfCE\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    yield
+    sys.modules.pop("ekd_plugin", None)
+
+
+def test_entry_point_plugin_registers_a_model_and_a_method(plugin_package):
+    assert "plugin_tiny" in list_models() and "half_ce" in known_methods()
+    assert "ekd_plugin" not in sys.modules  # listed from metadata, imported only when built
+    model = create("plugin_tiny", num_classes=4, in_channels=2)
+    assert model(torch.randn(3, 2, 5, 5)).shape == (3, 4)
+    method = create_method("half_ce")
+    assert type(method).__name__ == "HalfCE" and method.name == "half_ce"
+
+
+def test_distill_with_a_plugin_method_and_model(plugin_package, tmp_path, capsys):
+    code = cli.main(["distill", "method.name=half_ce", "student.arch=plugin_tiny", "student.kwargs={}",
+                     "student.train.epochs=1", f"run.dir={tmp_path}", "run.name=p", "eval.cost=false",
+                     "eval.latency=false"])
+    assert code == 0, capsys.readouterr().err
+    assert (tmp_path / "p" / "model.pt").is_file()
+
+
+def test_models_command_lists_ours_and_the_libraries(capsys):
+    assert cli.main(["models", "resnet1*"]) == 0
+    text = capsys.readouterr().out
+    assert "  resnet110" in text and "  timm/resnet18" in text and "  torchvision/resnet18" in text
+    assert "resnet20" not in text and "timm/resnet50" not in text
