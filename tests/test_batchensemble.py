@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ensemble_kd.models import create, forward_with_taps, list_models, resolve_module
+from ensemble_kd.models import create, forward_with_taps, list_models, register_model, resolve_module
 from ensemble_kd.models.batchensemble import (
     BatchEnsembleNet,
     BEConv2d,
@@ -74,6 +74,35 @@ def test_be_conv2d_equals_separate_member_layers(init, bias, conv_kw):
         torch.testing.assert_close(y[i * B:(i + 1) * B], member(x[i * B:(i + 1) * B]))
 
 
+@pytest.mark.parametrize("bias", BIASES)
+@pytest.mark.parametrize("channels,groups", [((4, 6), 2), ((6, 6), 6), ((3, 6), 3)])  # grouped, depthwise, x2
+def test_be_grouped_conv_equals_separate_member_grouped_convs(bias, channels, groups):
+    """As the LatentBE code: r scales every input channel before the grouped conv, s every output."""
+    torch.manual_seed(11)
+    M, B = 3, 2
+    c_in, c_out = channels
+    conv = nn.Conv2d(c_in, c_out, 3, padding=1, groups=groups, dtype=torch.float64)
+    be = BEConv2d(conv, M, init="normal", bias=bias)
+    _randomise_member_biases(be)
+    x = torch.randn(M * B, c_in, 5, 5, dtype=torch.float64)
+    y = be(x)
+    per_group_in, per_group_out = c_in // groups, c_out // groups
+    # the input channel that weight entry [o, j] reads: group(o)·in/groups + j
+    reads = (torch.arange(c_out)[:, None] // per_group_out) * per_group_in + torch.arange(per_group_in)
+    for i in range(M):
+        member = nn.Conv2d(c_in, c_out, 3, padding=1, groups=groups, dtype=torch.float64)
+        W_i = be.weight * be.s[i].view(-1, 1, 1, 1) * be.r[i][reads][..., None, None]
+        with torch.no_grad():
+            member.weight.copy_(W_i)
+            member.bias.copy_(_member_bias(be, i))
+        torch.testing.assert_close(y[i * B:(i + 1) * B], member(x[i * B:(i + 1) * B]))
+        torch.testing.assert_close(be.member_weights()[i], W_i)
+        # the same member as a plain conv on r_i-scaled inputs, then s_i: the factorisation itself
+        plain = F.conv2d(x[i * B:(i + 1) * B] * be.r[i].view(1, -1, 1, 1), be.weight, None, 1, 1, 1, groups)
+        expected = plain + (be.bias if bias == "shared" else be.bias[i]).view(1, -1, 1, 1)
+        torch.testing.assert_close(y[i * B:(i + 1) * B], expected * be.s[i].view(1, -1, 1, 1))
+
+
 def test_be_layers_take_over_the_plain_parameters_and_init_factors_as_asked():
     torch.manual_seed(2)
     lin = nn.Linear(40, 50)
@@ -107,11 +136,16 @@ def _hand_folded_state(be: BatchEnsembleNet, mode: str) -> dict:
     for path, layer in be.be_layers():
         M = layer.members
         tail = [1] * (layer.weight.dim() - 2)
-        ws = [layer.weight * layer.s[i].view(-1, 1, *tail) * layer.r[i].view(1, -1, *tail) for i in range(M)]
+        out_ch, per_group_in = layer.weight.shape[:2]
+        groups = getattr(layer, "groups", 1)
+        reads = (torch.arange(out_ch)[:, None] // (out_ch // groups)) * per_group_in + torch.arange(per_group_in)
+        ws = [layer.weight * layer.s[i].view(-1, 1, *tail) * layer.r[i][reads].view(out_ch, per_group_in, *tail)
+              for i in range(M)]
         if mode == "mean_of_products":
             w = sum(ws) / M
         else:
-            w = layer.weight * layer.s.mean(0).view(-1, 1, *tail) * layer.r.mean(0).view(1, -1, *tail)
+            r_bar = layer.r.mean(0)[reads].view(out_ch, per_group_in, *tail)
+            w = layer.weight * layer.s.mean(0).view(-1, 1, *tail) * r_bar
         state[f"{path}.weight"] = w.detach()
         if layer.bias is not None:
             if layer.bias_mode == "shared":
@@ -126,10 +160,13 @@ def _hand_folded_state(be: BatchEnsembleNet, mode: str) -> dict:
 
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("bias", BIASES)
-def test_collapse_equals_the_plain_architecture_with_hand_folded_weights(mode, bias):
+@pytest.mark.parametrize("base,base_kwargs", [("small_cnn", {"width": 0.25}), ("mobilenetv2", {"width_mult": 0.25})])
+def test_collapse_equals_the_plain_architecture_with_hand_folded_weights(mode, bias, base, base_kwargs):
     torch.manual_seed(4)
-    be = create("batchensemble", num_classes=5, in_channels=1, base="small_cnn", members=3, init="normal",
-                bias=bias, base_kwargs={"width": 0.25})
+    be = create("batchensemble", num_classes=5, in_channels=1, base=base, members=3, init="normal",
+                bias=bias, base_kwargs=base_kwargs)
+    if base == "mobilenetv2":
+        assert any(layer.groups > 1 for _, layer in be.be_layers())  # depthwise convs folded too
     for _, layer in be.be_layers():
         _randomise_member_biases(layer)
     x = torch.randn(6, 1, 8, 8)
@@ -168,8 +205,32 @@ def test_bias_free_linear_collapse_is_the_member_mean_when_the_input_factor_is_s
         torch.testing.assert_close(collapsed(x), mean, rtol=0, atol=1e-12)
 
 
+@register_model("test_grouped_conv")
+def _grouped_conv(num_classes: int = 10, in_channels: int = 3, groups: int = 2) -> nn.Module:
+    """One bias-free grouped conv: a network linear in its weight, so collapse can be exact."""
+    return nn.Sequential(nn.Conv2d(in_channels, num_classes, 3, padding=1, groups=groups, bias=False))
+
+
+@pytest.mark.parametrize("groups", [2, 6])  # grouped and depthwise
+def test_grouped_conv_collapse_is_the_member_mean_when_the_input_factor_is_shared(groups):
+    torch.manual_seed(12)
+    be = create("batchensemble", num_classes=6, in_channels=6, base="test_grouped_conv", members=4,
+                init="normal", base_kwargs={"groups": groups}).double().eval()
+    (_, conv), = be.be_layers()
+    x = torch.randn(3, 6, 5, 5, dtype=torch.float64)
+    differing = be.forward_members(x).mean(0)
+    torch.testing.assert_close(collapse(be, "mean_of_products")(x), differing, rtol=0, atol=1e-12)
+    assert not torch.allclose(collapse(be, "product_of_means")(x), differing, atol=1e-6)
+    with torch.no_grad():
+        conv.r.copy_(conv.r[:1].expand_as(conv.r))  # one shared input factor
+    mean = be.forward_members(x).mean(0)
+    for mode in MODES:
+        torch.testing.assert_close(collapse(be, mode)(x), mean, rtol=0, atol=1e-12)
+
+
 # --------------------------------------------------------------------------- (d) networks
-NETS = [("small_cnn", 1, {"width": 0.25}), ("resnet20", 3, {}), ("wrn16_1", 3, {})]
+NETS = [("small_cnn", 1, {"width": 0.25}), ("resnet20", 3, {}), ("wrn16_1", 3, {}),
+        ("mobilenetv2", 3, {"width_mult": 0.25})]
 
 
 @pytest.mark.parametrize("base,in_channels,base_kwargs", NETS)
@@ -183,8 +244,8 @@ def test_batchensemble_net_shapes_mean_probability_and_collapse(base, in_channel
     assert out.shape == (B, K) and taps["members_out"].shape == (M, B, K)
     assert taps["net.layer1"].shape[0] == M * B  # features are member-major tiled
     torch.testing.assert_close(out.softmax(-1), taps["members_out"].softmax(-1).mean(0))
-    assert isinstance(resolve_module(be, "net.layer1.0.0" if base == "small_cnn" else "net.layer1.0.conv1"),
-                      BEConv2d)  # module paths kept
+    first = {"small_cnn": "net.layer1.0.0", "mobilenetv2": "net.layer1.0.conv.0.0"}.get(base, "net.layer1.0.conv1")
+    assert isinstance(resolve_module(be, first), BEConv2d)  # module paths kept
     assert isinstance(be.net.fc, BELinear) and be.members == M
     n_layers = sum(isinstance(m, (nn.Conv2d, nn.Linear)) for m in create(**be.base_spec).modules())
     assert len(be.be_layers()) == n_layers and len(be.factor_parameters()) == 2 * n_layers
@@ -208,7 +269,9 @@ def test_collapse_of_a_fresh_ones_net_is_the_base_network(base, in_channels, bas
     torch.manual_seed(7)  # the same draws: the BE builder creates the base first, "ones" draws nothing
     be = create("batchensemble", num_classes=5, in_channels=in_channels, base=base, members=2,
                 base_kwargs=base_kwargs)
-    x = torch.randn(3, in_channels, 8, 8)
+    # float64: BatchNorm over 1x1 maps of 3 vs 6 rows (mobilenetv2 at 8x8) sums in another order
+    reference, be = reference.double(), be.double()
+    x = torch.randn(3, in_channels, 8, 8, dtype=torch.float64)
     # Eval first: a training step updates BN's running variance with the unbiased correction over the
     # tiled batch (M·B·H·W values, not B·H·W), so the running statistics would part slightly.
     for train in (False, True):
@@ -225,8 +288,6 @@ def test_bad_inputs_give_clear_errors():
         BELinear(nn.Linear(3, 2), 2)(torch.randn(5, 3))
     with pytest.raises(ValueError, match="not divisible by members=3"):
         BEConv2d(nn.Conv2d(3, 2, 1), 3)(torch.randn(4, 3, 2, 2))
-    with pytest.raises(ValueError, match="groups=1, got groups=4"):
-        BEConv2d(nn.Conv2d(4, 8, 3, groups=4), 2)
     with pytest.raises(ValueError, match="init must be one of ones, normal, sign"):
         BELinear(nn.Linear(3, 2), 2, init="uniform")
     with pytest.raises(ValueError, match="bias must be one of shared, member"):
@@ -250,9 +311,29 @@ def test_bad_inputs_give_clear_errors():
         collapse(create("small_cnn", in_channels=1, width=0.25))
 
 
-def test_a_depthwise_base_names_the_layer_it_cannot_convert():
-    with pytest.raises(ValueError, match=r"cannot make layer '.*' a BatchEnsemble layer: .*groups=1"):
-        create("batchensemble", base="mobilenetv2")
+class _SameConv(nn.Conv2d):
+    """A conv with its own forward, like timm's Conv2dSame: converting it would drop that forward."""
+
+    def forward(self, x):
+        return super().forward(F.pad(x, (0, 1, 0, 1)))
+
+
+@register_model("test_own_forward_conv")
+def _own_forward_conv(num_classes: int = 10, in_channels: int = 3) -> nn.Module:
+    return nn.Sequential(nn.Sequential(_SameConv(in_channels, num_classes, 2)))
+
+
+def test_a_layer_with_its_own_forward_is_named_and_refused():
+    with pytest.raises(ValueError, match=r"cannot make layer '0.0' a BatchEnsemble layer: it is a _SameConv .*"
+                                         r"plain nn.Conv2d and nn.Linear"):
+        create("batchensemble", base="test_own_forward_conv")
+    with pytest.raises(ValueError, match=r"layer '0.out_proj' .* MultiheadAttention"):
+        create("batchensemble", base="test_attention")  # attention reads out_proj.weight itself
+
+
+@register_model("test_attention")
+def _attention(num_classes: int = 10, in_channels: int = 3) -> nn.Module:
+    return nn.Sequential(nn.MultiheadAttention(in_channels * 2, 2))
 
 
 # --------------------------------------------------------------------------- (f) registry round trip

@@ -66,6 +66,7 @@ class _BELayer(nn.Module):
         _check_choice("init", init, INITS)
         _check_choice("bias", bias, BIASES)
         self.members, self.init, self.bias_mode = members, init, bias
+        self.groups = getattr(layer, "groups", 1)
         # The plain layer's parameters become the shared ones (same tensors: no copy).
         self.weight = layer.weight
         if layer.bias is None:
@@ -104,10 +105,18 @@ class _BELayer(nn.Module):
         shape[channel_dim] = -1
         return x * self.r.to(x.dtype).view(shape)
 
+    def grouped_factors(self, s: torch.Tensor, r: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """W viewed as (G, out/G, in/G, *kernel), and (.., out) and (.., in) factors viewed to broadcast
+        against it. A grouped conv's output channel o reads only the input channels of its group, so
+        member i's weight is W[o, j] · s_i[o] · r_i[group(o)·in/G + j] (G = 1: W ∘ s_i r_iᵀ)."""
+        G, tail = self.groups, [1] * (self.weight.dim() - 2)
+        W = self.weight.unflatten(0, (G, -1))
+        return W, s.reshape(*s.shape[:-1], G, -1, 1, *tail), r.reshape(*r.shape[:-1], G, 1, -1, *tail)
+
     def member_weights(self) -> torch.Tensor:
-        """(M, *W.shape): member i's effective weight W ∘ (s_i r_iᵀ) (broadcast over a kernel)."""
-        tail = [1] * (self.weight.dim() - 2)
-        return self.weight * self.s.view(self.members, -1, 1, *tail) * self.r.view(self.members, 1, -1, *tail)
+        """(M, *W.shape): member i's effective weight W ∘ (s_i r_iᵀ) (broadcast over a kernel and groups)."""
+        W, s, r = self.grouped_factors(self.s, self.r)
+        return (W * s * r).flatten(1, 2)
 
     def member_biases(self) -> torch.Tensor | None:
         """(M, out): member i's effective bias b ∘ s_i or b_i ∘ s_i; None for a bias-free layer."""
@@ -141,19 +150,17 @@ class BELinear(_BELayer):
 
 
 class BEConv2d(_BELayer):
-    """BatchEnsemble version of an nn.Conv2d (groups=1): r scales input channels, s output channels.
+    """BatchEnsemble version of an nn.Conv2d: r scales input channels, s output channels.
 
     r: (M, in_channels), s: (M, out_channels), broadcast over H, W. Inputs (M·B, C, H, W), member-major.
+    Grouped and depthwise convs too, as the LatentBE code (giung2): r scales all in_channels before the
+    grouped conv, so member i's weight is W[o, j] · s_i[o] · r_i[group(o)·in/groups + j].
     """
 
     def __init__(self, conv: nn.Conv2d, members: int, init: str = "ones", bias: str = "shared"):
         super().__init__()
         if not isinstance(conv, nn.Conv2d):
             raise TypeError(f"BEConv2d is built from an nn.Conv2d, got {type(conv).__name__}.")
-        if conv.groups != 1:
-            # A grouped (e.g. depthwise) conv mixes only within groups; W ∘ (s rᵀ) is not its factorisation.
-            raise ValueError(f"BEConv2d needs a conv with groups=1, got groups={conv.groups} "
-                             f"({conv.in_channels}->{conv.out_channels} channels).")
         self.in_channels, self.out_channels = conv.in_channels, conv.out_channels
         self.kernel_size, self.stride, self.dilation = conv.kernel_size, conv.stride, conv.dilation
         self.padding, self.padding_mode = conv.padding, conv.padding_mode
@@ -165,14 +172,23 @@ class BEConv2d(_BELayer):
         xb = self._scale_in(self._blocks(x), 2).flatten(0, 1)
         w, b = self.weight.to(xb.dtype), self._shared_bias(xb.dtype)
         if self.padding_mode != "zeros":
-            y = F.conv2d(F.pad(xb, self._pad_twice, mode=self.padding_mode), w, b, self.stride, 0, self.dilation)
+            y = F.conv2d(F.pad(xb, self._pad_twice, mode=self.padding_mode), w, b, self.stride, 0, self.dilation,
+                         self.groups)
         else:
-            y = F.conv2d(xb, w, b, self.stride, self.padding, self.dilation)
+            y = F.conv2d(xb, w, b, self.stride, self.padding, self.dilation, self.groups)
         return self._scale_out(y.unflatten(0, (self.members, n // self.members)), 2)
 
     def extra_repr(self) -> str:
+        groups = f"groups={self.groups}, " if self.groups != 1 else ""
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
-                + super().extra_repr())
+                + groups + super().extra_repr())
+
+
+def _own_forward(layer: nn.Module) -> bool:
+    """A Conv2d/Linear subclass computing something else (timm's Conv2dSame, StdConv2d): no plain layer."""
+    plain = nn.Conv2d if isinstance(layer, nn.Conv2d) else nn.Linear
+    return type(layer).forward is not plain.forward or getattr(type(layer), "_conv_forward", None) not in (
+        None, nn.Conv2d._conv_forward)
 
 
 def _convert(model: nn.Module, members: int, init: str, bias: str) -> None:
@@ -181,6 +197,11 @@ def _convert(model: nn.Module, members: int, init: str, bias: str) -> None:
         for name, child in list(parent._modules.items()):
             if isinstance(child, (nn.Conv2d, nn.Linear)):
                 path = f"{parent_name}.{name}" if parent_name else name
+                if _own_forward(child) or isinstance(parent, nn.MultiheadAttention):
+                    # Its forward (or the parent's, reading child.weight) would skip the factors.
+                    raise ValueError(f"cannot make layer {path!r} a BatchEnsemble layer: it is a "
+                                     f"{type(child).__name__} inside a {type(parent).__name__} that computes "
+                                     f"its own forward; BatchEnsemble converts plain nn.Conv2d and nn.Linear layers.")
                 try:
                     be = (BEConv2d if isinstance(child, nn.Conv2d) else BELinear)(child, members, init, bias)
                 except ValueError as err:
@@ -239,13 +260,13 @@ class BatchEnsembleNet(nn.Module):
 @torch.no_grad()
 def _fold(layer: _BELayer, mode: str) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The plain layer's (weight, bias) with the factors folded in."""
-    W, r, s = layer.weight, layer.r, layer.s
-    tail = [1] * (W.dim() - 2)
+    r, s = layer.r, layer.s
     if mode == "product_of_means":
-        s_bar, r_bar = s.mean(0), r.mean(0)
-        weight = W * s_bar.view(-1, 1, *tail) * r_bar.view(1, -1, *tail)
+        W, s_bar, r_bar = layer.grouped_factors(s.mean(0), r.mean(0))
+        weight = (W * s_bar * r_bar).flatten(0, 1)
     else:
-        weight = W * (torch.einsum("mo,mi->oi", s, r) / layer.members).view(*W.shape[:2], *tail)
+        W, s_g, r_g = layer.grouped_factors(s, r)
+        weight = (W * (s_g * r_g).mean(0)).flatten(0, 1)  # (G, out/G, in/G, 1..) products, not M weights
     if layer.bias is None:
         bias = None
     elif layer.bias_mode == "shared":
