@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
-from .plots import accuracy_vs_cost, reliability_diagram, teacher_weights_over_training
+from .plots import (accuracy_vs_cost, accuracy_vs_cost_figure, reliability_diagram, reliability_figure,
+                    teacher_weights_over_training)
 from .tables import COLUMNS, HEADERS, format_value, load_results, markdown_table, print_table, write_results
 
 __all__ = [
     "COLUMNS",
     "HEADERS",
     "accuracy_vs_cost",
+    "accuracy_vs_cost_figure",
     "format_value",
     "load_results",
     "markdown_table",
     "print_table",
     "reliability_diagram",
+    "reliability_figure",
     "teacher_weights_over_training",
     "write_results",
 ]
