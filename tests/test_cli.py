@@ -193,3 +193,14 @@ def test_evaluate_reports_corruption_and_ood_metrics(demo_dir, tmp_path):
     assert main(["evaluate", str(demo_dir / "teachers"), "--out", str(tmp_path / "t"), *overrides]) == 0
     ensemble = next(r for r in _rows(tmp_path / "t") if r["name"].startswith("ensemble"))
     assert "corr_acc" in ensemble and "ood_auroc_entropy" in ensemble
+
+
+def test_wide_latency_spread_is_called_out(tmp_path, capsys):
+    from ensemble_kd.cli import _finish
+
+    rows = [{"name": "steady", "latency_ms": 1.0, "latency_ms_iqr": 0.1},
+            {"name": "jumpy", "latency_ms": 1.0, "latency_ms_iqr": 0.8}]
+    _finish(tmp_path, rows, "t", ["name", "latency_ms"])
+    captured = capsys.readouterr()
+    assert "1.000 ± 0.400" in captured.out
+    assert "varies widely" in captured.err and "jumpy" in captured.err and "steady" not in captured.err

@@ -264,7 +264,7 @@ def test_cost_functions_restore_modes_and_follow_dtype():
     count_flops(model, (1, 8, 8))
     latency = measure_latency(model, (1, 8, 8), repeats=3, warmup=1)
     throughput = measure_throughput(model, (1, 8, 8), batch_size=4, repeats=2, warmup=1)
-    assert latency > 0 and math.isfinite(latency)
+    assert latency.median_ms > 0 and math.isfinite(latency.median_ms) and latency.iqr_ms >= 0
     assert throughput > 0 and math.isfinite(throughput)
     assert [m.training for m in model] == [True, False, True, True, True]
     assert torch.equal(model[1].running_mean, running_mean)  # ran in eval mode: no BN update
@@ -277,8 +277,49 @@ def test_cost_functions_restore_modes_and_follow_dtype():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cost_on_cuda_leaves_model_in_place():
     model = nn.Linear(10, 5)
-    assert measure_latency(model, (10,), device="cuda", repeats=3, warmup=1) > 0
+    assert measure_latency(model, (10,), device="cuda", repeats=3, warmup=1).median_ms > 0
     assert next(model.parameters()).device.type == "cpu"
     model = model.cuda()
     assert count_flops(model, (10,)) == 100
     assert measure_throughput(model, (10,), batch_size=8, repeats=2, warmup=1) > 0
+
+
+class _ScriptedNet(nn.Module):
+    """Each forward advances a fake clock by the next scripted duration (seconds)."""
+
+    def __init__(self, clock: list[float], durations: list[float]):
+        super().__init__()
+        self.clock, self.durations, self.weight = clock, list(durations), nn.Parameter(torch.zeros(1))
+
+    def forward(self, x):
+        self.clock[0] += self.durations.pop(0)
+        return x
+
+
+def test_latency_is_the_median_and_iqr_of_the_timed_repeats_after_warmup(monkeypatch):
+    from ensemble_kd.metrics import cost
+
+    clock = [0.0]
+    monkeypatch.setattr(cost.time, "perf_counter", lambda: clock[0])
+    # Two slow warm-up passes (first-call setup), then five timed ones with one outlier.
+    model = _ScriptedNet(clock, [0.5, 0.2, 0.001, 0.002, 0.003, 0.004, 0.050])
+    latency = cost.measure_latency(model, (1,), repeats=5, warmup=2)
+    assert not model.durations  # 2 + 5 passes, no more
+    # ms [1, 2, 3, 4, 50]: median 3; inclusive quartiles 2 and 4 -> IQR 2 (the outlier moves neither).
+    assert latency.median_ms == pytest.approx(3.0)
+    assert latency.iqr_ms == pytest.approx(2.0)
+    assert cost.latency_of([0.004]) == (pytest.approx(4.0), 0.0)
+    with pytest.raises(ValueError, match="no timings"):
+        cost.latency_of([])
+
+
+def test_evaluation_rows_carry_latency_spread_and_ensembles_add_members_up():
+    from types import SimpleNamespace
+
+    from ensemble_kd.engine.evaluate import _sum_costs, cost_row
+
+    cfg = SimpleNamespace(cost=False, latency=True, throughput_batch=2)
+    row = cost_row(nn.Linear(4, 2), (4,), torch.device("cpu"), cfg)
+    assert row["latency_ms"] > 0 and row["latency_ms_iqr"] >= 0
+    members = [{"latency_ms": 1.0, "latency_ms_iqr": 0.1}, {"latency_ms": 2.0, "latency_ms_iqr": 0.3}]
+    assert _sum_costs(members) == pytest.approx({"latency_ms": 3.0, "latency_ms_iqr": 0.4})

@@ -142,3 +142,11 @@ def test_plots_module_leaves_pyplot_alone():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_latency_cell_shows_median_and_half_the_interquartile_range():
+    row = {"name": "m", "latency_ms": 1.1043, "latency_ms_iqr": 0.062}
+    assert _cells(markdown_table([row], ["name", "latency_ms"]).splitlines()[2]) == ["m", "1.104 ± 0.031"]
+    # A sweep's spread over seeds, where there is one, is what the table shows.
+    row["latency_ms_std"] = 0.5
+    assert _cells(markdown_table([row], ["name", "latency_ms"]).splitlines()[2]) == ["m", "1.104 ± 0.500"]

@@ -308,6 +308,10 @@ def _finish(run_dir: Path, rows: list[dict], title: str, columns: list[str]) -> 
     run_dir.mkdir(parents=True, exist_ok=True)
     shown = [c for c in columns if any(c in r for r in rows)]
     print_table(rows, shown, title, console=out)
+    busy = [r["name"] for r in rows if r.get("latency_ms_iqr", 0) > 0.5 * r.get("latency_ms", float("inf"))]
+    if busy:  # a busy machine: one forward pass waits for a descheduled thread now and then
+        err.print(f"latency varies widely between repeats (interquartile range over half the median) for "
+                  f"{', '.join(busy)}: the machine is busy; measure latency on a quiet one", highlight=False)
     write_results(run_dir, rows)
     bins = {r["name"]: r["reliability"] for r in rows if r.get("reliability")}
     if bins:

@@ -43,7 +43,7 @@ def cost_row(model: nn.Module, input_shape, device, eval_cfg) -> dict:
     if eval_cfg.cost:
         row["flops"] = count_flops(model, input_shape)
     if eval_cfg.latency:
-        row["latency_ms"] = measure_latency(model, input_shape, device)
+        row["latency_ms"], row["latency_ms_iqr"] = measure_latency(model, input_shape, device)
         row["throughput"] = measure_throughput(model, input_shape, device, eval_cfg.throughput_batch)
     return row
 
@@ -108,9 +108,10 @@ def evaluate_teacher_set(teachers: TeacherSet, test_loader, val_loader, eval_cfg
 
 
 def _sum_costs(rows: list[dict]) -> dict:
-    """An ensemble costs the sum of its members (latency too: M forward passes)."""
+    """An ensemble costs the sum of its members (latency too: M forward passes; the members'
+    interquartile ranges add up to a bound on the ensemble's)."""
     out = {}
-    for key in ("params", "flops", "latency_ms"):
+    for key in ("params", "flops", "latency_ms", "latency_ms_iqr"):
         if all(key in r for r in rows):
             out[key] = sum(r[key] for r in rows)
     if all("throughput" in r for r in rows):

@@ -1,4 +1,4 @@
-"""Inference cost of a model: parameters, FLOPs per sample, latency and throughput."""
+"""Inference cost of a model: parameters, FLOPs per sample, latency (median and spread) and throughput."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import copy
 import statistics
 import time
 from collections.abc import Iterator, Sequence
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -100,17 +101,34 @@ def _time_forward(model: nn.Module, x: torch.Tensor, device: torch.device, repea
     return times
 
 
+class Latency(NamedTuple):
+    """Milliseconds per forward pass over the timed repeats: the median and the interquartile range."""
+
+    median_ms: float
+    iqr_ms: float
+
+
+def latency_of(seconds: Sequence[float]) -> Latency:
+    """Median and interquartile range (q3 - q1, quartiles by linear interpolation) of timings in seconds."""
+    ms = [1000.0 * t for t in seconds]
+    if not ms:
+        raise ValueError("no timings to summarise; time at least one forward pass.")
+    q1, _, q3 = statistics.quantiles(ms, n=4, method="inclusive") if len(ms) > 1 else (ms[0],) * 3
+    return Latency(statistics.median(ms), q3 - q1)
+
+
 def measure_latency(
     model: nn.Module, input_shape: Sequence[int], device=None, repeats: int = 50, warmup: int = 10
-) -> float:
-    """Median wall-clock milliseconds of one forward pass at batch 1 (eval mode, no grad).
+) -> Latency:
+    """Wall-clock milliseconds of one forward pass at batch 1 (eval mode, no grad): the median of
+    `repeats` timed passes and their interquartile range, after `warmup` untimed ones.
 
     device=None measures where the model lives; another device measures a copy there.
     """
     shape = _check_shape(input_shape)
     model, device, dtype = _on_device(model, device)
     x = torch.randn((1, *shape), device=device, dtype=dtype)
-    return 1000.0 * statistics.median(_time_forward(model, x, device, repeats, warmup))
+    return latency_of(_time_forward(model, x, device, repeats, warmup))
 
 
 def measure_throughput(

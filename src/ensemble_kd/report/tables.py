@@ -96,12 +96,19 @@ def format_value(column: str, value: Any) -> str:
 
 
 def format_cell(row: Mapping[str, Any], column: str) -> str:
-    """A row's cell; a numeric `<column>_std` entry (spread over seeds) is appended as '± std'."""
+    """A row's cell; a numeric `<column>_std` entry (spread over seeds) is appended as '± std', and
+    a timing's `<column>_iqr` (spread over repeats around the median) as '± iqr/2'."""
     text = format_value(column, row.get(column))
-    std = row.get(f"{column}_std")
-    if text != MISSING and isinstance(std, (int, float)) and not _is_missing(std):
+    std, iqr = row.get(f"{column}_std"), row.get(f"{column}_iqr")
+    if text != MISSING and _is_number(std):
         text += " ± " + format_value(column, std)
+    elif text != MISSING and _is_number(iqr):
+        text += " ± " + format_value(column, iqr / 2)
     return text
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and not _is_missing(value)
 
 
 def _columns(rows: Sequence[Mapping[str, Any]], columns: Sequence[str] | None) -> list[str]:
