@@ -62,22 +62,41 @@ class TrainConfig(_Section):
 
 
 class ModelConfig(_Section):
-    arch: str = "small_cnn"
+    arch: str = "small_cnn"  # ours, timm/<name>, torchvision/<name>, package.module:function or a plugin's
     kwargs: dict[str, Any] = Field(default_factory=dict)
     seed: int = 0
+    weights: str | None = None  # a local .safetensors/.pt/.pth file loaded after building
+    pretrained: bool = False  # the library's own weights (timm's hub cache, torchvision's weight enums)
 
     @model_validator(mode="after")
     def _no_class_count_in_kwargs(self) -> ModelConfig:
         for key in ("num_classes", "in_channels"):
             if key in self.kwargs:
                 raise ValueError(f"'{key}' comes from the dataset; remove it from kwargs")
+        if self.weights is not None and self.pretrained:
+            raise ValueError("set weights (a local file) or pretrained (the library's), not both")
         return self
+
+
+class InputConfig(_Section):
+    """The input a teacher was trained on, when it is not the data's normalisation: `library: true`
+    takes the library's config for its weights (timm's pretrained_cfg, torchvision's transforms); keys
+    given here override it; `size: null` keeps the data's size."""
+
+    library: bool = False
+    mean: list[float] | None = None
+    std: list[float] | None = None
+    size: int | list[int] | None = None
+
+
+class TeacherMemberConfig(ModelConfig):
+    input: InputConfig | None = None  # None: the library's for pretrained: true, else the data's
 
 
 class TeachersConfig(_Section):
     """Members are listed, or made from arch + count with seeds seed, seed+1, ..."""
 
-    members: list[ModelConfig] | None = None
+    members: list[TeacherMemberConfig] | None = None  # with weights (or pretrained) each and no source: loaded as they are
     arch: str = "small_cnn"
     kwargs: dict[str, Any] = Field(default_factory=dict)
     count: int = Field(3, gt=0)
@@ -90,10 +109,10 @@ class TeachersConfig(_Section):
     compile: bool = False  # torch.compile the frozen teachers
     cache: str | None = None  # a cache-teachers directory: distill reads teacher logits from it, loads no teacher
 
-    def resolved_members(self) -> list[ModelConfig]:
+    def resolved_members(self) -> list[TeacherMemberConfig]:
         if self.members is not None:
             return list(self.members)
-        return [ModelConfig(arch=self.arch, kwargs=dict(self.kwargs), seed=self.seed + i)
+        return [TeacherMemberConfig(arch=self.arch, kwargs=dict(self.kwargs), seed=self.seed + i)
                 for i in range(self.count)]
 
     @model_validator(mode="after")

@@ -15,7 +15,8 @@ from pathlib import Path
 
 import torch
 
-from .config import Config, ConfigError, DataConfig, ModelConfig, TrainConfig, load_config
+from .config import (Config, ConfigError, DataConfig, InputConfig, ModelConfig, TeacherMemberConfig, TrainConfig,
+                     load_config)
 from .data import AugmentSpec, DatasetSplits, DeviceLoader, load_dataset
 from .data.video import VIDEO_DATASETS, VideoLoader, VideoSplits, load_video_splits
 from .engine import Trainer, distributed, resolve_device, save_model, seed_everything
@@ -25,6 +26,8 @@ from .ensemble import MANIFEST, TeacherSet, write_manifest
 from .ensemble.cache import CachedTeachers, build_cache, open_cache
 from .methods import create_method, method_class
 from .models import create, unwrap
+from .models.inputs import InputAdapter, adapt_input
+from .models.weights import load_weights
 
 TEACHERS_DIR = "teachers"
 STUDENT_DIR = "student"
@@ -77,14 +80,17 @@ def build_model(member: ModelConfig, data: Data) -> torch.nn.Module:
     seed_everything(member.seed)  # the initialisation depends on the member's seed alone
     try:
         model = create(member.arch, num_classes=data.splits.num_classes,
-                       in_channels=data.splits.in_channels, **member.kwargs)
+                       in_channels=data.splits.in_channels, pretrained=member.pretrained, **member.kwargs)
     except TypeError as err:
         raise ConfigError(f"architecture '{member.arch}' got a bad keyword in kwargs: {err}") from None
+    if member.weights is not None:
+        load_weights(model, member.weights)
     return model.to(data.device)
 
 
 def member_name(index: int, member: ModelConfig) -> str:
-    return f"{index:02d}-{member.arch}-s{member.seed}"
+    arch = member.arch.replace("/", "-").replace(":", "-")  # timm/resnet18, pkg.mod:fn: one directory name
+    return f"{index:02d}-{arch}-s{member.seed}"
 
 
 def train_one(model, method, data: Data, config: Config, train: TrainConfig, out_dir: Path, *, seed: int,
@@ -137,11 +143,65 @@ def _read_manifest(run_dir: Path) -> dict:
 
 
 def load_teachers(config: Config, data: Data, needs=None) -> TeacherSet:
-    if config.teachers.source is None:
-        raise ConfigError("teachers.source is not set; point it at a train-teachers run directory")
-    teachers = TeacherSet.from_run(config.teachers.source, device=data.device, take=config.teachers.take)
+    if config.teachers.source is not None:
+        teachers = TeacherSet.from_run(config.teachers.source, device=data.device, take=config.teachers.take)
+    elif loads_weights(config):
+        teachers = teachers_from_weights(config, data)
+    else:
+        raise ConfigError("teachers.source is not set; point it at a train-teachers run directory, or give "
+                          "every one of teachers.members its weights (or pretrained: true)")
     check_class_counts(teachers, data)
     return fast_teachers(config, teachers, needs)
+
+
+def loads_weights(config: Config) -> bool:
+    """teachers.members name weights (files or the library's) and no run: the set is loaded as given."""
+    members = config.teachers.members or []
+    return config.teachers.source is None and any(m.weights is not None or m.pretrained for m in members)
+
+
+def teachers_from_weights(config: Config, data: Data) -> TeacherSet:
+    """The members of teachers.members built and loaded from their weights, no training; each one's
+    input adapted to what it was trained on (teacher_input)."""
+    members = config.teachers.members[: config.teachers.take]
+    models = []
+    for i, member in enumerate(members):
+        if member.weights is None and not member.pretrained:
+            raise ConfigError(f"config key 'teachers.members.{i}' has neither weights nor pretrained: true; give "
+                              f"every member its weights, or train them with train-teachers and set teachers.source")
+        model = build_model(member, data)
+        adapter = teacher_input(i, member, model, data)
+        models.append(adapt_input(model, adapter) if adapter is not None else model)
+    return TeacherSet(models, [member_name(i, m) for i, m in enumerate(members)])
+
+
+def teacher_input(index: int, member: TeacherMemberConfig, model, data: Data) -> InputAdapter | None:
+    """The adapter from the data's normalisation to the member's own (None: they agree). The member's
+    is `input:` when given, on top of the library's config with `input.library` or pretrained: true."""
+    where = f"config key 'teachers.members.{index}.input'"
+    spec = member.input if member.input is not None else (InputConfig(library=True) if member.pretrained else None)
+    if spec is None:
+        return None
+    if not hasattr(data.splits, "mean"):
+        raise ConfigError(f"{where}: input adapters apply to images, not to {data.splits.name}")
+    wanted = {"mean": list(data.splits.mean), "std": list(data.splits.std), "size": None}
+    if spec.library:
+        own = getattr(model, "input_config", None)
+        if own is None:
+            raise ConfigError(f"{where}: '{member.arch}' has no library input config; give mean, std and size")
+        wanted.update(own)
+    wanted.update({k: getattr(spec, k) for k in ("mean", "std", "size") if k in spec.model_fields_set})
+    size = wanted["size"]
+    size = [size, size] if isinstance(size, int) else size
+    if size is not None and list(size) == list(getattr(data.splits, "image_size", ()) or ()):
+        size = None  # the data's size already
+    try:
+        adapter = InputAdapter(data.splits.mean, data.splits.std, wanted["mean"], wanted["std"], size)
+    except ValueError as err:
+        raise ConfigError(f"{where}: {err}") from None
+    identity = (adapter.size is None and torch.allclose(adapter.scale, torch.ones_like(adapter.scale))
+                and torch.allclose(adapter.shift, torch.zeros_like(adapter.shift)))
+    return None if identity else adapter
 
 
 def fast_teachers(config: Config, teachers: TeacherSet, needs=None) -> TeacherSet:
@@ -155,11 +215,12 @@ def fast_teachers(config: Config, teachers: TeacherSet, needs=None) -> TeacherSe
 
 def open_teacher_cache(config: Config, data: Data, needs=None) -> CachedTeachers:
     """The cache named by teachers.cache, checked against this run's training views (student.seed)
-    and, when teachers.source names them, against the teachers' weights (loaded, never run).
+    and, when teachers.source or teachers.members' weights name them, against the teachers' weights
+    and inputs (loaded, never run).
     """
     source = config.teachers.source
-    teachers = (TeacherSet.from_run(source, take=config.teachers.take)
-                if source is not None and Path(source).is_dir() else None)
+    teachers = (TeacherSet.from_run(source, take=config.teachers.take) if source is not None and Path(source).is_dir()
+                else teachers_from_weights(config, data) if loads_weights(config) else None)
     cached = open_cache(config.teachers.cache, teachers, data.train_loader(config.data, config.student.seed), data.device,
                         dataset=config.data.name, needs=needs)
     check_class_counts(cached, data)

@@ -4,8 +4,9 @@ Two kinds of file:
 - a training state (`last.pt`): model, optimizer, scheduler, method extras, RNG
   states, epoch and step, enough for `--resume` to continue bit for bit;
 - a model file (`model.pt`): the plain state_dict, loadable into
-  `ensemble_kd.models.create(name)` with an ordinary `load_state_dict`, beside a
-  `model.json` that names the architecture (its spec) and its metrics.
+  `ensemble_kd.models.create(name)` with an ordinary `load_state_dict`, beside the same
+  tensors as `model.safetensors` (no pickle) and a `model.json` that names the
+  architecture (its spec) and its metrics.
 """
 
 from __future__ import annotations
@@ -81,10 +82,16 @@ def load_train_state(path: str | Path, map_location="cpu") -> dict:
 
 
 def save_model(model: nn.Module, path: str | Path, info: dict | None = None) -> None:
-    """The plain state_dict plus a sidecar JSON with the model's spec."""
+    """The plain state_dict, the same tensors as safetensors (no pickle: what timm's, torchvision's and
+    the hub's loaders read) and a sidecar JSON with the model's spec."""
+    from safetensors.torch import save as safetensors_bytes
+
     path = Path(path)
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     atomic_save(state, path)
+    # safetensors refuses tensors that share memory (tied weights): each gets its own copy
+    tensors = {k: v.contiguous().clone() for k, v in state.items()}
+    atomic_write(path.with_suffix(".safetensors"), lambda f: f.write(safetensors_bytes(tensors, {"format": "pt"})))
     sidecar = {"spec": getattr(model, "spec", None), **(info or {})}
     atomic_write_text(path.with_suffix(".json"), json.dumps(sidecar, indent=2))
 

@@ -46,6 +46,7 @@ from ..data import DeviceLoader, make_view
 from ..engine.checkpoint import atomic_save, atomic_write_text, load
 from ..engine import distributed
 from ..methods import Needs, TeacherOutput
+from ..models.inputs import input_description
 from .teacher_set import TeacherSet
 
 __all__ = ["CACHE_MANIFEST", "CacheMismatchError", "CachedTeachers", "build_cache", "fingerprint",
@@ -77,9 +78,11 @@ def _hash_state(module: torch.nn.Module) -> str:
 
 
 def teacher_fingerprint(teachers: TeacherSet) -> list[dict]:
-    """One entry per member: its name, its architecture spec and a hash of all its state_dict bytes."""
+    """One entry per member: its name, its architecture spec, a hash of all its state_dict bytes (whatever
+    file or library they came from) and, for a member with an input adapter, the input it is given."""
     members = getattr(teachers, "source_members", None) or teachers.members  # as trained, before folding
-    return [{"name": name, "spec": getattr(member, "spec", None), "weights": _hash_state(member)}
+    return [{"name": name, "spec": getattr(member, "spec", None), "weights": _hash_state(member),
+             **({"input": input_description(member)} if input_description(member) else {})}
             for name, member in zip(teachers.names, members)]
 
 
@@ -219,6 +222,8 @@ def _difference(made: dict, now: dict) -> tuple[str, str] | None:
     for i, (x, y) in enumerate(zip(ta, tb)):
         if x["spec"] != y["spec"]:
             return f"teacher {i} with architecture {x['spec']}", f"{y['spec']}"
+        if x.get("input") != y.get("input"):  # the adapter's buffers are in the weights' hash, its size is not
+            return f"teacher {i} ({x['name']}) given input {x.get('input')}", f"input {y.get('input')}"
         if x["weights"] != y["weights"]:
             return f"teacher {i} ({x['name']}) with weights {x['weights'][:12]}", f"weights {y['weights'][:12]}"
     return None

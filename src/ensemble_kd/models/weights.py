@@ -1,0 +1,114 @@
+"""Local weights files into a built model: safetensors or a torch state_dict, common wrappers unwrapped.
+
+Read without pickle (safetensors) or with torch.load(weights_only=True). Training checkpoints
+wrap the state_dict (`state_dict`, `model`, `module`, EMA copies, DDP's `module.` and
+torch.compile's `_orig_mod.` prefixes); those are peeled off. A file that does not fit is
+refused in one sentence naming the first missing and unexpected keys and the first shape
+mismatch, before anything is copied into the model.
+"""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+import torch
+from torch import nn
+
+# Where training scripts put the weights, in the order tried: the trained weights before their EMA.
+WRAPPER_KEYS = ("state_dict", "model", "module", "net", "model_state_dict", "state_dict_ema", "model_ema")
+PREFIXES = ("module.", "_orig_mod.")
+SHOWN = 3  # keys named per kind of mismatch
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """The tensors of a .safetensors file, or the state_dict inside a .pt/.pth/.bin file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"weights file '{path}' does not exist")
+    if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path))
+        except (SafetensorError, OSError) as err:
+            raise ValueError(f"weights file '{path}' is not a readable safetensors file ({err})") from None
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(f"weights file '{path}' is not a state_dict that torch.load(weights_only=True) "
+                         f"reads ({first}); save it with torch.save(model.state_dict()) or as safetensors") from None
+    state = _find_state_dict(obj)
+    if state is None:
+        keys = ", ".join(map(repr, list(obj)[:6])) if isinstance(obj, dict) else type(obj).__name__
+        raise ValueError(f"weights file '{path}' holds no state_dict (found {keys}); expected a mapping of "
+                         f"parameter names to tensors, or one under {', '.join(WRAPPER_KEYS)}")
+    return _strip_prefixes(state)
+
+
+def _is_state_dict(obj) -> bool:
+    return isinstance(obj, dict) and bool(obj) and all(isinstance(v, torch.Tensor) for v in obj.values())
+
+
+def _find_state_dict(obj, depth: int = 0) -> dict | None:
+    if _is_state_dict(obj):
+        return obj
+    if not isinstance(obj, dict) or depth > 2:
+        return None
+    for key in WRAPPER_KEYS:
+        if key in obj:
+            found = _find_state_dict(obj[key], depth + 1)
+            if found is not None:
+                return found
+    return None
+
+
+def _strip_prefixes(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Drop `module.` / `_orig_mod.` when every key has it (DDP and torch.compile add them)."""
+    changed = True
+    while changed:
+        changed = False
+        for prefix in PREFIXES:
+            if all(k.startswith(prefix) for k in state):
+                state = {k[len(prefix):]: v for k, v in state.items()}
+                changed = True
+    return state
+
+
+def check_fits(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """Raise one ValueError naming what differs between `state` and the model's own state_dict."""
+    own = model.state_dict()
+    # Old checkpoints lack BatchNorm's step counter; load_state_dict fills it in.
+    missing = [k for k in own if k not in state and not k.endswith("num_batches_tracked")]
+    unexpected = [k for k in state if k not in own]
+    shapes = [(k, tuple(state[k].shape), tuple(v.shape)) for k, v in own.items()
+              if k in state and tuple(state[k].shape) != tuple(v.shape)]
+    if not (missing or unexpected or shapes):
+        return
+    name = getattr(model, "spec", {}).get("name", type(model).__name__)
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} missing keys ({_first(missing)})")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected keys ({_first(unexpected)})")
+    if shapes:
+        key, got, want = shapes[0]
+        parts.append(f"{len(shapes)} shape mismatches (first '{key}': {list(got)} in the file, "
+                     f"{list(want)} in the model)")
+    raise ValueError(f"{source} does not fit architecture {name!r}: {'; '.join(parts)}; check `arch` and its "
+                     f"kwargs against the network the weights were saved from")
+
+
+def _first(keys: list[str]) -> str:
+    shown = ", ".join(f"'{k}'" for k in keys[:SHOWN])
+    return shown + (", ..." if len(keys) > SHOWN else "")
+
+
+def load_weights(model: nn.Module, path: str | Path) -> nn.Module:
+    """Copy the weights in `path` into `model` (all of them, every key matched), returning it."""
+    state = read_state_dict(path)
+    check_fits(model, state, f"weights file '{path}'")
+    model.load_state_dict(state, strict=True)
+    return model

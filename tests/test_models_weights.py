@@ -1,0 +1,200 @@
+"""Weights files into models through config, teachers loaded from them, per-teacher input, safetensors."""
+
+from __future__ import annotations
+
+import copy
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+from ensemble_kd import pipeline
+from ensemble_kd.config import ConfigError, ModelConfig, load_config
+from ensemble_kd.engine import save_model
+from ensemble_kd.ensemble.cache import teacher_fingerprint
+from ensemble_kd.models import create, forward_with_taps
+from ensemble_kd.models.inputs import InputAdapter, adapt_input
+from ensemble_kd.models.weights import read_state_dict
+
+timm = pytest.importorskip("timm")
+torchvision = pytest.importorskip("torchvision")
+
+CPU = torch.device("cpu")
+
+
+def fake_data(num_classes=5, in_channels=3):
+    return SimpleNamespace(splits=SimpleNamespace(num_classes=num_classes, in_channels=in_channels), device=CPU)
+
+
+def wrapped(state: dict, how: str):
+    if how == "plain":
+        return state
+    if how == "state_dict+module.":  # a DDP training script's checkpoint
+        return {"epoch": 3, "state_dict": {f"module.{k}": v for k, v in state.items()}}
+    if how == "model+_orig_mod.":  # torchdistill-style, of a compiled model
+        return {"model": {f"_orig_mod.{k}": v for k, v in state.items()}, "optimizer": {}}
+    if how == "model_ema":
+        return {"model_ema": state, "epoch": 1}
+    raise ValueError(how)
+
+
+@pytest.mark.parametrize("arch", ["timm/resnet10t", "torchvision/resnet18"])
+@pytest.mark.parametrize("how", ["safetensors", "plain", "state_dict+module.", "model+_orig_mod.", "model_ema"])
+def test_weights_file_loads_back_through_config(arch, how, tmp_path):
+    torch.manual_seed(1)
+    original = create(arch, num_classes=5).eval()
+    state = original.state_dict()
+    if how == "safetensors":
+        path = tmp_path / "w.safetensors"
+        save_file({k: v.contiguous() for k, v in state.items()}, path)
+    else:
+        path = tmp_path / "w.pth"
+        torch.save(wrapped(state, how), path)
+    loaded = pipeline.build_model(ModelConfig(arch=arch, seed=7, weights=str(path)), fake_data()).eval()
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(loaded(x), original(x), rtol=0, atol=0)
+
+
+def test_mismatched_weights_are_refused_naming_the_keys(tmp_path):
+    path = tmp_path / "r10.pth"
+    torch.save(create("timm/resnet10t", num_classes=5).state_dict(), path)
+    with pytest.raises(ValueError, match=r"does not fit architecture 'timm/resnet10t': 2 shape mismatches "
+                                         r"\(first 'fc.weight': \[5, 512\] in the file, \[7, 512\] in the model\)"):
+        pipeline.build_model(ModelConfig(arch="timm/resnet10t", weights=str(path)), fake_data(num_classes=7))
+    with pytest.raises(ValueError, match=r"does not fit architecture 'timm/resnet14t': 25 missing keys "
+                                         r"\('layer1.0.conv3.weight', .*; 20 shape mismatches"):
+        pipeline.build_model(ModelConfig(arch="timm/resnet14t", weights=str(path)), fake_data())
+    with pytest.raises(ValueError, match=r"unexpected keys \('conv1.0.weight'"):
+        pipeline.build_model(ModelConfig(arch="torchvision/resnet18", weights=str(path)), fake_data())
+    torch.save({"epoch": 3, "optimizer": {}}, tmp_path / "not_weights.pt")
+    with pytest.raises(ValueError, match=r"holds no state_dict \(found 'epoch', 'optimizer'\)"):
+        read_state_dict(tmp_path / "not_weights.pt")
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        read_state_dict(tmp_path / "absent.safetensors")
+
+
+def test_weights_and_pretrained_together_are_refused():
+    with pytest.raises(ConfigError, match="set weights .* or pretrained .*, not both"):
+        load_config(None, ["student.weights=/x.pth", "student.pretrained=true"])
+
+
+# ---------------------------------------------------------------------------- per-teacher input
+
+def test_input_adapter_hand_case():
+    data_mean, data_std = (0.5, 0.4, 0.3), (0.25, 0.2, 0.1)
+    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    adapter = InputAdapter(data_mean, data_std, mean, std)
+    raw = torch.tensor([0.75, 0.2, 0.0]).view(1, 3, 1, 1).expand(1, 3, 2, 2)
+    x = (raw - torch.tensor(data_mean).view(1, 3, 1, 1)) / torch.tensor(data_std).view(1, 3, 1, 1)
+    # by hand: (0.75 - 0.485) / 0.229, (0.2 - 0.456) / 0.224, (0.0 - 0.406) / 0.225
+    expected = torch.tensor([1.1572052, -1.1428571, -1.8044444]).view(1, 3, 1, 1).expand(1, 3, 2, 2)
+    torch.testing.assert_close(adapter(x), expected, rtol=0, atol=1e-6)
+    # a = std_d / std_t, b = (mean_d - mean_t) / std_t
+    torch.testing.assert_close(adapter.scale.flatten(), torch.tensor([0.25 / 0.229, 0.2 / 0.224, 0.1 / 0.225]))
+    torch.testing.assert_close(adapter.shift.flatten(),
+                               torch.tensor([0.015 / 0.229, -0.056 / 0.224, -0.106 / 0.225]))
+
+
+def test_input_adapter_resizes_and_maps_grey_data_to_rgb_statistics():
+    adapter = InputAdapter((0.5,), (0.5,), (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), size=(16, 16))
+    x = torch.randn(2, 1, 8, 8)
+    mean_t, std_t = sum((0.485, 0.456, 0.406)) / 3, sum((0.229, 0.224, 0.225)) / 3
+    affine = (x * 0.5 + 0.5 - mean_t) / std_t
+    want = F.interpolate(affine, size=(16, 16), mode="bilinear", antialias=True, align_corners=False)
+    torch.testing.assert_close(adapter(x), want, rtol=0, atol=1e-5)
+    flat = adapter(torch.full((1, 1, 8, 8), 0.3))
+    torch.testing.assert_close(flat, torch.full_like(flat, (0.3 * 0.5 + 0.5 - mean_t) / std_t), rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="has 3 values but the data has 2 channels"):
+        InputAdapter((0.5, 0.5), (0.5, 0.5), (0.1, 0.2, 0.3), (1, 1, 1))
+
+
+def test_adapted_model_keeps_its_module_paths():
+    torch.manual_seed(0)
+    model = create("timm/resnet10t", num_classes=4).eval()
+    plain = copy.deepcopy(model)
+    adapter = InputAdapter((0.5,) * 3, (0.25,) * 3, (0.4,) * 3, (0.2,) * 3, size=(40, 40))
+    adapt_input(model, adapter)
+    x = torch.randn(2, 3, 32, 32)
+    out, taps = forward_with_taps(model, x, ("layer2", "logits"))
+    want, want_taps = forward_with_taps(plain, adapter(x), ("layer2", "logits"))
+    torch.testing.assert_close(out, want, rtol=0, atol=0)
+    assert taps["layer2"].shape[-1] == 5  # 40 px / 8: the tap sees the resized input
+    torch.testing.assert_close(taps["layer2"], want_taps["layer2"], rtol=0, atol=0)
+    folded = copy.deepcopy(model)  # a deep copy (teachers' fast copies) keeps the adapter
+    torch.testing.assert_close(folded(x), want, rtol=0, atol=0)
+
+
+# ---------------------------------------------------------------------------- teachers from weights
+
+@pytest.fixture
+def weight_files(tmp_path):
+    """A timm and a torchvision ResNet for digits (1 channel, 10 classes), random weights, saved."""
+    torch.manual_seed(0)
+    timm_net = create("timm/resnet10t", num_classes=10, in_channels=1).eval()
+    tv_net = create("torchvision/resnet18", num_classes=10, in_channels=1).eval()
+    save_file({k: v.contiguous() for k, v in timm_net.state_dict().items()}, tmp_path / "r10t.safetensors")
+    torch.save({"state_dict": tv_net.state_dict()}, tmp_path / "r18.pth")
+    return {"timm": (timm_net, tmp_path / "r10t.safetensors"), "tv": (tv_net, tmp_path / "r18.pth")}
+
+
+def members_override(files, size=16):
+    return ["teachers.members=[{arch: timm/resnet10t, weights: %s, input: {size: %d}}, "
+            "{arch: torchvision/resnet18, weights: %s, input: {mean: [0.5], std: [0.25]}}]"
+            % (files["timm"][1], size, files["tv"][1]), "device=cpu"]
+
+
+def test_teacher_set_from_weights_without_train_teachers(weight_files):
+    config = load_config(None, members_override(weight_files))
+    data = pipeline.prepare_data(config)
+    teachers = pipeline.load_teachers(config, data)
+    assert teachers.names == ["00-timm-resnet10t-s0", "01-torchvision-resnet18-s0"]
+    x = next(data.test.batches(None)).x[:4]
+    got = teachers.member_logits(x)
+    mean, std = data.splits.mean[0], data.splits.std[0]
+    timm_net, tv_net = weight_files["timm"][0], weight_files["tv"][0]
+    from ensemble_kd.ensemble.teacher_set import fold_batchnorm
+    want0 = fold_batchnorm(timm_net)(F.interpolate(x, size=(16, 16), mode="bilinear", antialias=True))
+    want1 = fold_batchnorm(tv_net)((x * std + mean - 0.5) / 0.25)
+    torch.testing.assert_close(got[0], want0, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(got[1], want1, rtol=1e-4, atol=1e-4)
+
+
+def test_teacher_fingerprint_names_the_weights_and_the_input(weight_files):
+    def prints(size):
+        config = load_config(None, members_override(weight_files, size))
+        return teacher_fingerprint(pipeline.teachers_from_weights(config, pipeline.prepare_data(config)))
+
+    at16, at24 = prints(16), prints(24)
+    assert at16[0]["input"]["size"] == [16, 16] and at24[0]["input"]["size"] == [24, 24]
+    assert at16[1]["input"]["mean"] == [0.5] and at16[1] == at24[1]
+    assert at16[0]["weights"] == at24[0]["weights"]  # the same file; only the input differs
+    plain = create("timm/resnet10t", num_classes=10, in_channels=1)
+    other = SimpleNamespace(names=["a"], members=[plain])
+    assert teacher_fingerprint(other)[0]["weights"] != at16[0]["weights"]
+
+
+def test_members_without_weights_and_no_source_are_refused(weight_files):
+    config = load_config(None, members_override(weight_files) + ["teachers.members.1.weights=null"])
+    with pytest.raises(ConfigError, match=r"'teachers.members.1' has neither weights nor pretrained"):
+        pipeline.load_teachers(config, pipeline.prepare_data(config))
+    config = load_config(None, ["device=cpu"])
+    with pytest.raises(ConfigError, match="teachers.source is not set"):
+        pipeline.load_teachers(config, pipeline.prepare_data(config))
+
+
+# ---------------------------------------------------------------------------- students as safetensors
+
+@pytest.mark.parametrize("arch", ["timm/resnet10t", "torchvision/mobilenet_v3_small"])
+def test_saved_student_loads_with_the_library_own_loader(arch, tmp_path):
+    torch.manual_seed(0)
+    model = create(arch, num_classes=6).eval()
+    save_model(model, tmp_path / "model.pt")
+    state = load_file(tmp_path / "model.safetensors")
+    source, name = arch.split("/")
+    plain = (timm.create_model(name, num_classes=6) if source == "timm"
+             else torchvision.models.get_model(name, num_classes=6)).eval()
+    plain.load_state_dict(state)
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(plain(x), model(x), rtol=0, atol=0)
