@@ -3,6 +3,7 @@ checkpoint, and checkpoints that are finite in weights and buffers."""
 
 import json
 import os
+import re
 import stat
 import subprocess
 import sys
@@ -38,3 +39,145 @@ def test_every_file_follows_the_umask(tmp_path, umask_022, capsys):
     assert any(p.parent.name == "cache" and p.suffix == ".pt" for p in files)  # the cached logits
     modes = {str(p.relative_to(tmp_path)): oct(stat.S_IMODE(p.stat().st_mode)) for p in files}
     assert set(modes.values()) == {"0o644"}, modes
+
+
+# ---------------------------------------------------------------------------- metrics.jsonl
+
+def test_metrics_records_are_strict_json_with_a_kind_and_their_non_finite_keys(tmp_path):
+    import math
+
+    import torch
+
+    from ensemble_kd.engine.runs import MetricsLog
+
+    log = MetricsLog(tmp_path / "metrics.jsonl")
+    log.write({"kind": "step", "step": 1, "loss": float("nan"), "kl": torch.tensor(float("inf")),
+               "alpha": [0.5, float("-inf")], "lr": 0.1})
+
+    def refuse(token):
+        raise AssertionError(f"{token} is not JSON")
+
+    record = json.loads((tmp_path / "metrics.jsonl").read_text(), parse_constant=refuse)
+    assert record == {"kind": "step", "step": 1, "loss": None, "kl": None, "alpha": [0.5, None], "lr": 0.1,
+                      "nonfinite": ["loss", "kl", "alpha"]}
+    assert not math.isnan(record["lr"])
+
+
+# Runs in a subprocess: trains with a clock that advances one second per step, and at step KILL_AT
+# kills itself with SIGKILL (no handler, no checkpoint).
+KILLED_RUN = textwrap.dedent("""
+    import os, signal, sys
+    from ensemble_kd import pipeline
+    from ensemble_kd.config import load_config
+    from ensemble_kd.engine import Trainer
+    from ensemble_kd.methods.ce import CrossEntropy
+
+    class Ticking(CrossEntropy):
+        def __init__(self, kill_at=None):
+            super().__init__()
+            self.clock, self.kill_at = 0.0, kill_at
+
+        def loss(self, batch, student, teachers=None):
+            self.clock += 1.0
+            if self.clock == self.kill_at:
+                os.kill(os.getpid(), signal.SIGKILL)
+            return super().loss(batch, student, teachers)
+
+    def trainer(out_dir, method, overrides):
+        config = load_config(None, overrides)
+        data = pipeline.prepare_data(config)
+        model = pipeline.build_model(config.teachers.resolved_members()[0], data)
+        t = Trainer(model, method, data.train_loader(config.data, seed=0), config.teachers.train, out_dir,
+                    device=data.device, seed=0)
+        t.clock = lambda: method.clock
+        return t
+
+    if __name__ == "__main__":
+        trainer(sys.argv[1], Ticking(kill_at=7), sys.argv[2:]).fit()
+""")
+
+
+def test_a_run_killed_and_resumed_logs_each_step_once_and_counts_both_processes_time(tmp_path):
+    overrides = ["device=cpu", "data.batch_size=128", "teachers.kwargs={width: 0.25}", "teachers.train.epochs=2",
+                 "teachers.train.checkpoint_every=4", "teachers.train.log_every=1", "data.val_fraction=0"]
+    script = tmp_path / "killed_run.py"
+    script.write_text(KILLED_RUN)
+    run = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    killed = subprocess.run([sys.executable, str(script), str(run), *overrides], env=env, capture_output=True)
+    assert killed.returncode == -9, killed.stderr.decode()[-2000:]
+    log = run / "metrics.jsonl"
+    assert [r["step"] for r in map(json.loads, log.read_text().splitlines())] == [1, 2, 3, 4, 5, 6]
+    with log.open("a") as f:
+        f.write('{"kind": "step", "st')  # a line torn by the kill
+
+    sys.path.insert(0, str(tmp_path))
+    try:
+        from killed_run import Ticking, trainer
+    finally:
+        sys.path.remove(str(tmp_path))
+    resumed = trainer(run, Ticking(), overrides)
+    resumed.fit(resume=True)  # from the checkpoint of step 4
+    steps_per_epoch = resumed.steps_per_epoch
+    total = 2 * steps_per_epoch
+    records = [json.loads(line) for line in log.read_text().splitlines()]
+    assert {r["kind"] for r in records} == {"step", "epoch"}
+    assert [r["step"] for r in records if r["kind"] == "step"] == list(range(1, total + 1))
+    epochs = [r for r in records if r["kind"] == "epoch"]
+    assert [r["epoch"] for r in epochs] == [1, 2]
+    # One clock second per step: 4 steps checkpointed by the killed process, the rest by this one.
+    assert resumed.train_time_s == total
+    assert [r["train_time_s"] for r in epochs] == [steps_per_epoch, total]
+    assert [r["seconds"] for r in epochs] == [steps_per_epoch, steps_per_epoch]
+
+
+# ---------------------------------------------------------------------------- finite checkpoints
+
+def _digits_trainer(out_dir, overrides=()):
+    from ensemble_kd import pipeline
+    from ensemble_kd.config import load_config
+    from ensemble_kd.engine import Trainer
+    from ensemble_kd.methods import create_method
+
+    config = load_config(None, ["device=cpu", *overrides])
+    data = pipeline.prepare_data(config)
+    model = pipeline.build_model(config.teachers.resolved_members()[0], data)
+    return Trainer(model, create_method("ce"), data.train_loader(config.data, seed=0), config.teachers.train,
+                   out_dir, device=data.device, seed=0)
+
+
+def test_a_checkpoint_is_written_only_when_its_weights_and_buffers_are_finite(tmp_path):
+    """lr=1e4: BatchNorm's running_var overflows while the loss is still finite; that state is never
+    saved, and the error names the checkpoint that is finite."""
+    import torch
+
+    from ensemble_kd.engine import NonFiniteLossError
+    from ensemble_kd.engine.checkpoint import load_train_state
+
+    trainer = _digits_trainer(tmp_path, ["teachers.train.optim.lr=1e4", "teachers.train.checkpoint_every=1"])
+    with pytest.raises(NonFiniteLossError) as info:
+        trainer.fit()
+    message = str(info.value)
+    assert "running_var" in message
+    named = re.search(rf"the last good checkpoint is {re.escape(str(tmp_path / 'last.pt'))} \(step (\d+)\)", message)
+    assert named, message
+    state = load_train_state(tmp_path / "last.pt")
+    assert state["step"] == int(named.group(1)) >= 1
+    floats = [v for v in state["model"].values() if v.is_floating_point()]
+    floats += [v for s in state["optimizer"]["state"].values() for v in s.values() if torch.is_tensor(v)]
+    assert floats and all(bool(torch.isfinite(v).all()) for v in floats)
+
+
+def test_resuming_a_non_finite_checkpoint_is_refused(tmp_path):
+    import torch
+
+    from ensemble_kd.engine import CheckpointError
+    from ensemble_kd.engine.checkpoint import atomic_save
+
+    trainer = _digits_trainer(tmp_path)
+    state = trainer.state_dict()
+    key = next(k for k in state["model"] if k.endswith("running_var"))
+    state["model"][key] = torch.full_like(state["model"][key], float("inf"))  # as written before the check
+    atomic_save(state, tmp_path / "last.pt")
+    with pytest.raises(CheckpointError, match=rf"holds non-finite values \(model {re.escape(key)}\)"):
+        _digits_trainer(tmp_path).fit(resume=True)

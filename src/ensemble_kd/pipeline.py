@@ -9,7 +9,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -95,15 +94,15 @@ def member_name(index: int, member: ModelConfig) -> str:
 
 def train_one(model, method, data: Data, config: Config, train: TrainConfig, out_dir: Path, *, seed: int,
               resume: bool, progress=None, description="train", teachers=None, perturbation=None) -> dict:
-    """Train, then save model.pt (plain state_dict) with its sidecar; returns timing info."""
-    started = time.perf_counter()
+    """Train, then save model.pt (plain state_dict) with its sidecar; returns timing info
+    (train_time_s: the seconds in training over every process of a resumed run)."""
     world = distributed.world()  # under torchrun each rank trains on its shard; data.batch_size is per rank
     loader = data.train_loader(config.data, seed, world.rank, world.size)
     trainer = Trainer(model, method.to(data.device), loader, train, out_dir,
                       device=data.device, seed=seed, teachers=teachers, val_loader=data.val,
                       progress=progress, description=description, perturbation=perturbation)
     trainer.fit(resume=resume)
-    info = {"train_time_s": time.perf_counter() - started, "steps": trainer.pos.step}
+    info = {"train_time_s": trainer.train_time_s, "steps": trainer.pos.step}
     if world.is_main:
         save_model(model, out_dir / "model.pt", info)
     distributed.barrier()  # the other ranks may read model.pt next

@@ -14,7 +14,11 @@ from .checkpoint import atomic_write_text
 
 
 class MetricsLog:
-    """Appends one JSON record per line; the file survives a killed run line by line."""
+    """Appends one JSON record per line; the file survives a killed run line by line.
+
+    Every record the trainer writes says its `kind` (`step` or `epoch`). The lines are strict
+    JSON: a non-finite value is written as null and its key listed in the record's `nonfinite`.
+    """
 
     def __init__(self, path: str | Path, enabled: bool = True):
         self.path = Path(path)
@@ -24,21 +28,53 @@ class MetricsLog:
         if not self.enabled:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        plain, nonfinite = {}, []
+        for key, value in record.items():
+            plain[key], finite = _plain(value)
+            if not finite:
+                nonfinite.append(key)
+        if nonfinite:
+            plain["nonfinite"] = nonfinite
         with self.path.open("a") as f:
-            f.write(json.dumps({k: _plain(v) for k, v in record.items()}) + "\n")
+            f.write(json.dumps(plain, allow_nan=False) + "\n")
 
     def read(self) -> list[dict]:
+        return [record for record in self._lines() if record is not None]
+
+    def rewind(self, keep) -> None:
+        """Keep only the records `keep(record)` accepts (and drop a line torn by a kill), atomically:
+        a resumed run rewinds its log to its checkpoint so it logs no step twice."""
+        if not self.enabled or not self.path.is_file():
+            return
+        kept = [json.dumps(r, allow_nan=False) + "\n" for r in self._lines() if r is not None and keep(r)]
+        atomic_write_text(self.path, "".join(kept))
+
+    def _lines(self) -> list[dict | None]:
+        """The records; None for a line that is not JSON, which only a killed writer's last line may be."""
         if not self.path.is_file():
             return []
-        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+        lines = [line for line in self.path.read_text().splitlines() if line.strip()]
+        records = []
+        for i, line in enumerate(lines):
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                if i < len(lines) - 1:
+                    raise ValueError(f"'{self.path}' line {i + 1} is not JSON; the file is damaged") from None
+                records.append(None)
+        return records
 
 
-def _plain(value):
+def _plain(value) -> tuple[object, bool]:
+    """A JSON value and whether it was finite (non-finite floats become None)."""
     if isinstance(value, torch.Tensor):
         value = value.item() if value.numel() == 1 else value.tolist()
     if isinstance(value, float) and not math.isfinite(value):
-        return str(value)
-    return value
+        return None, False
+    if isinstance(value, (list, tuple)):
+        items = [_plain(v) for v in value]
+        return [v for v, _ in items], all(ok for _, ok in items)
+    return value, True
 
 
 def new_run_dir(config: Config, command: str) -> Path:

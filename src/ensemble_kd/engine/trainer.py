@@ -89,6 +89,14 @@ class Trainer:
         self._pending: list[tuple[int, torch.Tensor, dict]] = []  # steps not yet checked for NaN
         self._saved_at: tuple[int, int, int] | None = None
         self._stop_requested = False
+        # Seconds spent in fit, summed over every process of a resumed run (kept in the training state).
+        self.clock = time.perf_counter
+        self._time_before, self._fit_started, self._epoch_started_s = 0.0, None, 0.0
+
+    @property
+    def train_time_s(self) -> float:
+        """Training seconds up to now: earlier processes' (to their last checkpoint) plus this one's."""
+        return self._time_before + self._running_s()
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict:
@@ -102,6 +110,7 @@ class Trainer:
             "extra_optimizers": [o.state_dict() for o in self.method.extra_optimizers()],
             "rng": rng_state(),
             "epoch": self.pos.epoch, "batch": self.pos.batch, "step": self.pos.step,
+            "train_time_s": self.train_time_s, "epoch_started_s": self._epoch_started_s,
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -113,20 +122,36 @@ class Trainer:
             opt.load_state_dict(s)
         set_rng_state(state["rng"])
         self.pos = Position(state["epoch"], state["batch"], state["step"])
+        self._time_before = state.get("train_time_s", 0.0) - self._running_s()
+        self._epoch_started_s = state.get("epoch_started_s", 0.0)
+
+    def _running_s(self) -> float:
+        return self.clock() - self._fit_started if self._fit_started is not None else 0.0
 
     def save(self) -> None:
-        self._check_finite()  # never write a checkpoint with NaN weights
+        self._check_finite()  # never write a checkpoint after a NaN loss ...
         where = (self.pos.epoch, self.pos.batch, self.pos.step)  # an epoch's end is a new place
-        if self.is_main and self._saved_at != where:
-            ckpt.atomic_save(self.state_dict(), self.state_path)
+        if self._saved_at != where:
+            self._check_finite_state()  # ... nor one whose weights or BatchNorm statistics overflowed
+            if self.is_main:
+                ckpt.atomic_save(self.state_dict(), self.state_path)
         self._saved_at = where
 
     # ------------------------------------------------------------------ loop
     def fit(self, resume: bool = False) -> nn.Module:
         seed_everything(self.seed)
+        self._fit_started = self.clock()
         if resume and self.state_path.is_file():
             self.load_state_dict(ckpt.load_train_state(self.state_path, map_location=self.device))
+            bad = self._non_finite_state()
+            if bad is not None:  # written before the weights and buffers were checked
+                raise ckpt.CheckpointError(f"'{self.state_path}' holds non-finite values ({bad}) and cannot be "
+                                           f"resumed; start the run afresh in a new directory")
             self._saved_at = (self.pos.epoch, self.pos.batch, self.pos.step)
+        # Records past the checkpoint (a killed run's) are logged again from it: drop them first.
+        at = self.pos
+        self.log.rewind(lambda r: r.get("epoch", 0) <= at.epoch if r.get("kind") == "epoch"
+                        else r.get("step", 0) <= at.step)
         task = self._progress_task()
         with self._graceful_stop():
             while self.pos.epoch < self.cfg.epochs:
@@ -157,7 +182,9 @@ class Trainer:
     def _train_epoch(self, task) -> None:
         self.model.train()
         self.method.train()
-        started, epoch = time.perf_counter(), self.pos.epoch
+        epoch = self.pos.epoch
+        if self.pos.batch == 0:
+            self._epoch_started_s = self.train_time_s
         sums: dict[str, torch.Tensor] = {}
         ran = 0  # batches run by this call (a resumed epoch starts part-way)
         view_epoch = self.view_epoch(epoch) if self.view_epoch is not None else epoch
@@ -173,7 +200,7 @@ class Trainer:
                 self._check_finite()
                 if self.progress is not None:
                     self.progress.update(task, status=f"loss {loss.item():.3f}")
-                self.log.write({"step": self.pos.step, "epoch": self.pos.step / self.steps_per_epoch,
+                self.log.write({"kind": "step", "step": self.pos.step, "epoch": self.pos.step / self.steps_per_epoch,
                                 **self._learning_rates(), **{k: v.item() for k, v in logs.items()}})
             if self.cfg.checkpoint_every and self.pos.step % self.cfg.checkpoint_every == 0:
                 self.save()
@@ -185,7 +212,9 @@ class Trainer:
         self._check_finite()
         self._sync_buffers()
         n = max(1, ran)
-        record = {"epoch": epoch + 1, "step": self.pos.step, "seconds": time.perf_counter() - started,
+        now = self.train_time_s
+        record = {"kind": "epoch", "epoch": epoch + 1, "step": self.pos.step, "seconds": now - self._epoch_started_s,
+                  "train_time_s": now,
                   **self._learning_rates(),
                   **{f"train_{k}": (v / n).item() for k, v in sums.items()}}
         if self.val_loader is not None:
@@ -246,11 +275,42 @@ class Trainer:
         if not bool(finite.all()):
             step, loss, logs = self._pending[int((~finite).nonzero()[0])]
             terms = ", ".join(f"{k}={v.item():.4g}" for k, v in logs.items())
-            last = str(self.state_path) if self.state_path.is_file() else "none (no checkpoint yet)"
             raise NonFiniteLossError(
                 f"{self.description}: the loss became {loss.item()} at step {step} ({terms}); "
-                f"the last good checkpoint is {last}")
+                f"the last good checkpoint is {self._last_good()}")
         self._pending.clear()
+
+    def _last_good(self) -> str:
+        """The checkpoint this process saved or resumed from: every one is checked finite first."""
+        if self._saved_at is None:
+            return "none (no checkpoint yet)"
+        return f"{self.state_path} (step {self._saved_at[2]})"
+
+    def _check_finite_state(self) -> None:
+        bad = self._non_finite_state()
+        flag = torch.tensor(float(bad is not None), device=self.device)
+        if self.world.distributed:  # every rank stops, or none: a rank left waiting would hang
+            torch.distributed.all_reduce(flag)
+        if flag.item():
+            raise NonFiniteLossError(
+                f"{self.description}: by step {self.pos.step} the loss was finite but "
+                f"{bad or 'another rank’s state'} was not (try a lower learning rate or grad_clip); "
+                f"the last good checkpoint is {self._last_good()}")
+
+    def _non_finite_state(self) -> str | None:
+        """The first non-finite weight, buffer (BatchNorm statistics) or optimizer state, or None.
+        One host sync for all tensors."""
+        named = [(f"model {k}", v) for k, v in self.model.state_dict().items()]
+        named += [(f"method {k}", v) for k, v in self.method.state_dict().items()]
+        for i, opt in enumerate([self.optimizer, *self.method.extra_optimizers()]):
+            named += [(f"optimizer {i} {k}", v) for state in opt.state.values() for k, v in state.items()]
+        named = [(k, v) for k, v in named if isinstance(v, torch.Tensor) and v.is_floating_point()]
+        if not named:
+            return None
+        finite = torch.stack([torch.isfinite(v).all() for _, v in named]).cpu()
+        if bool(finite.all()):
+            return None
+        return named[int((~finite).nonzero()[0])][0]
 
     def _sync_buffers(self) -> None:
         """Average BatchNorm statistics over ranks: each rank's last forward updated its own."""
