@@ -4,6 +4,7 @@ import copy
 import json
 import shutil
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -170,9 +171,10 @@ def test_cache_serves_the_members_a_method_chose(teachers, loader, cache16):
 def test_top_k_keeps_the_top_k_probabilities_and_spreads_the_rest(teachers, loader, tmp_path, dtype, tol):
     k = 3
     cached = open_cache(build_cache(teachers, loader, tmp_path, epochs=1, dtype=dtype, top_k=k), teachers, loader)
-    shard = torch.load(tmp_path / "epoch_000.rank0.pt", weights_only=True)
+    shard = {key: np.load(tmp_path / f"epoch_000.rank0.shard00000.{key}.npy") for key in ("values", "classes")}
     assert shard["values"].shape == shard["classes"].shape == (len(loader.labels), 2, k)
-    assert shard["classes"].dtype == torch.int16 and "logits" not in shard
+    assert shard["values"].dtype == (np.float16 if dtype == "float16" else np.float32)
+    assert shard["classes"].dtype == np.int16 and not list(tmp_path.glob("*.logits.npy"))
     batch = next(loader.batches(0))
     p = teachers.outputs(batch.x, LOGITS).logits.softmax(-1)
     q = cached.outputs(batch.x, LOGITS, index=batch.index, epoch=0).logits.softmax(-1)
@@ -190,16 +192,17 @@ def test_shards_by_rank_assemble_into_the_whole_set(teachers, loader, cache16, t
     with pytest.raises(FileNotFoundError, match="no cache.json"):  # rank 0 writes the manifest last
         open_cache(tmp_path, teachers, loader)
     build_cache(teachers, loader, tmp_path, epochs=2, rank=0, world_size=2)
-    assert json.loads((tmp_path / CACHE_MANIFEST).read_text())["files"] == [
-        "epoch_000.rank0.pt", "epoch_000.rank1.pt", "epoch_001.rank0.pt", "epoch_001.rank1.pt"]
-    shard = torch.load(tmp_path / "epoch_001.rank1.pt", weights_only=True)
-    assert torch.equal(shard["index"], torch.arange(1, len(loader.labels), 2))
+    n = len(loader.labels)
+    assert json.loads((tmp_path / CACHE_MANIFEST).read_text())["shards"] == [
+        [[0, 0, (n + 1) // 2], [1, 0, n // 2]]] * 2  # [rank, shard, rows] of each epoch, in row order
+    index = np.load(tmp_path / "epoch_001.rank1.shard00000.index.npy")
+    assert index.dtype == np.int32 and np.array_equal(index, np.arange(1, n, 2))
     whole, sharded = open_cache(cache16, teachers, loader), open_cache(tmp_path, teachers, loader)
     index = torch.randperm(len(loader.labels))[:300]
     for epoch in (0, 1):
         torch.testing.assert_close(sharded.logits(index, epoch), whole.logits(index, epoch), **FP16)
-    (tmp_path / "epoch_001.rank1.pt").unlink()
-    with pytest.raises(FileNotFoundError, match="incomplete: epoch_001.rank1.pt is missing"):
+    (tmp_path / "epoch_001.rank1.shard00000.logits.npy").unlink()
+    with pytest.raises(FileNotFoundError, match="incomplete: epoch_001.rank1.shard00000.logits.npy is missing"):
         open_cache(tmp_path, teachers, loader)
 
 
@@ -225,7 +228,9 @@ def test_cli_cache_teachers_then_distill_from_the_cache(teacher_run, tmp_path, c
     cache = tmp_path / "cache"
     build = ["cache-teachers", f"teachers.source={teacher_run}", "cache.epochs=2", *TINY]
     assert main([*build, f"cache.dir={cache}"]) == 0
-    assert f"teacher cache: {cache}" in capsys.readouterr().out
+    printed = capsys.readouterr()
+    assert f"teacher cache: {cache}" in printed.out
+    assert "cache: 1,213 images x 2 teachers x 2 epochs, all 10 logits fp16 -> 0.1 MB" in printed.err  # before it starts
     assert (cache / CACHE_MANIFEST).is_file() and (cache / "config.yaml").is_file()
     # teachers.source points nowhere: the distill run must not load any teacher.
     config = tmp_path / "distill.yaml"

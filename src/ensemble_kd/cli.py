@@ -171,7 +171,8 @@ def cmd_cache_teachers(args) -> None:
     data = pipeline.prepare_data(config)
     write_config(out_dir, config, "cache-teachers")
     with progress_bar() as progress:
-        path = pipeline.cache_teachers(config, out_dir, progress=progress, data=data)
+        report = (lambda line: err.print(line, highlight=False)) if distributed.world().is_main else None
+        path = pipeline.cache_teachers(config, out_dir, progress=progress, data=data, report=report)
     if not distributed.world().is_main:
         return
     out.print(f"teacher cache: {path}", highlight=False, soft_wrap=True)

@@ -149,6 +149,7 @@ class CacheConfig(_Section):
     dtype: Literal["float16", "float32"] = "float16"
     top_k: int | None = Field(None, gt=0)  # keep the k largest logits per teacher; lossy, see ensemble/cache.py
     dir: str | None = None  # where to write it; default runs/<run.name or cache-<time>>
+    shard_size: int = Field(65536, gt=0)  # samples per shard file; a killed build redoes at most one shard per rank
 
 
 class EvalConfig(_Section):

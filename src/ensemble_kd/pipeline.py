@@ -234,11 +234,12 @@ def teachers_for(config: Config, data: Data, needs) -> TeacherSet | CachedTeache
 
 
 def cache_teachers(config: Config, out_dir: Path, progress=None, data: Data | None = None,
-                   teachers: TeacherSet | None = None) -> Path:
+                   teachers: TeacherSet | None = None, report=None) -> Path:
     """Store the teachers' logits for cache.epochs epochs of training views, for `distill teachers.cache=DIR`.
 
     The views are those of the student's loader (seed student.seed): the student trains on
-    them, and the cache is checked against that seed when it is opened.
+    them, and the cache is checked against that seed when it is opened. Run again on the same
+    out_dir after a kill, it resumes; `report(line)` hears the size on disk before any work.
     """
     data = data or prepare_data(config)
     teachers = teachers or load_teachers(config, data)
@@ -246,7 +247,8 @@ def cache_teachers(config: Config, out_dir: Path, progress=None, data: Data | No
     world = distributed.world()  # each rank computes and writes its own shard
     return build_cache(teachers, data.train_loader(config.data, config.student.seed), out_dir, epochs=cfg.epochs,
                        dtype=cfg.dtype, top_k=cfg.top_k, batch_size=config.data.eval_batch_size,
-                       progress=progress, dataset=config.data.name, rank=world.rank, world_size=world.size)
+                       shard_size=cfg.shard_size, progress=progress, dataset=config.data.name, rank=world.rank,
+                       world_size=world.size, report=report)
 
 
 def check_class_counts(teachers: TeacherSet, data: Data) -> None:

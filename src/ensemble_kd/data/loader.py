@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Iterator, NamedTuple, Sequence
+from typing import Iterable, Iterator, NamedTuple, Sequence
 
 import torch
 
@@ -122,7 +122,13 @@ class DeviceLoader(ShardedLoader):
         run served by a teacher cache of E epochs can reuse views e % E in a fresh order.
         """
         view_epoch = (epoch if view_epoch is None else view_epoch) if self.train else None
-        for idx in self.batch_indices(epoch, start):
+        return self.batches_at(self.batch_indices(epoch, start), view_epoch)
+
+    def batches_at(self, index_batches: Iterable[torch.Tensor], view_epoch: int | None) -> Iterator[Batch]:
+        """The batches of the given dataset indices with the views of `view_epoch` (None: unaugmented),
+        in any order the caller likes: the teacher cache computes every index this way."""
+        for idx in index_batches:
+            idx = idx.to(self.device)
             x = make_view(
                 self.images, idx, epoch=view_epoch, seed=self.seed, spec=self.spec, mean=self.mean, std=self.std
             )

@@ -151,7 +151,12 @@ class VideoLoader(ShardedLoader):
 
     def batches(self, epoch: int | None, start: int = 0, view_epoch: int | None = None) -> Iterator[Batch]:
         """Yield the epoch's batches, skipping the first `start` (to resume mid-epoch)."""
-        for idx in self.batch_indices(epoch, start):
+        return self.batches_at(self.batch_indices(epoch, start), view_epoch)
+
+    def batches_at(self, index_batches, view_epoch: int | None = None) -> Iterator[Batch]:
+        """The batches of the given dataset indices (what the teacher cache computes)."""
+        for idx in index_batches:
+            idx = idx.to(self.device)
             longest = int(self.num_frames.index_select(0, idx).max())
             yield Batch(self.features.index_select(0, idx)[:, :longest], self.labels.index_select(0, idx), idx)
 

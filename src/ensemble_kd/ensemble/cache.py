@@ -8,15 +8,22 @@ set's own `outputs` (the numbers are the online numbers, up to the storage dtype
 
 Layout of a cache directory:
 - `cache.json`: the manifest. Its fingerprint names what the logits depend on (each teacher's
-  spec and a hash of its weights; the training images and labels, hashed in full; the
-  augmentation, mean/std and loader seed) and the storage (epochs, dtype, top_k, format).
-  It is not called manifest.json so that a cache is never mistaken for, or written over, a
-  train-teachers run, whose manifest.json lists members.
-- `epoch_003.rank0.pt`: one file per (epoch, shard), written atomically. Shard r holds the
-  dataset indices r, r+W, r+2W, ... (W = world_size, DistributedSampler without shuffling):
-  `index` int64 (N_r,) ascending, and either `logits` (N_r, M, K) in the storage dtype, or,
-  with top_k = k, `values` (N_r, M, k) (the k largest logits), `classes` (N_r, M, k)
-  int16/int32 and `fill` (N_r, M).
+  spec and a hash of its weights; the training data, hashed in full or as the loader describes
+  it; the view parameters, mean/std and loader seed) and the storage (epochs, dtype, top_k,
+  world size, batch and shard sizes, format). Rank 0 writes it when a build starts, with
+  `complete: false`, and again when every rank has finished. It is not called manifest.json so
+  that a cache is never mistaken for, or written over, a train-teachers run.
+- the shards, progress records and index -> row arrays of `cache_store.py`: written as the build
+  goes, so a killed build started again with the same settings resumes where it stopped (a
+  different fingerprint or storage starts afresh), and read memory-mapped.
+
+Rank r of W computes the indices r, r+W, r+2W, ... of every epoch (nothing is computed twice),
+through the loader's `batches_at(index_batches, view_epoch=e)` when it has one: the loader's own
+view path, so the pixels are the training pixels (crops, flips, mixing partners all keyed by
+(seed, epoch, index)). A loader without it is read in its training order,
+`batches(e, view_epoch=e)`, which must then be sharded like the build (loader.rank, world_size),
+and samples that order drops are not cached. Every row is keyed by `batch.index`, so a cache
+built by W ranks serves any number of readers.
 
 Top-k is lossy by design. The reconstruction puts the stored logits at their classes and `fill`
 everywhere else, with fill = logsumexp(other logits) - log(K - k): then the softmax of the
@@ -35,24 +42,27 @@ to. The batch order stays that of epoch e (the loader takes the view epoch apart
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
 from pathlib import Path
 
+import numpy as np
 import torch
 
-from ..data import DeviceLoader, make_view
-from ..engine.checkpoint import atomic_save, atomic_write_text, load
+from ..engine.checkpoint import atomic_write_text
 from ..engine import distributed
 from ..methods import Needs, TeacherOutput
 from ..models.inputs import input_description
+from .cache_store import (EpochReader, class_dtype, describe_size, read_progress, remove_rank_files,
+                          write_progress, write_shard, write_where)
 from .teacher_set import TeacherSet
 
 __all__ = ["CACHE_MANIFEST", "CacheMismatchError", "CachedTeachers", "build_cache", "fingerprint",
            "open_cache", "teacher_fingerprint"]
 
-FORMAT = "ensemble-kd/teacher-cache/1"
+FORMAT = "ensemble-kd/teacher-cache/2"
 CACHE_MANIFEST = "cache.json"
 DTYPES = {"float16": torch.float16, "float32": torch.float32}
 REBUILD = "rebuild it with `ensemble-kd cache-teachers`"
@@ -86,33 +96,39 @@ def teacher_fingerprint(teachers: TeacherSet) -> list[dict]:
             for name, member in zip(teachers.names, members)]
 
 
-def data_fingerprint(loader: DeviceLoader, dataset: str | None = None) -> dict:
-    """The training set: its name when known, size, image shape and a hash of every image and label byte."""
+def data_fingerprint(loader, dataset: str | None = None) -> dict:
+    """The training set: its name when known, size, sample shape and a hash of it.
+
+    A loader that does not hold its data (a streaming one) describes it itself with
+    `fingerprint_data()` -> {"num_samples", "hash", optionally "image_shape"}; otherwise every
+    byte of its `images` (or video `features`) and `labels` is hashed.
+    """
+    if hasattr(loader, "fingerprint_data"):
+        return {"name": dataset, "image_shape": None, **loader.fingerprint_data()}
+    samples = loader.images if hasattr(loader, "images") else loader.features
     h = hashlib.blake2b(digest_size=16)
-    h.update(f"{tuple(loader.images.shape)}:{tuple(loader.labels.shape)};".encode())
-    h.update(_tensor_bytes(loader.images))
+    h.update(f"{tuple(samples.shape)}:{tuple(loader.labels.shape)};".encode())
+    h.update(_tensor_bytes(samples))
     h.update(_tensor_bytes(loader.labels))
-    return {"name": dataset, "num_samples": int(loader.images.shape[0]),
-            "image_shape": list(loader.images.shape[1:]), "hash": h.hexdigest()}
+    return {"name": dataset, "num_samples": int(samples.shape[0]),
+            "image_shape": list(samples.shape[1:]), "hash": h.hexdigest()}
 
 
-def fingerprint(teachers: TeacherSet | list[dict] | None, loader: DeviceLoader, *, dataset: str | None = None) -> dict:
-    """What the cached logits depend on: the teachers, the training data and how views are made."""
+def fingerprint(teachers: TeacherSet | list[dict] | None, loader, *, dataset: str | None = None) -> dict:
+    """What the cached logits depend on: the teachers, the training data and how views are made
+    (every field of the loader's `spec` dataclass, its mean/std and seed)."""
     if isinstance(teachers, TeacherSet):
         teachers = teacher_fingerprint(teachers)
+    spec = getattr(loader, "spec", None)
     return {"format": FORMAT, "teachers": teachers, "data": data_fingerprint(loader, dataset),
-            "augment": {"crop_padding": loader.spec.crop_padding, "flip": loader.spec.flip},
-            "mean": list(loader.mean), "std": list(loader.std), "seed": loader.seed}
+            "augment": json.loads(json.dumps(dataclasses.asdict(spec))) if spec is not None else {},  # as stored
+            "mean": list(getattr(loader, "mean", ())), "std": list(getattr(loader, "std", ())), "seed": loader.seed}
 
 
 # ---------------------------------------------------------------------------- building
 
-def _shard_file(epoch: int, rank: int) -> str:
-    return f"epoch_{epoch:03d}.rank{rank}.pt"
-
-
 def _compact(logits: torch.Tensor, dtype: torch.dtype, top_k: int | None) -> dict:
-    """(B, M, K) float32 logits -> the tensors a shard stores for them (see the module docstring)."""
+    """(B, M, K) float32 logits -> the arrays a shard stores for them (see the module docstring)."""
     if top_k is None:
         return {"logits": logits.to(dtype)}
     k_all = logits.shape[-1]
@@ -122,19 +138,45 @@ def _compact(logits: torch.Tensor, dtype: torch.dtype, top_k: int | None) -> dic
     values, classes = logits.topk(top_k, dim=-1)
     rest = logits.scatter(-1, classes, float("-inf"))
     fill = torch.logsumexp(rest, dim=-1) - math.log(k_all - top_k)
-    index_dtype = torch.int16 if k_all <= torch.iinfo(torch.int16).max else torch.int32
+    index_dtype = torch.int16 if class_dtype(k_all) == np.int16 else torch.int32
     return {"values": values.to(dtype), "classes": classes.to(index_dtype), "fill": fill.to(dtype)}
 
 
-def build_cache(teachers: TeacherSet, loader: DeviceLoader, out_dir: str | Path, *, epochs: int,
-                dtype: str = "float16", top_k: int | None = None, batch_size: int | None = None,
-                progress=None, rank: int = 0, world_size: int = 1, dataset: str | None = None) -> Path:
-    """Store the teachers' logits on every view (loader.seed, e, index), e < epochs, of this rank's shard.
+def _row_keys(top_k: int | None) -> tuple[str, ...]:
+    return ("logits",) if top_k is None else ("values", "classes", "fill")
 
-    `loader` must be the training loader the student will use (same data, augmentation, mean/std
-    and seed). `batch_size` is the inference batch (default max(1024, loader.batch_size)). Rank r
-    writes the indices r::world_size of every epoch; rank 0 also writes the manifest, after its
-    shards, so a cache opens only once it is written (a missing shard is named on opening).
+
+def _rank_batches(loader, epoch: int, rank: int, world_size: int, batch_size: int, first: int):
+    """(number of batches of this rank's part of the epoch, an iterator over them from batch `first`)."""
+    if hasattr(loader, "batches_at"):
+        chunks = torch.arange(rank, loader.size, world_size).split(batch_size)
+        return len(chunks), loader.batches_at(chunks[first:], view_epoch=epoch)
+    if (loader.rank, loader.world_size) != (rank, world_size):
+        raise ValueError(f"a loader without batches_at is cached in its training order, so it must be sharded like "
+                         f"the build: rank {rank} of {world_size}, got {loader.rank} of {loader.world_size}")
+    return len(loader), loader.batches(epoch, start=first, view_epoch=epoch)
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+def build_cache(teachers: TeacherSet, loader, out_dir: str | Path, *, epochs: int, dtype: str = "float16",
+                top_k: int | None = None, batch_size: int | None = None, shard_size: int = 65536,
+                progress=None, rank: int = 0, world_size: int = 1, dataset: str | None = None,
+                report=None) -> Path:
+    """Store the teachers' logits on every view (loader.seed, e, index), e < epochs, of this rank's part.
+
+    `loader` must be the training loader the student will use (same data, views, mean/std and
+    seed). `batch_size` is the inference batch (default max(1024, loader.batch_size); a loader
+    without `batches_at` uses its own), `shard_size` the samples per shard file (rounded up to
+    whole batches). `report(line)` is told the size on disk before any work, and what a resumed
+    build skips. Run again with the same arguments after a kill, a build picks up at its first
+    unfinished shard; a finished one returns at once. Rank 0 completes the manifest once every
+    rank's part is written (a rank still missing is named on opening).
     """
     if not loader.train:
         raise ValueError("build_cache needs the training loader (train=True): the cache holds training views")
@@ -146,56 +188,109 @@ def build_cache(teachers: TeacherSet, loader: DeviceLoader, out_dir: str | Path,
         raise ValueError(f"rank must be in 0..world_size-1, got rank={rank}, world_size={world_size}")
     if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
         raise ValueError(f"top_k must be a positive integer or None, got {top_k!r}")
+    if isinstance(shard_size, bool) or not isinstance(shard_size, int) or shard_size < 1:
+        raise ValueError(f"shard_size must be a positive integer, got {shard_size!r}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    report = report or (lambda line: None)
+    by_index = hasattr(loader, "batches_at")
+    batch_size = (batch_size or max(1024, loader.batch_size)) if by_index else loader.batch_size
+    per_shard = math.ceil(shard_size / batch_size)  # batches
+    made = fingerprint(teachers, loader, dataset=dataset)
+    storage = {"epochs": epochs, "dtype": dtype, "top_k": top_k, "world_size": world_size,
+               "batch_size": batch_size, "batches_per_shard": per_shard, "order": "index" if by_index else "training"}
+    key = hashlib.blake2b(json.dumps([made, storage], sort_keys=True).encode(), digest_size=16).hexdigest()
+    manifest = _read_json(out_dir / CACHE_MANIFEST)
+    if manifest is not None and manifest.get("key") == key and manifest.get("complete"):
+        report(f"cache: {out_dir} is already built for these teachers, data and settings")
+        return out_dir
+    manifest = {"format": FORMAT, "key": key, "complete": False, "fingerprint": made, **storage,
+                "members": len(teachers), "names": list(teachers.names)}
     if rank == 0:  # a half-rewritten cache must not open under its old manifest
-        (out_dir / CACHE_MANIFEST).unlink(missing_ok=True)
-    batch_size = batch_size or max(1024, loader.batch_size)
-    storage = DTYPES[dtype]
-    needs = Needs(teacher_logits=True)
-    index = torch.arange(rank, len(loader.labels), world_size, device=loader.device)
-    batches = math.ceil(len(index) / batch_size)
+        atomic_write_text(out_dir / CACHE_MANIFEST, json.dumps(manifest, indent=2))
+    record = read_progress(out_dir, rank)
+    if record is None or record.get("key") != key:
+        remove_rank_files(out_dir, rank)
+        record = {"key": key, "rows": [[] for _ in range(epochs)], "num_classes": teachers.num_classes,
+                  "complete": False}
+
+    def report_size():
+        report(describe_size(loader.size, len(teachers), record["num_classes"], epochs, top_k=top_k, dtype=dtype))
+    if record["num_classes"] is not None:  # else once the first batch tells
+        report_size()
+    if any(record["rows"]):
+        report(f"cache: resuming, {sum(map(len, record['rows']))} shards of rank {rank} already written")
+    storage_dtype, needs = DTYPES[dtype], Needs(teacher_logits=True)
     task = None
-    if progress is not None:
-        task = progress.add_task("cache teachers", total=epochs * batches, status="")
     for epoch in range(epochs):
+        done = len(record["rows"][epoch])
+        total, batches = _rank_batches(loader, epoch, rank, world_size, batch_size, done * per_shard)
+        if progress is not None and task is None:
+            task = progress.add_task("cache teachers", total=epochs * total, status="")
+        if progress is not None:
+            progress.update(task, completed=epoch * total + min(total, done * per_shard))
+        if done * per_shard >= total:
+            continue
         parts: list[dict] = []
-        for start in range(0, len(index), batch_size):
-            idx = index[start:start + batch_size]
-            # The loader's own view path: the same pixels DeviceLoader.batches yields for (seed, epoch, idx).
-            x = make_view(loader.images, idx, epoch=epoch, seed=loader.seed, spec=loader.spec,
-                          mean=loader.mean, std=loader.std)
-            logits = teachers.outputs(x, needs).logits.transpose(0, 1)  # (B, M, K) float32
-            num_classes = logits.shape[-1]
-            if not bool(torch.isfinite(logits.to(storage)).all()):  # one check for NaN and fp16 overflow
+        for batch in batches:
+            logits = teachers.outputs(batch.x, needs).logits.transpose(0, 1)  # (B, M, K) float32
+            if not bool(torch.isfinite(logits.to(storage_dtype)).all()):  # one check for NaN and fp16 overflow
                 raise ValueError(f"the teachers' logits on epoch {epoch} views are not finite in {dtype} "
                                  f"(largest magnitude {logits.abs().max().item():.4g}); check the teachers, "
                                  f"or build the cache with cache.dtype=float32 if they exceed 65504")
-            parts.append({k: v.cpu() for k, v in _compact(logits, storage, top_k).items()})
+            if record["num_classes"] is None:
+                record["num_classes"] = int(logits.shape[-1])
+                report_size()
+            parts.append({"index": batch.index.to(torch.int32),
+                          **_compact(logits, storage_dtype, top_k)})
             if progress is not None:
                 progress.update(task, advance=1)
-        shard = {key: torch.cat([p[key] for p in parts]) for key in parts[0]}
-        atomic_save({"format": FORMAT, "epoch": epoch, "rank": rank, "world_size": world_size,
-                     "index": index.cpu(), **shard}, out_dir / _shard_file(epoch, rank))
+            if len(parts) == per_shard:
+                _flush(out_dir, epoch, rank, parts, record)
+                parts = []
+        if parts:
+            _flush(out_dir, epoch, rank, parts, record)
+    record["complete"] = True
+    write_progress(out_dir, rank, record)
     distributed.barrier()  # every rank's shards exist before the manifest says the cache is whole
     if rank == 0:
-        manifest = {"fingerprint": fingerprint(teachers, loader, dataset=dataset),
-                    "epochs": epochs, "dtype": dtype, "top_k": top_k, "world_size": world_size,
-                    "num_classes": num_classes, "members": len(teachers), "names": list(teachers.names),
-                    "files": [_shard_file(e, r) for e in range(epochs) for r in range(world_size)]}
-        atomic_write_text(out_dir / CACHE_MANIFEST, json.dumps(manifest, indent=2))
+        _complete(out_dir, manifest, loader.size)
+    distributed.barrier()  # no rank reads the cache before it is whole
     return out_dir
+
+
+def _flush(out_dir: Path, epoch: int, rank: int, parts: list[dict], record: dict) -> None:
+    """Write one shard, then record it: the record is what a resumed build trusts."""
+    arrays = {k: torch.cat([p[k] for p in parts]).cpu().numpy() for k in parts[0]}
+    write_shard(out_dir, epoch, rank, len(record["rows"][epoch]), arrays)
+    record["rows"][epoch].append(len(arrays["index"]))
+    write_progress(out_dir, rank, record)
+
+
+def _complete(out_dir: Path, manifest: dict, num_samples: int) -> None:
+    """Once every rank's record says it finished this build: the index -> row arrays, then the
+    manifest marked complete. Otherwise the manifest stays incomplete (a rank is still running)."""
+    records = [read_progress(out_dir, r) for r in range(manifest["world_size"])]
+    if not all(r is not None and r["key"] == manifest["key"] and r["complete"] for r in records):
+        return
+    shards = [[[r, s, rows] for r, rec in enumerate(records) for s, rows in enumerate(rec["rows"][e])]
+              for e in range(manifest["epochs"])]
+    missing = [write_where(out_dir, e, num_samples, shards[e]) for e in range(manifest["epochs"])]
+    num_classes = next(r["num_classes"] for r in records if r["num_classes"] is not None)
+    manifest = {**manifest, "complete": True, "num_classes": num_classes, "shards": shards, "missing": missing}
+    atomic_write_text(out_dir / CACHE_MANIFEST, json.dumps(manifest, indent=2))
 
 
 # ---------------------------------------------------------------------------- checking
 
 def _describe_data(d: dict) -> str:
     name = f"dataset '{d['name']}'" if d.get("name") else "a dataset"
-    return f"{name} ({d['num_samples']} training samples of shape {tuple(d['image_shape'])}, contents {d['hash'][:12]})"
+    shape = f" of shape {tuple(d['image_shape'])}" if d.get("image_shape") else ""
+    return f"{name} ({d['num_samples']} training samples{shape}, contents {d['hash'][:12]})"
 
 
 def _items(d: dict, keys) -> str:
-    return ", ".join(f"{k}={d[k]}" for k in keys)
+    return ", ".join(f"{k}={d.get(k)}" for k in keys)
 
 
 def _difference(made: dict, now: dict) -> tuple[str, str] | None:
@@ -203,10 +298,10 @@ def _difference(made: dict, now: dict) -> tuple[str, str] | None:
     if made.get("format") != now["format"]:
         return f"format {made.get('format')}", f"format {now['format']}"
     a, b = made["data"], now["data"]
-    if (a["num_samples"], a["image_shape"], a["hash"]) != (b["num_samples"], b["image_shape"], b["hash"]) or (
+    if (a["num_samples"], a.get("image_shape"), a["hash"]) != (b["num_samples"], b.get("image_shape"), b["hash"]) or (
             a.get("name") and b.get("name") and a["name"] != b["name"]):
         return _describe_data(a), _describe_data(b)
-    keys = [k for k in now["augment"] if made["augment"].get(k) != now["augment"][k]]
+    keys = [k for k in {**made["augment"], **now["augment"]} if made["augment"].get(k) != now["augment"].get(k)]
     if keys:
         return f"augmentation {_items(made['augment'], keys)}", _items(now["augment"], keys)
     keys = [k for k in ("mean", "std") if made[k] != now[k]]
@@ -246,19 +341,20 @@ def _check_needs(needs: Needs, where: str) -> None:
 class CachedTeachers:
     """Teacher logits read from a cache: the TeacherSet interface (`outputs`, `num_classes`, `len`, `names`).
 
-    Every epoch is held in memory on `device` in the storage dtype (N*M*K*2 bytes per epoch in
-    float16: 6 MB for Fashion-MNIST and 5 teachers); `outputs` converts the batch to float32.
+    The arrays stay on disk, memory-mapped: a lookup gathers the batch's rows (through each
+    epoch's index -> row array), converts them to float32 and moves them to `device`.
     """
 
-    def __init__(self, cache_dir: str | Path, manifest: dict, tensors: dict[str, torch.Tensor]):
+    def __init__(self, cache_dir: str | Path, manifest: dict, device: torch.device):
         self.cache_dir = Path(cache_dir)
         self.manifest = manifest
         self.epochs: int = manifest["epochs"]
         self.top_k: int | None = manifest["top_k"]
         self.names: list[str] = list(manifest["names"])
         self._num_classes: int | None = manifest["num_classes"]
-        self._tensors = tensors  # each (E, N, M, ...) on the device
-        self.device = next(iter(tensors.values())).device
+        self.device = device
+        keys = _row_keys(self.top_k)
+        self._epochs = [EpochReader(self.cache_dir, e, manifest["shards"][e], keys) for e in range(self.epochs)]
 
     @property
     def num_classes(self) -> int | None:
@@ -278,14 +374,15 @@ class CachedTeachers:
     @torch.no_grad()
     def logits(self, index: torch.Tensor, epoch: int) -> torch.Tensor:
         """(M, B, K) float32 logits of the views (epoch % E, index)."""
-        t, e = self._tensors, self.view_epoch(int(epoch))
-        idx = torch.as_tensor(index, dtype=torch.int64).to(self.device).reshape(-1)
+        idx = torch.as_tensor(index, dtype=torch.int64).reshape(-1).cpu().numpy()
+        rows = {k: torch.from_numpy(v).to(self.device) for k, v in
+                self._epochs[self.view_epoch(int(epoch))].gather(idx).items()}
         if self.top_k is None:
-            out = t["logits"][e].index_select(0, idx).float()
+            out = rows["logits"].float()
         else:
-            fill = t["fill"][e].index_select(0, idx).float()  # (B, M)
+            fill = rows["fill"].float()  # (B, M)
             out = fill.unsqueeze(-1).expand(*fill.shape, self._num_classes).clone()
-            out.scatter_(-1, t["classes"][e].index_select(0, idx).long(), t["values"][e].index_select(0, idx).float())
+            out.scatter_(-1, rows["classes"].long(), rows["values"].float())
         return out.transpose(0, 1).contiguous()
 
     def outputs(self, x: torch.Tensor, needs: Needs, *, index=None, epoch=None, members=None) -> TeacherOutput:
@@ -303,10 +400,10 @@ class CachedTeachers:
         return TeacherOutput(logits, {})
 
 
-def open_cache(cache_dir: str | Path, teachers: TeacherSet | list[dict] | None, loader: DeviceLoader,
+def open_cache(cache_dir: str | Path, teachers: TeacherSet | list[dict] | None, loader,
                device: str | torch.device | None = None, *, dataset: str | None = None,
                needs: Needs | None = None) -> CachedTeachers:
-    """Open a cache after checking it was made for this data, augmentation, seed and (when given) teachers.
+    """Open a cache after checking it was made for this data, views, seed and (when given) teachers.
 
     `teachers` may be the TeacherSet itself, its `teacher_fingerprint`, or None to skip that check
     (the distill path does not load teachers). `dataset` names the data when the caller knows it.
@@ -327,32 +424,13 @@ def open_cache(cache_dir: str | Path, teachers: TeacherSet | list[dict] | None, 
     if found is not None:
         made, now = found
         raise CacheMismatchError(f"cache {where} was made for {made} but this run uses {now}; {REBUILD}")
+    if not manifest["complete"]:
+        raise FileNotFoundError(f"teacher cache {where} is incomplete (its build stopped, or a rank has not "
+                                f"finished); run the same cache-teachers command again to resume it")
     device = torch.device(device) if device is not None else loader.device
-    return CachedTeachers(cache_dir, manifest, _read_shards(cache_dir, manifest, device))
-
-
-def _read_shards(cache_dir: Path, manifest: dict, device: torch.device) -> dict[str, torch.Tensor]:
-    n = manifest["fingerprint"]["data"]["num_samples"]
-    epochs, world_size = manifest["epochs"], manifest["world_size"]
-    tensors: dict[str, torch.Tensor] = {}
-    for epoch in range(epochs):
-        seen = torch.zeros(n, dtype=torch.bool)
-        for rank in range(world_size):
-            file = cache_dir / _shard_file(epoch, rank)
+    cached = CachedTeachers(cache_dir, manifest, device)
+    for reader in cached._epochs:
+        for file in reader.files():
             if not file.is_file():
-                raise FileNotFoundError(f"teacher cache '{cache_dir}' is incomplete: {file.name} is missing; {REBUILD}")
-            shard = load(file)
-            if not isinstance(shard, dict) or shard.get("format") != FORMAT or shard.get("epoch") != epoch:
-                raise ValueError(f"'{file}' is not epoch {epoch} of an ensemble-kd teacher cache; {REBUILD}")
-            index = shard["index"]
-            for key in ("logits", "values", "classes", "fill"):
-                if key not in shard:
-                    continue
-                if key not in tensors:
-                    tensors[key] = torch.empty((epochs, n, *shard[key].shape[1:]), dtype=shard[key].dtype)
-                tensors[key][epoch].index_copy_(0, index, shard[key])
-            seen[index] = True
-        if not bool(seen.all()):
-            raise ValueError(f"teacher cache '{cache_dir}' misses {int((~seen).sum())} samples of epoch {epoch}; "
-                             f"{REBUILD}")
-    return {k: v.to(device) for k, v in tensors.items()}
+                raise FileNotFoundError(f"teacher cache {where} is incomplete: {file.name} is missing; {REBUILD}")
+    return cached
