@@ -17,7 +17,7 @@ import torch
 from .config import (Config, ConfigError, DataConfig, InputConfig, ModelConfig, TeacherMemberConfig, TrainConfig,
                      load_config)
 from .data import AugmentSpec, DatasetSplits, DeviceLoader, load_dataset
-from .data.video import VIDEO_DATASETS, VideoLoader, VideoSplits, load_video_splits
+from .data.video import VIDEO_DATASETS, VideoSplits, load_video_splits, video_loader
 from .engine import Trainer, distributed, resolve_device, save_model, seed_everything
 from .engine.evaluate import evaluate_model, evaluate_teacher_set
 from .engine.perturb import Perturbation
@@ -48,8 +48,9 @@ class Data:
         """
         seed = cfg.view_seed if cfg.view_seed is not None else seed
         if isinstance(self.splits, VideoSplits):
-            return VideoLoader(self.splits.train, batch_size=cfg.batch_size, train=True, seed=seed,
-                               device=self.device, rank=rank, world_size=world_size)
+            return video_loader(self.splits.train, batch_size=cfg.batch_size, train=True, seed=seed,
+                                device=self.device, rank=rank, world_size=world_size,
+                                workers=getattr(cfg, "workers", 0))
         spec = AugmentSpec(**cfg.augment.model_dump()) if cfg.augment else self.splits.augment
         return DeviceLoader(self.splits.train, batch_size=cfg.batch_size, mean=self.splits.mean,
                             std=self.splits.std, spec=spec, train=True, seed=seed, device=self.device,
@@ -61,13 +62,15 @@ def prepare_data(config: Config, device: torch.device | None = None) -> Data:
     device = device or distributed.device_for(distributed.world(), resolve_device(config.device))
     cfg = config.data
     if cfg.name in VIDEO_DATASETS:
-        splits = load_video_splits(cfg.name, root=cfg.root, val_fraction=cfg.val_fraction, split_seed=cfg.split_seed)
+        splits = load_video_splits(cfg.name, root=cfg.root, val_fraction=cfg.val_fraction, split_seed=cfg.split_seed,
+                                   num_classes=cfg.num_classes, max_frames=cfg.max_frames)
     else:
         splits = load_dataset(cfg.name, root=cfg.root, val_fraction=cfg.val_fraction, split_seed=cfg.split_seed)
 
     def eval_loader(dataset):
         if isinstance(splits, VideoSplits):
-            return VideoLoader(dataset, batch_size=cfg.eval_batch_size, train=False, device=device)
+            return video_loader(dataset, batch_size=cfg.eval_batch_size, train=False, device=device,
+                                workers=getattr(cfg, "workers", 0))
         return DeviceLoader(dataset, batch_size=cfg.eval_batch_size, mean=splits.mean, std=splits.std,
                             train=False, device=device)
 

@@ -16,8 +16,11 @@ import numpy as np
 import torch
 
 from .loader import Batch, ShardedLoader
+from .youtube8m import YouTube8M, YouTube8MLoader, list_splits
 
-__all__ = ["VideoDataset", "VideoLoader", "load_video_npz", "make_video_dataset", "save_video_npz"]
+YOUTUBE8M_CLASSES = 3862  # the 2018 vocabulary
+
+__all__ = ["VideoDataset", "VideoLoader", "load_video_npz", "make_video_dataset", "save_video_npz", "video_loader"]
 
 NPZ_KEYS = ("features", "num_frames", "labels")
 
@@ -161,8 +164,15 @@ class VideoLoader(ShardedLoader):
             yield Batch(self.features.index_select(0, idx)[:, :longest], self.labels.index_select(0, idx), idx)
 
 
+def video_loader(dataset, *, workers: int = 0, **kw) -> VideoLoader | YouTube8MLoader:
+    """The loader of a video set: held in memory (VideoLoader) or streamed from TFRecords (`workers` readers)."""
+    if isinstance(dataset, YouTube8M):
+        return YouTube8MLoader(dataset, workers=workers, **kw)
+    return VideoLoader(dataset, **kw)
+
+
 # ----------------------------------------------------------------------------- splits for a run
-VIDEO_DATASETS = ("video-synthetic", "video-npz")
+VIDEO_DATASETS = ("video-synthetic", "video-npz", "youtube8m")
 
 
 @dataclass
@@ -170,9 +180,9 @@ class VideoSplits:
     """Train / validation (or None) / test video sets: the `data.name` video-* counterpart of DatasetSplits."""
 
     name: str
-    train: VideoDataset
-    val: VideoDataset | None
-    test: VideoDataset
+    train: VideoDataset | YouTube8M
+    val: VideoDataset | YouTube8M | None
+    test: VideoDataset | YouTube8M
 
     @property
     def num_classes(self) -> int:
@@ -184,9 +194,11 @@ class VideoSplits:
 
 
 def load_video_splits(name: str, root: str | os.PathLike | None = None, val_fraction: float = 0.1,
-                      split_seed: int = 0) -> VideoSplits:
+                      split_seed: int = 0, num_classes: int | None = None, max_frames: int = 300) -> VideoSplits:
     """video-synthetic: 6000 generated items (seed 0) split 4/1 into train and test; video-npz:
-    `root`/train.npz and `root`/test.npz (and val.npz, else `val_fraction` of train, by `split_seed`)."""
+    `root`/train.npz and `root`/test.npz (and val.npz, else `val_fraction` of train, by `split_seed`);
+    youtube8m: `root`/train*.tfrecord and validate*.tfrecord (see youtube8m.list_splits), streamed,
+    `num_classes` (default 3862) labels, the first `max_frames` frames, val as for video-npz."""
     if name == "video-synthetic":
         every = make_video_dataset(6000, num_classes=20, feature_dim=32, signal=2.0, seed=0)
         order = np.random.default_rng(0).permutation(len(every))
@@ -201,6 +213,12 @@ def load_video_splits(name: str, root: str | os.PathLike | None = None, val_frac
         if train.num_classes != test.num_classes or train.feature_dim != test.feature_dim:
             raise ValueError(f"train.npz has {train.num_classes} classes and {train.feature_dim} features but "
                              f"test.npz has {test.num_classes} and {test.feature_dim}; they must match")
+    elif name == "youtube8m":
+        if root is None:
+            raise ValueError("data.name youtube8m reads root/train*.tfrecord and root/validate*.tfrecord; set data.root")
+        files = list_splits(root)
+        kw = dict(num_classes=num_classes or YOUTUBE8M_CLASSES, max_frames=max_frames)
+        train, test, val = YouTube8M(files["train"], **kw), YouTube8M(files["test"], **kw), None
     else:
         raise ValueError(f"unknown video dataset {name!r}; available: {', '.join(VIDEO_DATASETS)}")
     if val is None and val_fraction > 0:
