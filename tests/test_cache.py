@@ -171,10 +171,10 @@ def test_cache_serves_the_members_a_method_chose(teachers, loader, cache16):
 def test_top_k_keeps_the_top_k_probabilities_and_spreads_the_rest(teachers, loader, tmp_path, dtype, tol):
     k = 3
     cached = open_cache(build_cache(teachers, loader, tmp_path, epochs=1, dtype=dtype, top_k=k), teachers, loader)
-    shard = {key: np.load(tmp_path / f"epoch_000.rank0.shard00000.{key}.npy") for key in ("values", "classes")}
-    assert shard["values"].shape == shard["classes"].shape == (len(loader.labels), 2, k)
-    assert shard["values"].dtype == (np.float16 if dtype == "float16" else np.float32)
-    assert shard["classes"].dtype == np.int16 and not list(tmp_path.glob("*.logits.npy"))
+    stored = {key: np.load(tmp_path / f"epoch_000.{key}.npy") for key in ("values", "classes")}
+    assert stored["values"].shape == stored["classes"].shape == (len(loader.labels), 2, k)
+    assert stored["values"].dtype == (np.float16 if dtype == "float16" else np.float32)
+    assert stored["classes"].dtype == np.int16 and not list(tmp_path.glob("*.logits.npy"))
     batch = next(loader.batches(0))
     p = teachers.outputs(batch.x, LOGITS).logits.softmax(-1)
     q = cached.outputs(batch.x, LOGITS, index=batch.index, epoch=0).logits.softmax(-1)
@@ -189,20 +189,20 @@ def test_top_k_keeps_the_top_k_probabilities_and_spreads_the_rest(teachers, load
 
 def test_shards_by_rank_assemble_into_the_whole_set(teachers, loader, cache16, tmp_path):
     build_cache(teachers, loader, tmp_path, epochs=2, rank=1, world_size=2)
-    with pytest.raises(FileNotFoundError, match="no cache.json"):  # rank 0 writes the manifest last
+    with pytest.raises(FileNotFoundError, match="no cache.json"):  # rank 0 writes the manifest
         open_cache(tmp_path, teachers, loader)
-    build_cache(teachers, loader, tmp_path, epochs=2, rank=0, world_size=2)
     n = len(loader.labels)
-    assert json.loads((tmp_path / CACHE_MANIFEST).read_text())["shards"] == [
-        [[0, 0, (n + 1) // 2], [1, 0, n // 2]]] * 2  # [rank, shard, rows] of each epoch, in row order
-    index = np.load(tmp_path / "epoch_001.rank1.shard00000.index.npy")
+    index = np.load(tmp_path / "epoch_001.rank1.shard00000.index.npy")  # rank 1 computed its part alone
     assert index.dtype == np.int32 and np.array_equal(index, np.arange(1, n, 2))
+    build_cache(teachers, loader, tmp_path, epochs=2, rank=0, world_size=2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cache.json"] + [  # the shards, gathered and removed
+        f"epoch_00{e}.{key}.npy" for e in (0, 1) for key in ("logits", "present")]
     whole, sharded = open_cache(cache16, teachers, loader), open_cache(tmp_path, teachers, loader)
-    index = torch.randperm(len(loader.labels))[:300]
+    index = torch.randperm(n)[:300]
     for epoch in (0, 1):
         torch.testing.assert_close(sharded.logits(index, epoch), whole.logits(index, epoch), **FP16)
-    (tmp_path / "epoch_001.rank1.shard00000.logits.npy").unlink()
-    with pytest.raises(FileNotFoundError, match="incomplete: epoch_001.rank1.shard00000.logits.npy is missing"):
+    (tmp_path / "epoch_001.logits.npy").unlink()
+    with pytest.raises(FileNotFoundError, match="incomplete: epoch_001.logits.npy is missing"):
         open_cache(tmp_path, teachers, loader)
 
 

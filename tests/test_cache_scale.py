@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from ensemble_kd.data.loader import ShardedLoader
 from ensemble_kd.ensemble.cache import CACHE_MANIFEST, CacheMismatchError, build_cache, open_cache
 from ensemble_kd.ensemble.cache_store import cache_bytes, describe_size
 
@@ -84,30 +85,24 @@ def _data_bytes(path: Path) -> int:
 def test_the_size_printed_first_is_the_bytes_written(whole, teachers, tmp_path):
     out, lines = whole
     expected = cache_bytes(N, 4, 100, 2, top_k=10, dtype="float16")
-    assert expected == 2 * N * (4 * (10 * 2 + 10 * 2 + 2) + 8)  # values fp16, classes int16, fill fp16; 2 int32
+    assert expected == 2 * N * (4 * (10 * 2 + 10 * 2 + 2) + 1)  # values fp16, classes int16, fill fp16; present
     assert sum(_data_bytes(p) for p in out.glob("*.npy")) == expected
-    assert lines[0] == describe_size(N, 4, 100, 2, top_k=10) == "cache: 3,000 images x 4 teachers x 2 epochs, top-10 fp16 -> 1.1 MB"
+    assert lines[0] == describe_size(N, 4, 100, 2, top_k=10) == "cache: 3,000 images x 4 teachers x 2 epochs, top-10 fp16 -> 1.0 MB"
     full = build_cache(teachers, FakeLoader(500), tmp_path, epochs=1, dtype="float32", shard_size=200)
     assert sum(_data_bytes(p) for p in full.glob("*.npy")) == cache_bytes(500, 4, 100, dtype="float32")
     # ImageNet: 1.28M images, top-10 fp16 logits + int16 classes + fill, 4 teachers (BENCHMARKS.md: ~0.2 GB)
     assert describe_size(1_281_167, 4, 1000, 1, top_k=10) == \
-        "cache: 1,281,167 images x 4 teachers x 1 epoch, top-10 fp16 -> 0.23 GB"
+        "cache: 1,281,167 images x 4 teachers x 1 epoch, top-10 fp16 -> 0.22 GB"
 
 
 def test_memory_mapped_rows_are_the_stored_rows(whole, teachers):
     out = whole[0]
-    manifest = json.loads((out / CACHE_MANIFEST).read_text())
     cached = open_cache(out, teachers, FakeLoader(N))
-    index = torch.from_numpy(np.random.default_rng(0).integers(0, N, 700))  # every shard, repeats too
+    index = torch.from_numpy(np.random.default_rng(0).integers(0, N, 700))  # every shard's rows, repeats too
     for epoch in (0, 1, 3):
-        e = epoch % 2
-        rows = {k: np.concatenate([np.load(out / f"epoch_{e:03d}.rank{r}.shard{s:05d}.{k}.npy")
-                                   for r, s, _ in manifest["shards"][e]]) for k in ("index", "values", "classes", "fill")}
-        position = np.empty(N, dtype=np.int64)
-        position[rows["index"]] = np.arange(N)
-        at = position[index.numpy()]
-        want = np.repeat(rows["fill"][at][..., None].astype(np.float32), 100, axis=-1)
-        np.put_along_axis(want, rows["classes"][at].astype(np.int64), rows["values"][at].astype(np.float32), axis=-1)
+        rows = {k: np.load(out / f"epoch_{epoch % 2:03d}.{k}.npy")[index.numpy()] for k in ("values", "classes", "fill")}
+        want = np.repeat(rows["fill"][..., None].astype(np.float32), 100, axis=-1)
+        np.put_along_axis(want, rows["classes"].astype(np.int64), rows["values"].astype(np.float32), axis=-1)
         assert torch.equal(cached.logits(index, epoch), torch.from_numpy(want).transpose(0, 1))
     online = teachers.member_logits(next(FakeLoader(N).batches_at([index], view_epoch=1)).x)
     got = cached.logits(index, 1)
@@ -131,13 +126,13 @@ def test_ranks_write_their_parts_and_one_process_reads_them(whole, teachers, tmp
         build_cache(teachers, FakeLoader(N), tmp_path, rank=rank, world_size=3, **BUILD)
         with pytest.raises(FileNotFoundError, match="incomplete"):
             open_cache(tmp_path, teachers, FakeLoader(N))
+        # rank r holds r, r+3, ...: 1000 of them, in shards of 512 rows
+        assert json.loads((tmp_path / f"progress.rank{rank}.json").read_text())["rows"] == [[512, 488]] * 2
+        assert np.array_equal(np.load(tmp_path / f"epoch_001.rank{rank}.shard00001.index.npy"),
+                              np.arange(rank, N, 3)[512:])
     loader = FakeLoader(N)
     build_cache(teachers, loader, tmp_path, rank=0, world_size=3, **BUILD)  # run again: completes, computes nothing
     assert loader.yielded == 0
-    shards = json.loads((tmp_path / CACHE_MANIFEST).read_text())["shards"]
-    assert [[r, rows] for r, _, rows in shards[0]] == [[0, 512], [0, 488], [1, 512], [1, 488], [2, 512], [2, 488]]
-    for r in range(3):
-        assert np.array_equal(np.load(tmp_path / f"epoch_001.rank{r}.shard00001.index.npy"), np.arange(r, N, 3)[512:])
     sharded, single = open_cache(tmp_path, teachers, FakeLoader(N)), open_cache(whole[0], teachers, FakeLoader(N))
     index = torch.randperm(N)[:500]
     for epoch in (0, 1):
@@ -153,3 +148,31 @@ def test_a_cache_of_the_old_format_is_refused_with_rebuild(whole, teachers, tmp_
     with pytest.raises(CacheMismatchError, match=r"format ensemble-kd/teacher-cache/1 but this run uses format "
                                                  r"ensemble-kd/teacher-cache/2; rebuild it with"):
         open_cache(old, teachers, FakeLoader(N))
+
+
+class _TrainOrderLoader(ShardedLoader):
+    """A loader without batches_at: the cache reads it in its training order (drop_last loses some samples)."""
+
+    def __init__(self, size: int, batch_size: int):
+        super().__init__(size, batch_size=batch_size, train=True, seed=0, device="cpu", drop_last=None, rank=0,
+                         world_size=1)
+        self.views = FakeLoader(size)
+
+    def fingerprint_data(self) -> dict:
+        return self.views.fingerprint_data()
+
+    def batches(self, epoch, start=0, view_epoch=None):
+        return self.views.batches_at(self.batch_indices(epoch, start), epoch if view_epoch is None else view_epoch)
+
+
+def test_a_loader_without_batches_at_is_cached_in_its_training_order(teachers, tmp_path):
+    loader = _TrainOrderLoader(1000, 128)  # 7 full batches an epoch: 104 samples dropped
+    cached = open_cache(build_cache(teachers, loader, tmp_path, epochs=2, shard_size=256), teachers, loader)
+    assert json.loads((tmp_path / CACHE_MANIFEST).read_text())["missing"] == [104, 104]
+    for epoch in (0, 1):
+        for batch in loader.batches(epoch):
+            torch.testing.assert_close(cached.logits(batch.index, epoch), teachers.member_logits(batch.x),
+                                       rtol=1e-3, atol=2e-2)
+    dropped = sorted(set(range(1000)) - set(torch.cat([b.index for b in loader.batches(0)]).tolist()))[0]
+    with pytest.raises(ValueError, match=f"holds no logits for sample {dropped} of view epoch 0: the loader"):
+        cached.logits(torch.tensor([3, dropped]), 0)

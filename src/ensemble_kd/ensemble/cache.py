@@ -13,9 +13,10 @@ Layout of a cache directory:
   world size, batch and shard sizes, format). Rank 0 writes it when a build starts, with
   `complete: false`, and again when every rank has finished. It is not called manifest.json so
   that a cache is never mistaken for, or written over, a train-teachers run.
-- the shards, progress records and index -> row arrays of `cache_store.py`: written as the build
-  goes, so a killed build started again with the same settings resumes where it stopped (a
-  different fingerprint or storage starts afresh), and read memory-mapped.
+- the shards and progress records of `cache_store.py`, written as the build goes, so a killed
+  build started again with the same settings resumes where it stopped (a different fingerprint
+  or storage starts afresh); once all ranks are done, one array per key and epoch, row i =
+  dataset index i, read memory-mapped.
 
 Rank r of W computes the indices r, r+W, r+2W, ... of every epoch (nothing is computed twice),
 through the loader's `batches_at(index_batches, view_epoch=e)` when it has one: the loader's own
@@ -55,8 +56,8 @@ from ..engine.checkpoint import atomic_write_text
 from ..engine import distributed
 from ..methods import Needs, TeacherOutput
 from ..models.inputs import input_description
-from .cache_store import (EpochReader, class_dtype, describe_size, read_progress, remove_rank_files,
-                          write_progress, write_shard, write_where)
+from .cache_store import (EpochReader, class_dtype, consolidate, describe_size, read_progress, remove_built_files,
+                          remove_rank_files, write_progress, write_shard)
 from .teacher_set import TeacherSet
 
 __all__ = ["CACHE_MANIFEST", "CacheMismatchError", "CachedTeachers", "build_cache", "fingerprint",
@@ -208,6 +209,7 @@ def build_cache(teachers: TeacherSet, loader, out_dir: str | Path, *, epochs: in
                 "members": len(teachers), "names": list(teachers.names)}
     if rank == 0:  # a half-rewritten cache must not open under its old manifest
         atomic_write_text(out_dir / CACHE_MANIFEST, json.dumps(manifest, indent=2))
+        remove_built_files(out_dir)
     record = read_progress(out_dir, rank)
     if record is None or record.get("key") != key:
         remove_rank_files(out_dir, rank)
@@ -268,17 +270,22 @@ def _flush(out_dir: Path, epoch: int, rank: int, parts: list[dict], record: dict
 
 
 def _complete(out_dir: Path, manifest: dict, num_samples: int) -> None:
-    """Once every rank's record says it finished this build: the index -> row arrays, then the
-    manifest marked complete. Otherwise the manifest stays incomplete (a rank is still running)."""
-    records = [read_progress(out_dir, r) for r in range(manifest["world_size"])]
+    """Once every rank's record says it finished this build: each epoch's shards gathered into one
+    array per key, the manifest marked complete, the shards removed. Otherwise the manifest stays
+    incomplete (a rank is still running, or was stopped)."""
+    world_size = manifest["world_size"]
+    records = [read_progress(out_dir, r) for r in range(world_size)]
     if not all(r is not None and r["key"] == manifest["key"] and r["complete"] for r in records):
         return
-    shards = [[[r, s, rows] for r, rec in enumerate(records) for s, rows in enumerate(rec["rows"][e])]
-              for e in range(manifest["epochs"])]
-    missing = [write_where(out_dir, e, num_samples, shards[e]) for e in range(manifest["epochs"])]
+    keys = _row_keys(manifest["top_k"])
+    missing = [consolidate(out_dir, e, num_samples, [(r, s) for r, rec in enumerate(records)
+                                                     for s in range(len(rec["rows"][e]))], keys)
+               for e in range(manifest["epochs"])]
     num_classes = next(r["num_classes"] for r in records if r["num_classes"] is not None)
-    manifest = {**manifest, "complete": True, "num_classes": num_classes, "shards": shards, "missing": missing}
+    manifest = {**manifest, "complete": True, "num_classes": num_classes, "missing": missing}
     atomic_write_text(out_dir / CACHE_MANIFEST, json.dumps(manifest, indent=2))
+    for r in range(world_size):  # the gathered arrays hold everything now
+        remove_rank_files(out_dir, r)
 
 
 # ---------------------------------------------------------------------------- checking
@@ -354,7 +361,7 @@ class CachedTeachers:
         self._num_classes: int | None = manifest["num_classes"]
         self.device = device
         keys = _row_keys(self.top_k)
-        self._epochs = [EpochReader(self.cache_dir, e, manifest["shards"][e], keys) for e in range(self.epochs)]
+        self._epochs = [EpochReader(self.cache_dir, e, keys) for e in range(self.epochs)]
 
     @property
     def num_classes(self) -> int | None:
@@ -433,4 +440,5 @@ def open_cache(cache_dir: str | Path, teachers: TeacherSet | list[dict] | None, 
         for file in reader.files():
             if not file.is_file():
                 raise FileNotFoundError(f"teacher cache {where} is incomplete: {file.name} is missing; {REBUILD}")
+        reader.open()
     return cached
