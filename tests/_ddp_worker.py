@@ -7,7 +7,7 @@ import torch
 
 from ensemble_kd import pipeline
 from ensemble_kd.config import load_config
-from ensemble_kd.engine import distributed
+from ensemble_kd import distributed
 
 
 def main(command: str, out_dir: str, *overrides: str) -> None:

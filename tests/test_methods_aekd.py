@@ -17,8 +17,10 @@ from ensemble_kd.engine import Trainer
 from ensemble_kd.ensemble import TeacherSet
 from ensemble_kd.methods import StudentOutput, TeacherOutput, create_method
 from ensemble_kd.methods import aekd
-from ensemble_kd.methods.aekd import (capped_simplex_projection, kd_logit_gradients, teacher_weights,
-                                      weights_from_gram)
+from ensemble_kd.methods.aekd import kd_logit_gradients
+from ensemble_kd.solvers import capped_simplex
+from ensemble_kd.solvers.capped_simplex import (capped_simplex_projection, gram_matrix, teacher_weights,
+                                                weights_from_gram)
 from ensemble_kd.methods.kd import teacher_kd_losses
 from ensemble_kd.models import create, forward_with_taps
 
@@ -177,7 +179,7 @@ def test_c_one_is_the_mgda_min_norm_point():
 ])
 def test_degenerate_gradients_give_finite_feasible_minimisers(grads, C):
     g = torch.tensor(grads, dtype=torch.float64)
-    a = teacher_weights(g, C)
+    a = teacher_weights(gram_matrix(g), C)
     assert a.dtype == torch.float64 and a.shape == (len(grads),)
     check_feasible(a.numpy(), C)
     G = (g @ g.T).numpy()
@@ -187,8 +189,8 @@ def test_degenerate_gradients_give_finite_feasible_minimisers(grads, C):
 
 def test_colinear_opposite_gradients_cancel():
     g = torch.tensor([[1.0, 1.0], [-3.0, -3.0]], dtype=torch.float64)
-    torch.testing.assert_close(teacher_weights(g, 1.0), torch.tensor([0.75, 0.25], dtype=torch.float64))
-    torch.testing.assert_close(teacher_weights(g, 0.6), torch.tensor([0.6, 0.4], dtype=torch.float64))
+    torch.testing.assert_close(teacher_weights(gram_matrix(g), 1.0), torch.tensor([0.75, 0.25], dtype=torch.float64))
+    torch.testing.assert_close(teacher_weights(gram_matrix(g), 0.6), torch.tensor([0.6, 0.4], dtype=torch.float64))
 
 
 def test_non_finite_gram_gives_uniform_weights_not_nan():
@@ -204,15 +206,21 @@ def test_bad_inputs_get_clear_errors():
     with pytest.raises(ValueError, match="square"):
         weights_from_gram(np.ones((2, 3)), 1.0)
     with pytest.raises(ValueError, match=r"\(M, D\)"):
+        gram_matrix(torch.ones(3))
+    with pytest.raises(ValueError, match=r"\(S, M, M\)"):
         teacher_weights(torch.ones(3), 1.0)
+    with pytest.raises(ValueError, match="solver must be one of host, device"):
+        teacher_weights(torch.eye(2), 1.0, solver="gpu")
 
 
-def test_teacher_weights_equal_the_gram_route_and_keep_the_device():
+def test_teacher_weights_solve_a_stack_of_grams_on_either_solver_and_keep_the_device():
     torch.manual_seed(5)
-    g = torch.randn(5, 40)
-    a = teacher_weights(g, 0.3)
-    assert isinstance(a, torch.Tensor) and a.device == g.device
-    np.testing.assert_allclose(a.numpy(), weights_from_gram((g.double() @ g.double().T).numpy(), 0.3), atol=1e-15)
+    grams = torch.stack([gram_matrix(torch.randn(5, 40)) for _ in range(3)])
+    a = teacher_weights(grams, 0.3)
+    assert isinstance(a, torch.Tensor) and a.device == grams.device and a.shape == (3, 5)
+    for G, row in zip(grams, a):
+        np.testing.assert_allclose(row.numpy(), weights_from_gram(G.numpy(), 0.3), atol=1e-15)
+    np.testing.assert_allclose(teacher_weights(grams, 0.3, solver="device").numpy(), a.numpy(), atol=1e-7)
 
 
 def test_any_feasible_start_and_the_fallback_reach_the_same_optimum():
@@ -222,7 +230,7 @@ def test_any_feasible_start_and_the_fallback_reach_the_same_optimum():
         G = G / max(G.diagonal().max(), 1e-300)
         a = weights_from_gram(G, C)
         start = capped_simplex_projection(rng.standard_normal(len(G)) * 3, C)
-        b, certified = aekd._active_set(G, C, aekd._held(start, C))
+        b, certified = capped_simplex._active_set(G, C, capped_simplex._held(start, C))
         assert certified
         check_feasible(b, C)
         assert abs(b @ G @ b - a @ G @ a) <= 1e-12
@@ -232,7 +240,7 @@ def test_any_feasible_start_and_the_fallback_reach_the_same_optimum():
         G, C = g @ g.T, float(rng.uniform(1.0 / M, 1.0))
         G = G / G.diagonal().max()
         a = weights_from_gram(G, C)
-        b = aekd._projected_gradient(G, C, np.full(M, 1.0 / M))
+        b = capped_simplex._projected_gradient(G, C, np.full(M, 1.0 / M))
         check_feasible(b, C)
         assert abs(b @ G @ b - a @ G @ a) <= 1e-9
 
@@ -289,7 +297,7 @@ def test_aekd_loss_weights_and_logs():
     z, zt, y = _outputs()
     method = create_method("aekd", C=1.0, temperature=4.0, ce_weight=0.5, kd_weight=0.9)
     out = method.loss(_batch(y), StudentOutput(z, {}), TeacherOutput(zt, {}))
-    alpha = teacher_weights(kd_logit_gradients(z, zt, 4.0).flatten(1), 1.0).float()
+    alpha = teacher_weights(gram_matrix(kd_logit_gradients(z, zt, 4.0)), 1.0).float()
     expected = 0.5 * F.cross_entropy(z, y) + 0.9 * (alpha * teacher_kd_losses(z, zt, 4.0)).sum()
     torch.testing.assert_close(out.loss, expected)
     assert set(out.logs) == {"ce", "kd", "loss", "alpha_0", "alpha_1", "alpha_2"}
@@ -375,7 +383,7 @@ def test_hint_weights_use_each_hint_losss_own_gradient_at_the_student_feature():
     for r, f_t in zip(method.regressors, targets):  # one autograd call per teacher, the slow way
         h = aekd.hint_loss(r(f_s, f_t.shape[-2:]), f_t)
         grads.append(torch.autograd.grad(h, f_s, retain_graph=True)[0])
-    expected = teacher_weights(torch.stack(grads).flatten(1), 1.0).float()
+    expected = teacher_weights(gram_matrix(torch.stack(grads)), 1.0).float()
     out = method.loss(_batch(y), StudentOutput(logits, taps), TeacherOutput(teachers.member_logits(x),
                                                                             {"layer3": targets}))
     got = torch.stack([out.logs[f"hint_alpha_{i}"] for i in range(2)])
@@ -449,11 +457,11 @@ def test_device_solver_finds_the_same_optimum_without_the_host(M):
         G = g @ g.T
         C = float(rng.uniform(1.0 / M, 1.0))
         exact = weights_from_gram(G, C)
-        got = aekd.weights_from_gram_on_device(torch.from_numpy(G), C).numpy()
+        got = capped_simplex.weights_from_gram_on_device(torch.from_numpy(G), C).numpy()
         assert got.min() >= -1e-9 and got.max() <= C + 1e-7 and abs(got.sum() - 1) < 1e-9
         assert got @ G @ got <= exact @ G @ exact + 1e-9 * max(1.0, G.diagonal().max())
     batch = torch.from_numpy(np.stack([np.eye(M), np.ones((M, M))]))  # a batch keeps its shape
-    assert aekd.weights_from_gram_on_device(batch, 1.0).shape == (2, M)
+    assert capped_simplex.weights_from_gram_on_device(batch, 1.0).shape == (2, M)
 
 
 def test_aekd_device_solver_gives_the_host_solvers_loss():

@@ -12,7 +12,7 @@ from ensemble_kd import pipeline
 from ensemble_kd.config import ConfigError, load_config
 from ensemble_kd.data.loader import Batch
 from ensemble_kd.engine import Trainer
-from ensemble_kd.engine.perturb import Perturbation, ods_delta, tdiv_sdiv_delta
+from ensemble_kd.perturbations import Perturbation, ods_delta, tdiv_sdiv_delta
 from ensemble_kd.ensemble import TeacherSet
 from ensemble_kd.methods import StudentOutput, TeacherOutput, create_method
 from ensemble_kd.methods import latentbe

@@ -17,7 +17,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from . import pipeline, sweep
 from .config import Config, ConfigError, load_config
-from .engine import CheckpointError, NonFiniteLossError, distributed, load_model
+from . import distributed
+from .engine import CheckpointError, NonFiniteLossError, load_model
 from .engine.runs import MetricsLog, new_run_dir, write_config
 from .ensemble import MANIFEST, TeacherSet
 from .ensemble.cache import open_cache

@@ -136,7 +136,7 @@ class MethodConfig(_Section):
 
 
 class PerturbConfig(_Section):
-    """Input perturbations for distillation (engine/perturb.py): they need online teachers."""
+    """Input perturbations for distillation (perturbations/): they need online teachers."""
 
     kind: Literal["none", "gaussian", "ods", "confods", "tdiv_sdiv"] = "none"
     step: float = Field(1.0, gt=0.0)  # in units of 1/255
@@ -158,7 +158,7 @@ class EvalConfig(_Section):
     cost: bool = True
     latency: bool = True
     throughput_batch: int = Field(256, gt=0)
-    corruptions: bool = False  # accuracy/NLL/ECE under 8 corruptions x 5 severities (engine/robustness.py)
+    corruptions: bool = False  # accuracy/NLL/ECE under 8 corruptions x 5 severities (evaluation/robustness.py)
     ood: str | None = None  # a second dataset's test split as out-of-distribution inputs (AUROC)
     ood_root: str | None = None
     corruption_samples: int = Field(2000, gt=0)  # test images used by both

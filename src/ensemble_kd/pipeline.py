@@ -18,9 +18,10 @@ from .config import (Config, ConfigError, DataConfig, InputConfig, ModelConfig, 
                      load_config)
 from .data import AugmentSpec, DatasetSplits, DeviceLoader, load_dataset
 from .data.video import VIDEO_DATASETS, VideoSplits, load_video_splits, video_loader
-from .engine import Trainer, distributed, resolve_device, save_model, seed_everything
-from .engine.evaluate import evaluate_model, evaluate_teacher_set
-from .engine.perturb import Perturbation
+from . import distributed
+from .engine import Trainer, resolve_device, save_model, seed_everything
+from .evaluation import evaluate_model, evaluate_teacher_set
+from .perturbations import Perturbation
 from .ensemble import MANIFEST, TeacherSet, write_manifest
 from .ensemble.cache import CachedTeachers, build_cache, open_cache
 from .methods import create_method, method_class

@@ -20,7 +20,7 @@ from pathlib import Path
 from . import pipeline
 from .config import Config, ConfigError, validate_config
 from .config import apply_override
-from .engine import distributed
+from . import distributed
 from .engine.runs import write_config
 from .report import load_results, write_results
 

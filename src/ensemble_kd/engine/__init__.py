@@ -1,4 +1,4 @@
-"""The loop: devices, checkpoints, resume, logs, evaluation."""
+"""The loop alone: devices, precision, checkpoints, resume, logs; it runs any method through its contract."""
 
 from .checkpoint import CheckpointError, atomic_save, load_model, load_train_state, save_model
 from .seeding import resolve_device, seed_everything

@@ -90,7 +90,7 @@ def new_run_dir(config: Config, command: str) -> Path:
 
 
 def write_config(run_dir: Path, config: Config, command: str) -> None:
-    from .distributed import world
+    from ..distributed import world
 
     if not world().is_main:
         return

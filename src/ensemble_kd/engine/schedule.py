@@ -12,7 +12,8 @@ from ..config import OptimConfig
 def build_optimizer(params, cfg: OptimConfig, extra_groups=(), no_decay_params=()) -> torch.optim.Optimizer:
     """SGD or AdamW over `params` (the model's) and `extra_groups` (a method's, dicts with "params"
     and optionally their own "lr"). No weight decay on BatchNorm and biases (the usual choice) nor
-    on `no_decay_params` (a model's `no_weight_decay()`, e.g. BatchEnsemble factors, pulled to 1)."""
+    on `no_decay_params` (a model's `no_weight_decay()`: parameters that a penalty of their own
+    pulls elsewhere)."""
     skip = {id(p) for p in no_decay_params}
     groups = []
     for group in [{"params": params}, *extra_groups]:

@@ -24,7 +24,7 @@ from ..config import TrainConfig
 from ..methods import Method, StudentOutput
 from ..models import forward_with_taps, unwrap
 from . import checkpoint as ckpt
-from . import distributed
+from .. import distributed
 from .runs import MetricsLog
 from .schedule import build_optimizer, build_scheduler
 from .seeding import rng_state, seed_everything, set_rng_state
@@ -263,7 +263,7 @@ class Trainer:
         return out.loss.detach(), logs
 
     def _learning_rates(self) -> dict[str, float]:
-        """lr: the student's; lr_<name>: each named method group's (e.g. MEAL's discriminators)."""
+        """lr: the student's; lr_<name>: each named group a method adds (e.g. a discriminator's)."""
         groups = self.optimizer.param_groups
         return {"lr": groups[0]["lr"], **{f"lr_{g['name']}": g["lr"] for g in groups if "name" in g}}
 

@@ -52,8 +52,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .. import distributed
 from ..engine.checkpoint import atomic_write_text
-from ..engine import distributed
 from ..methods import Needs, TeacherOutput
 from ..models.inputs import input_description
 from .cache_store import (EpochReader, class_dtype, consolidate, describe_size, read_progress, remove_built_files,
