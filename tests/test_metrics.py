@@ -316,7 +316,7 @@ def test_latency_is_the_median_and_iqr_of_the_timed_repeats_after_warmup(monkeyp
 def test_evaluation_rows_carry_latency_spread_and_ensembles_add_members_up():
     from types import SimpleNamespace
 
-    from ensemble_kd.engine.evaluate import _sum_costs, cost_row
+    from ensemble_kd.evaluation.evaluate import _sum_costs, cost_row
 
     cfg = SimpleNamespace(cost=False, latency=True, throughput_batch=2)
     row = cost_row(nn.Linear(4, 2), (4,), torch.device("cpu"), cfg)
