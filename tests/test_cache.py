@@ -231,6 +231,10 @@ def test_cli_cache_teachers_then_distill_from_the_cache(teacher_run, tmp_path, c
     printed = capsys.readouterr()
     assert f"teacher cache: {cache}" in printed.out
     assert "cache: 1,213 images x 2 teachers x 2 epochs, all 10 logits fp16 -> 0.1 MB" in printed.err  # before it starts
+    written = {p.name: p.read_bytes() for p in cache.glob("*.npy")}
+    assert main(["cache-teachers", "--resume", str(cache)]) == 0  # its config.yaml: the same settings, nothing to do
+    assert f"cache: {cache} is already built" in " ".join(capsys.readouterr().err.split())
+    assert {p.name: p.read_bytes() for p in cache.glob("*.npy")} == written
     assert (cache / CACHE_MANIFEST).is_file() and (cache / "config.yaml").is_file()
     # teachers.source points nowhere: the distill run must not load any teacher.
     config = tmp_path / "distill.yaml"

@@ -165,8 +165,11 @@ def cmd_distill(args) -> None:
 
 
 def cmd_cache_teachers(args) -> None:
-    config = _config(args, resume=False)
-    out_dir = Path(config.cache.dir) if config.cache.dir else _run_dir(config, "cache", None)  # one name for all ranks
+    config = _config(args)  # --resume DIR: DIR's config.yaml, and DIR itself as cache.dir
+    if args.resume is not None:
+        out_dir = _run_dir(config, "cache", args.resume)
+    else:
+        out_dir = Path(config.cache.dir) if config.cache.dir else _run_dir(config, "cache", None)  # one name for all ranks
     if (out_dir / MANIFEST).is_file():
         raise ConfigError(f"cache.dir '{out_dir}' holds a train-teachers run; choose another directory for the cache")
     data = pipeline.prepare_data(config)
@@ -344,7 +347,7 @@ def build_parser() -> argparse.ArgumentParser:
     command("train-teachers", cmd_train_teachers, "train an ensemble of M members")
     command("distill", cmd_distill, "train a student with a method (ce: the student alone)")
     command("cache-teachers", cmd_cache_teachers,
-            "store teacher logits of seeded training views for distill teachers.cache=DIR", resume=False)
+            "store teacher logits of seeded training views for distill teachers.cache=DIR")
     sw = command("sweep", cmd_sweep, "distil under several variants and seeds: one table, mean and spread")
     sw.add_argument("--only", metavar="NAMES", help="comma-separated variants to run (split a sweep over processes)")
     ev = sub.add_parser("evaluate", help="evaluate a run, a teacher set or a checkpoint")
