@@ -6,6 +6,8 @@ import gzip
 import os
 import pickle
 import struct
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -363,6 +365,19 @@ def test_digits(digits):
     assert s.augment == AugmentSpec(1, False)
     other = load_dataset("digits", split_seed=5)
     assert torch.equal(other.test.images, s.test.images)  # the test split ignores split_seed
+
+
+def test_digits_read_without_sklearn_equal_load_digits():
+    from sklearn.datasets import load_digits
+
+    from ensemble_kd.data.datasets import digits_arrays
+
+    pixels, labels = digits_arrays()
+    expected = load_digits()
+    assert np.array_equal(pixels, expected.images) and np.array_equal(labels, expected.target)
+    code = "import sys; from ensemble_kd.data import load_dataset; load_dataset('digits'); print('sklearn' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"  # the demo no longer pays scikit-learn's import
 
 
 def test_val_split_reproducible_and_stratified(digits):

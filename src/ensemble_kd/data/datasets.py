@@ -197,13 +197,23 @@ def _require_root(root: Path | None, name: str, expected: str) -> Path:
     return root
 
 
+def digits_arrays() -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's digits as load_digits gives them ((N, 8, 8) floats 0-16, (N,) int64 labels), read
+    from the CSV it ships without importing scikit-learn (which costs more than the whole read)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("sklearn")  # locates the package without running it
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("dataset 'digits' is read from scikit-learn's files: pip install scikit-learn.")
+    path = Path(spec.submodule_search_locations[0]) / "datasets" / "data" / "digits.csv.gz"
+    data = np.loadtxt(path, delimiter=",")
+    return data[:, :-1].reshape(-1, 8, 8), data[:, -1].astype(np.int64)
+
+
 @register_dataset("digits", AugmentSpec(crop_padding=1, flip=False))
 def _digits(root: Path | None) -> tuple[ImageDataset, ImageDataset]:
-    from sklearn.datasets import load_digits  # embedded in scikit-learn, no download
-
-    d = load_digits()
-    images = np.round(d.images * (255.0 / 16.0)).astype(np.uint8)[:, None]
-    labels = d.target.astype(np.int64)
+    pixels, labels = digits_arrays()
+    images = np.round(pixels * (255.0 / 16.0)).astype(np.uint8)[:, None]
     classes = tuple(str(i) for i in range(10))
     # The test split is fixed (not split_seed) so every run scores on the same images.
     train, test = stratified_split(labels, DIGITS_TEST_FRACTION, DIGITS_SPLIT_SEED)
