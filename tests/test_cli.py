@@ -204,3 +204,14 @@ def test_wide_latency_spread_is_called_out(tmp_path, capsys):
     captured = capsys.readouterr()
     assert "1.000 ± 0.400" in captured.out
     assert "varies widely" in captured.err and "jumpy" in captured.err and "steady" not in captured.err
+
+
+def test_demo_runs_on_one_cpu_thread_and_gives_the_count_back(tmp_path, monkeypatch):
+    import torch
+
+    calls, real = [], torch.set_num_threads
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: (calls.append(n), real(n))[1])
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    before = torch.get_num_threads()
+    assert main(["demo", f"run.dir={tmp_path}", "teachers.count=2", "device=cpu", *FAST, "--methods", "ce"]) == 0
+    assert calls == [1, before] and torch.get_num_threads() == before
