@@ -261,7 +261,7 @@ def test_batchensemble_net_shapes_mean_probability_and_collapse(base, in_channel
         assert collapsed(x).shape == (B, K)
 
 
-@pytest.mark.parametrize("base,in_channels,base_kwargs", NETS)
+@pytest.mark.parametrize("base,in_channels,base_kwargs", NETS[:3])  # depthwise: test_library_resnets.py
 @pytest.mark.parametrize("mode", MODES)
 def test_collapse_of_a_fresh_ones_net_is_the_base_network(base, in_channels, base_kwargs, mode):
     torch.manual_seed(7)
@@ -269,9 +269,7 @@ def test_collapse_of_a_fresh_ones_net_is_the_base_network(base, in_channels, bas
     torch.manual_seed(7)  # the same draws: the BE builder creates the base first, "ones" draws nothing
     be = create("batchensemble", num_classes=5, in_channels=in_channels, base=base, members=2,
                 base_kwargs=base_kwargs)
-    # float64: BatchNorm over 1x1 maps of 3 vs 6 rows (mobilenetv2 at 8x8) sums in another order
-    reference, be = reference.double(), be.double()
-    x = torch.randn(3, in_channels, 8, 8, dtype=torch.float64)
+    x = torch.randn(3, in_channels, 8, 8)
     # Eval first: a training step updates BN's running variance with the unbiased correction over the
     # tiled batch (M·B·H·W values, not B·H·W), so the running statistics would part slightly.
     for train in (False, True):
@@ -324,10 +322,10 @@ def _own_forward_conv(num_classes: int = 10, in_channels: int = 3) -> nn.Module:
 
 
 def test_a_layer_with_its_own_forward_is_named_and_refused():
-    with pytest.raises(ValueError, match=r"cannot make layer '0.0' a BatchEnsemble layer: it is a _SameConv .*"
+    with pytest.raises(ValueError, match=r"cannot make layer '0.0' a BatchEnsemble layer: it is a _SameConv, .*"
                                          r"plain nn.Conv2d and nn.Linear"):
         create("batchensemble", base="test_own_forward_conv")
-    with pytest.raises(ValueError, match=r"layer '0.out_proj' .* MultiheadAttention"):
+    with pytest.raises(ValueError, match=r"layer '0.out_proj' .* its MultiheadAttention reads its weight"):
         create("batchensemble", base="test_attention")  # attention reads out_proj.weight itself
 
 

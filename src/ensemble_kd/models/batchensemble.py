@@ -197,11 +197,13 @@ def _convert(model: nn.Module, members: int, init: str, bias: str) -> None:
         for name, child in list(parent._modules.items()):
             if isinstance(child, (nn.Conv2d, nn.Linear)):
                 path = f"{parent_name}.{name}" if parent_name else name
-                if _own_forward(child) or isinstance(parent, nn.MultiheadAttention):
-                    # Its forward (or the parent's, reading child.weight) would skip the factors.
-                    raise ValueError(f"cannot make layer {path!r} a BatchEnsemble layer: it is a "
-                                     f"{type(child).__name__} inside a {type(parent).__name__} that computes "
-                                     f"its own forward; BatchEnsemble converts plain nn.Conv2d and nn.Linear layers.")
+                # Its own forward (or the parent's, reading child.weight) would skip the factors.
+                why = (f"it is a {type(child).__name__}, with a forward of its own" if _own_forward(child) else
+                       f"its {type(parent).__name__} reads its weight directly"
+                       if isinstance(parent, nn.MultiheadAttention) else None)
+                if why:
+                    raise ValueError(f"cannot make layer {path!r} a BatchEnsemble layer: {why}; BatchEnsemble "
+                                     f"converts plain nn.Conv2d and nn.Linear layers.")
                 try:
                     be = (BEConv2d if isinstance(child, nn.Conv2d) else BELinear)(child, members, init, bias)
                 except ValueError as err:

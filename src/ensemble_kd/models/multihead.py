@@ -2,7 +2,8 @@
 
     net = create("multihead", base="resnet20", branches=2, fork="layer3")
 
-Any registered model that keeps the stage contract (models/stages.py) can be the base: the
+Any model that keeps the stage contract (models/stages.py) can be the base, and any timm or
+torchvision ResNet/ResNeXt (`timm/resnet50`, `torchvision/resnet50`: models/library_resnets.py): the
 stem and the stages before `fork` are built once and shared; the stages from `fork` on and the
 head are built N times, as branches, at the base's widths divided by `width_factor`. By
 default the factor is the smallest (on a 0.05 grid) that keeps the whole network no larger
@@ -25,7 +26,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .registry import create, register_model
-from .stages import has_stages, run_stages
+from . import library_resnets
+from .stages import forward_head, forward_stem, has_stages, run_stages
 
 ENSEMBLERS = ("mean", "gate")
 _EPS = 1e-6
@@ -74,9 +76,11 @@ class MultiHeadNet(nn.Module):
             raise ValueError(f"multihead ensembler must be one of {', '.join(ENSEMBLERS)}, got {ensembler!r}.")
         kwargs = dict(base_kwargs or {})
         trunk = create(base, num_classes=num_classes, in_channels=in_channels, **kwargs)
+        library = library_resnets.expose_stages(trunk)
         if not has_stages(trunk):
             raise ValueError(f"model {base!r} does not expose its stages (stem_points, tap_points, head_points, "
-                             f"forward_stem, forward_head); the multi-head builder needs them.")
+                             f"stage_channels); the multi-head builder needs them (timm and torchvision ResNets "
+                             f"have them).")
         points = list(trunk.tap_points)
         fork = fork or points[-1]
         if fork not in points:
@@ -94,10 +98,10 @@ class MultiHeadNet(nn.Module):
         kwargs.pop("widths", None)
         self.base, self.width_factor = base, float(width_factor)
         self.shared_points, self.branch_points = tuple(points[:at]), tuple(points[at:])
-        self.branch_widths = tuple(widths)
         self.multilabel = bool(getattr(trunk, "multilabel", False))
-        members = [create(base, num_classes=num_classes, in_channels=in_channels, widths=widths, **kwargs)
+        members = [_member(trunk if library else None, base, num_classes, in_channels, kwargs, widths, at)
                    for _ in range(branches)]
+        self.branch_widths = tuple(members[0].stage_channels)  # a bottleneck's: planes·4, so rounded
         _drop(trunk, (*self.branch_points, *trunk.head_points))
         for member in members:
             _drop(member, (*member.stem_points, *self.shared_points))
@@ -108,8 +112,8 @@ class MultiHeadNet(nn.Module):
 
     def forward_branches(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(N, B, K) branch logits and the gate's (B, N) weights (None for the mean)."""
-        h = run_stages(self.trunk, self.trunk.forward_stem(x), self.shared_points)
-        z = torch.stack([b.forward_head(run_stages(b, h, self.branch_points)) for b in self.branches])
+        h = run_stages(self.trunk, forward_stem(self.trunk, x), self.shared_points)
+        z = torch.stack([forward_head(b, run_stages(b, h, self.branch_points)) for b in self.branches])
         return self.heads(z), (self.ensembler(h) if self.ensembler is not None else None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -122,12 +126,22 @@ def branch_widths(widths, at: int, factor: float) -> list[int]:
     return list(widths[:at]) + [max(1, round(w / factor)) for w in widths[at:]]
 
 
+def _member(library_base: nn.Module | None, base: str, num_classes: int, in_channels: int, kwargs: dict,
+            widths, at: int) -> nn.Module:
+    """`base` with stages `at`.. at `widths`: our models through their `widths` argument, a library
+    ResNet (given as `library_base`, the base built) rebuilt with the library's blocks."""
+    if library_base is not None:
+        return library_resnets.at_widths(library_base, base, num_classes, in_channels, kwargs, widths, at)
+    return create(base, num_classes=num_classes, in_channels=in_channels, widths=widths, **kwargs)
+
+
 def fitting_width_factor(base: str, num_classes: int, in_channels: int, branches: int, at: int,
                          kwargs: dict, extra: int = 0) -> float:
     """The smallest factor on a 0.05 grid for which N branches, the shared part and `extra`
     parameters (the gate's) are no more than the base network's (counted on the meta device)."""
     with torch.device("meta"):
         reference = create(base, num_classes=num_classes, in_channels=in_channels, **kwargs)
+        library = library_resnets.expose_stages(reference)
         budget = _count(reference)
         widths = list(reference.stage_channels)
         rest = {k: v for k, v in kwargs.items() if k != "widths"}
@@ -135,8 +149,8 @@ def fitting_width_factor(base: str, num_classes: int, in_channels: int, branches
         shared = budget - head_and_upper
         for step in range(0, 20 * (branches + 1)):
             factor = 1.0 + 0.05 * step
-            member = create(base, num_classes=num_classes, in_channels=in_channels,
-                            widths=branch_widths(widths, at, factor), **rest)
+            member = _member(reference if library else None, base, num_classes, in_channels, rest,
+                             branch_widths(widths, at, factor), at)
             per_branch = sum(_count(getattr(member, n)) for n in (*member.tap_points[at:], *member.head_points))
             if shared + branches * per_branch + extra <= budget:
                 return round(factor, 2)

@@ -3,10 +3,12 @@
 A model that keeps it has
 - `stem_points`, `tap_points`, `head_points`: the names of its direct submodules that make
   the stem, each stage (in order), and the head;
-- `forward_stem(x)` and `forward_head(h)`, with forward(x) = head(stages(stem(x)));
+- optionally `forward_stem(x)` and `forward_head(h)` (else the stem's and the head's modules run
+  in order, flattened before a Linear), with forward(x) = head(stages(stem(x)));
 - `stage_channels`: each stage's output channels, and a `widths` constructor argument that
   sets them (the multi-head builder shrinks the branches through it).
-small_cnn, the CIFAR ResNets, the WRNs and dbof keep it.
+small_cnn, the CIFAR ResNets, the WRNs and dbof keep it; timm's and torchvision's ResNets are
+given it by models/library_resnets.py (their widths rebuilt there, not by an argument).
 """
 
 from __future__ import annotations
@@ -29,11 +31,25 @@ def stage_widths(name: str, widths: Sequence[int] | None, default: Sequence[int]
 
 
 def has_stages(model: nn.Module) -> bool:
-    return all(hasattr(model, a) for a in ("stem_points", "tap_points", "head_points", "forward_stem",
-                                           "forward_head", "stage_channels"))
+    return all(hasattr(model, a) for a in ("stem_points", "tap_points", "head_points", "stage_channels"))
 
 
 def run_stages(model: nn.Module, x: torch.Tensor, names: Sequence[str]) -> torch.Tensor:
     for name in names:
         x = getattr(model, name)(x)
     return x
+
+
+def forward_stem(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    own = getattr(model, "forward_stem", None)
+    return own(x) if own is not None else run_stages(model, x, model.stem_points)
+
+
+def forward_head(model: nn.Module, h: torch.Tensor) -> torch.Tensor:
+    own = getattr(model, "forward_head", None)  # ours, and timm's (pool, dropout, fc)
+    if own is not None:
+        return own(h)
+    for name in model.head_points:
+        module = getattr(model, name)
+        h = module(h.flatten(1) if isinstance(module, nn.Linear) and h.dim() > 2 else h)
+    return h

@@ -1,0 +1,125 @@
+"""timm and torchvision networks as EnsembleNet's multi-headed and LatentBE's BatchEnsemble students.
+
+Small members of each family keep this quick on 2 CPU cores: timm's resnet10t, torchvision's
+resnet18, mobilenet_v2 at width 0.25, 32x32 inputs.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ensemble_kd.data.loader import Batch
+from ensemble_kd.methods import StudentOutput, create_method
+from ensemble_kd.metrics.cost import count_parameters
+from ensemble_kd.models import create, forward_with_taps
+from ensemble_kd.models.batchensemble import collapse
+
+timm = pytest.importorskip("timm")
+tv_models = pytest.importorskip("torchvision.models")
+
+RESNETS = ["timm/resnet10t", "torchvision/resnet18"]
+
+
+def _library_model(name: str, num_classes: int, **kwargs):
+    """The library's own constructor, by hand: what a user's code would call."""
+    source, arch = name.split("/")
+    if source == "timm":
+        return timm.create_model(arch, num_classes=num_classes, **kwargs)
+    return getattr(tv_models, arch)(num_classes=num_classes, **kwargs)
+
+
+# --------------------------------------------------------------------------- EnsembleNet's multi-head builder
+@pytest.mark.parametrize("name", RESNETS)
+def test_multihead_over_a_library_resnet_stays_within_the_base_and_runs_one_training_step(name):
+    torch.manual_seed(0)
+    base = create(name, num_classes=10)
+    net = create("multihead", num_classes=10, base=name)
+    assert net.shared_points == ("layer1", "layer2", "layer3") and net.branch_points == ("layer4",)
+    assert net.branch_widths[:3] == (64, 128, 256) and net.branch_widths[3] < 512  # layer4 shrunk
+    assert 0.9 * count_parameters(base) < count_parameters(net) <= count_parameters(base)
+    assert type(net.branches[0].layer4[0]) is type(base.layer4[0])  # the library's own blocks
+    method = create_method("ensemblenet")
+    method.bind(net)
+    x, y = torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,))
+    opt = torch.optim.SGD(net.parameters(), lr=0.05)
+    losses = []
+    for _ in range(2):
+        logits, taps = forward_with_taps(net, x, method.needs.student_taps)
+        assert logits.shape == (4, 10) and taps["heads"].shape == (2, 4, 10)
+        loss = method.loss(Batch(x, y, torch.arange(4)), StudentOutput(logits, taps), None).loss
+        opt.zero_grad()
+        loss.backward()
+        assert all(p.grad is not None for p in net.parameters())  # both branches and the trunk learn
+        opt.step()
+        losses.append(float(loss.detach()))
+    assert losses[1] < losses[0]
+    again = create(**net.spec)
+    again.load_state_dict(net.state_dict())  # a plain checkpoint rebuilds it
+
+
+@pytest.mark.parametrize("name", RESNETS)
+def test_one_full_width_branch_is_the_library_network_itself(name):
+    """Stem, stages and head run as the library's forward does: same weights, same logits."""
+    torch.manual_seed(1)
+    base = _library_model(name, 6).eval()
+    net = create("multihead", num_classes=6, base=name, branches=1, width_factor=1.0).eval()
+    upper = ("layer4.", "fc.")
+    state = {(f"branches.0.{k}" if k.startswith(upper) else f"trunk.{k}"): v for k, v in base.state_dict().items()}
+    net.load_state_dict(state)  # strict: the same modules, split into trunk and branch
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(net(x), base(x).log_softmax(-1))
+
+
+def test_multihead_forks_a_torchvision_resnet_earlier_with_the_gate():
+    net = create("multihead", num_classes=5, base="torchvision/resnet18", fork="layer3", ensembler="gate", branches=3)
+    assert net.branch_points == ("layer3", "layer4") and all(w < b for w, b in zip(net.branch_widths[2:], (256, 512)))
+    assert count_parameters(net) <= count_parameters(create("torchvision/resnet18", num_classes=5))
+    logits, taps = forward_with_taps(net.eval(), torch.randn(2, 3, 32, 32), ("heads", "ensembler"))
+    assert taps["heads"].shape == (3, 2, 5) and taps["ensembler"].shape == (2, 3)
+
+
+def test_networks_without_resnet_stages_are_refused_in_one_sentence():
+    with pytest.raises(ValueError, match=r"'torchvision/mobilenet_v2' does not expose its stages .* ResNets have them"):
+        create("multihead", base="torchvision/mobilenet_v2")
+    with pytest.raises(ValueError, match="replace_stride_with_dilation cannot be rebuilt"):
+        create("multihead", base="torchvision/resnet50", width_factor=2.0,
+               base_kwargs={"replace_stride_with_dilation": [False, False, True]})
+
+
+# --------------------------------------------------------------------------- LatentBE's BatchEnsemble and collapse
+GROUPED = [("torchvision/mobilenet_v2", {"width_mult": 0.25})]  # depthwise convs
+
+
+@pytest.mark.parametrize("name,kwargs", [(n, {}) for n in RESNETS] + GROUPED)
+def test_batchensemble_collapses_into_a_state_dict_the_library_loads_unchanged(name, kwargs):
+    torch.manual_seed(2)
+    be = create("batchensemble", num_classes=5, base=name, members=3, init="normal", base_kwargs=kwargs)
+    x = torch.randn(2, 3, 32, 32)
+    be.train()
+    be(x)  # BatchNorm statistics away from their defaults
+    be.eval()
+    members = be.forward_members(x)
+    assert members.shape == (3, 2, 5) and not torch.allclose(members[0], members[1])  # the factors differ
+    collapsed = collapse(be).eval()
+    plain = _library_model(name, 5, **kwargs).eval()
+    plain.load_state_dict(collapsed.state_dict())  # strict, into the library's own class
+    assert type(plain) is type(collapsed)
+    torch.testing.assert_close(plain(x), collapsed(x))
+
+
+@pytest.mark.parametrize("name,kwargs", [("timm/resnet10t", {})] + GROUPED)
+def test_a_fresh_batchensemble_of_a_library_network_collapses_to_that_network(name, kwargs):
+    """All factors 1: every member and the collapse are the base network (exact)."""
+    torch.manual_seed(3)
+    reference = create(name, num_classes=4, **kwargs).eval()
+    torch.manual_seed(3)  # the BE builder creates the base first; "ones" draws nothing
+    be = create("batchensemble", num_classes=4, base=name, members=2, base_kwargs=kwargs).eval()
+    x = torch.randn(2, 3, 32, 32)
+    assert torch.equal(collapse(be).eval()(x), reference(x))
+    torch.testing.assert_close(be.forward_members(x), reference(x).expand(2, -1, -1))
+
+
+def test_a_conv_with_its_own_forward_is_refused_by_path():
+    with pytest.raises(ValueError, match=r"cannot make layer 'conv_stem' a BatchEnsemble layer: it is a Conv2dSame"):
+        create("batchensemble", base="timm/tf_mobilenetv3_small_minimal_100", members=2)
