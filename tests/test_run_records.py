@@ -181,3 +181,135 @@ def test_resuming_a_non_finite_checkpoint_is_refused(tmp_path):
     atomic_save(state, tmp_path / "last.pt")
     with pytest.raises(CheckpointError, match=rf"holds non-finite values \(model {re.escape(key)}\)"):
         _digits_trainer(tmp_path).fit(resume=True)
+
+
+# ---------------------------------------------------------------------------- complete teacher runs
+
+def test_a_killed_teacher_run_is_refused_as_a_source_until_resumed(tmp_path, monkeypatch):
+    from ensemble_kd import pipeline
+    from ensemble_kd.config import load_config
+
+    config = load_config(None, [*CPU_TINY, "teachers.count=3"])
+    data = pipeline.prepare_data(config)
+    run = tmp_path / "teachers"
+    train_one, trained = pipeline.train_one, []
+
+    def killed_after_one(*args, **kwargs):
+        if trained:
+            raise KeyboardInterrupt  # the run stops while training its second member
+        trained.append(1)
+        return train_one(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "train_one", killed_after_one)
+    with pytest.raises(KeyboardInterrupt):
+        pipeline.train_teachers(config, run, data=data)
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert manifest["complete"] is False and len(manifest["members"]) == 1
+    assert manifest["planned"] == ["00-small_cnn-s0", "01-small_cnn-s1", "02-small_cnn-s2"]
+
+    distill = load_config(None, [*CPU_TINY, f"teachers.source={run}", "method.name=aver"])
+    with pytest.raises(ValueError) as info:
+        pipeline.prepare_distill(distill, data)
+    message = str(info.value)
+    assert "1 of 3 members; missing: 01-small_cnn-s1, 02-small_cnn-s2" in message
+    assert f"`ensemble-kd train-teachers --resume {run}`" in message
+
+    monkeypatch.setattr(pipeline, "train_one", train_one)
+    teachers = pipeline.train_teachers(config, run, data=data, resume=True)
+    assert len(teachers) == 3 and json.loads((run / "manifest.json").read_text())["complete"] is True
+    _, loaded = pipeline.prepare_distill(distill, data)
+    assert len(loaded) == 3
+
+
+def test_a_manifest_from_before_complete_was_recorded_loads_its_members(tmp_path):
+    from ensemble_kd.engine import save_model
+    from ensemble_kd.ensemble import TeacherSet
+    from ensemble_kd.models import create
+
+    member = create("small_cnn", num_classes=10, in_channels=1, width=0.25)
+    save_model(member, tmp_path / "members" / "a" / "model.pt")
+    (tmp_path / "manifest.json").write_text(json.dumps(
+        {"members": [{"name": "a", "spec": member.spec, "checkpoint": "members/a/model.pt"}]}))
+    assert TeacherSet.from_run(tmp_path).names == ["a"]
+
+
+# ---------------------------------------------------------------------------- the data of every checkpoint
+
+def _write_idx(path, array):
+    import numpy as np
+
+    header = bytes([0, 0, 0x08, array.ndim]) + np.array(array.shape, dtype=">i4").tobytes()
+    path.write_bytes(header + np.ascontiguousarray(array, dtype=np.uint8).tobytes())
+
+
+@pytest.fixture
+def fashion_like(tmp_path):
+    """A tiny Fashion-MNIST in IDX files: 28x28 grey images, its ten class names."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    root = tmp_path / "fashion"
+    root.mkdir()
+    for prefix, n in (("train", 80), ("t10k", 20)):
+        _write_idx(root / f"{prefix}-images-idx3-ubyte", rng.integers(0, 256, (n, 28, 28)))
+        _write_idx(root / f"{prefix}-labels-idx1-ubyte", np.arange(n) % 10)
+    return root
+
+
+def test_teachers_of_other_data_are_refused_unless_intended(tmp_path, fashion_like):
+    from ensemble_kd import pipeline
+    from ensemble_kd.config import ConfigError, load_config
+    from ensemble_kd.data import dataset_record
+    from ensemble_kd.engine.checkpoint import load_train_state
+    from ensemble_kd.models.inputs import input_description
+
+    fashion = load_config(None, [*CPU_TINY, "teachers.count=1", "data.name=fashion-mnist",
+                                 f"data.root={fashion_like}", "data.batch_size=16"])
+    fashion_data = pipeline.prepare_data(fashion)
+    run = tmp_path / "teachers"
+    pipeline.train_teachers(fashion, run, data=fashion_data)
+    # the record is kept with the member's model file, its training state and the manifest
+    record = dataset_record(fashion_data.splits)
+    assert record["name"] == "fashion-mnist" and record["image_size"] == [28, 28] and record["classes"][0] == "T-shirt/top"
+    member = run / "members" / "00-small_cnn-s0"
+    assert json.loads((member / "model.json").read_text())["data"] == record
+    assert load_train_state(member / "last.pt")["data"] == record
+    assert json.loads((run / "manifest.json").read_text())["members"][0]["data"] == record
+
+    digits = pipeline.prepare_data(load_config(None, CPU_TINY))  # ten classes too: the class count alone passes
+    distill = [*CPU_TINY, f"teachers.source={run}", "method.name=aver"]
+    with pytest.raises(ConfigError) as info:
+        pipeline.prepare_distill(load_config(None, distill), digits)
+    message = str(info.value)
+    assert "teacher 00-small_cnn-s0 was trained on fashion-mnist (28x28" in message
+    assert "this run's data is digits (8x8" in message
+    assert "differ in name, classes, image size" in message and "teachers.allow_other_data=true" in message
+    _, teachers = pipeline.prepare_distill(load_config(None, [*distill, "teachers.allow_other_data=true"]), digits)
+    assert len(teachers) == 1
+    # the same data with other statistics (another validation split) is the same dataset: the teacher
+    # is not refused, its inputs are re-normalised to the statistics it was trained with
+    other_split = pipeline.prepare_data(fashion.model_copy(update={"data": fashion.data.model_copy(
+        update={"val_fraction": 0.2})}))
+    assert dataset_record(other_split.splits)["mean"] != record["mean"]
+    _, teachers = pipeline.prepare_distill(load_config(None, [*distill, "data.name=fashion-mnist",
+                                                              f"data.root={fashion_like}", "data.val_fraction=0.2"]),
+                                           other_split)
+    adapted = input_description(teachers.members[0])
+    assert adapted["mean"] == pytest.approx(record["mean"]) and adapted["std"] == pytest.approx(record["std"])
+    _, same = pipeline.prepare_distill(load_config(None, [*distill, "data.name=fashion-mnist",
+                                                          f"data.root={fashion_like}"]), fashion_data)
+    assert input_description(same.members[0]) is None
+
+
+def test_resuming_on_other_data_is_refused(tmp_path):
+    from ensemble_kd.engine import CheckpointError
+    from ensemble_kd.engine.checkpoint import atomic_save
+
+    trainer = _digits_trainer(tmp_path)
+    state = trainer.state_dict()
+    state["data"] = {"name": "fashion-mnist", "classes": ["T-shirt/top"] * 10, "image_size": [28, 28], "channels": 1}
+    atomic_save(state, tmp_path / "last.pt")
+    resumed = _digits_trainer(tmp_path)
+    resumed.dataset = {"name": "digits", "classes": [str(i) for i in range(10)], "image_size": [8, 8], "channels": 1}
+    with pytest.raises(CheckpointError, match=r"was trained on fashion-mnist \(28x28.*this run's data is digits"):
+        resumed.fit(resume=True)

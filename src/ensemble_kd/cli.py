@@ -240,6 +240,7 @@ def cmd_evaluate(args) -> None:
     if target.is_dir() and (target / MANIFEST).is_file():
         teachers = TeacherSet.from_run(target, device=data.device)
         pipeline.check_class_counts(teachers, data)
+        pipeline.check_teacher_data(config, teachers, data)
         rows = pipeline.evaluate_teachers(config, teachers, data, target)
     else:
         path = target / "model.pt" if target.is_dir() else target

@@ -110,6 +110,7 @@ class TeachersConfig(_Section):
     fold_bn: bool = True
     compile: bool = False  # torch.compile the frozen teachers
     cache: str | None = None  # a cache-teachers directory: distill reads teacher logits from it, loads no teacher
+    allow_other_data: bool = False  # teachers trained on another dataset (name, classes, size) are refused unless set
 
     def resolved_members(self) -> list[TeacherMemberConfig]:
         if self.members is not None:

@@ -16,7 +16,8 @@ import torch
 
 from .config import (Config, ConfigError, DataConfig, InputConfig, ModelConfig, TeacherMemberConfig, TrainConfig,
                      load_config)
-from .data import AugmentSpec, DatasetSplits, DeviceLoader, load_dataset
+from .data import AugmentSpec, DatasetSplits, DeviceLoader, dataset_record, load_dataset
+from .data.record import describe, identity_difference
 from .data.video import VIDEO_DATASETS, VideoSplits, load_video_splits, video_loader
 from . import distributed
 from .engine import Trainer, resolve_device, save_model, seed_everything
@@ -102,11 +103,12 @@ def train_one(model, method, data: Data, config: Config, train: TrainConfig, out
     (train_time_s: the seconds in training over every process of a resumed run)."""
     world = distributed.world()  # under torchrun each rank trains on its shard; data.batch_size is per rank
     loader = data.train_loader(config.data, seed, world.rank, world.size)
+    record = dataset_record(data.splits)  # in last.pt, model.json and the manifest
     trainer = Trainer(model, method.to(data.device), loader, train, out_dir,
                       device=data.device, seed=seed, teachers=teachers, val_loader=data.val,
-                      progress=progress, description=description, perturbation=perturbation)
+                      progress=progress, description=description, perturbation=perturbation, dataset=record)
     trainer.fit(resume=resume)
-    info = {"train_time_s": trainer.train_time_s, "steps": trainer.pos.step}
+    info = {"train_time_s": trainer.train_time_s, "steps": trainer.pos.step, "data": record}
     if world.is_main:
         save_model(model, out_dir / "model.pt", info)
     distributed.barrier()  # the other ranks may read model.pt next
@@ -114,11 +116,13 @@ def train_one(model, method, data: Data, config: Config, train: TrainConfig, out
 
 
 def train_teachers(config: Config, run_dir: Path, *, resume=False, progress=None, data: Data | None = None):
-    """Train every member in turn; the manifest grows as members finish, so resume skips them."""
+    """Train every member in turn; the manifest grows as members finish, so resume skips them, and
+    says the run is complete only once every planned member is in it."""
     data = data or prepare_data(config)
     run_dir.mkdir(parents=True, exist_ok=True)
     done = _read_manifest(run_dir) if resume else {}
     entries = []
+    planned = [member_name(i, m) for i, m in enumerate(config.teachers.resolved_members())]
     for i, member in enumerate(config.teachers.resolved_members()):
         name = member_name(i, member)
         out = run_dir / "members" / name
@@ -131,9 +135,9 @@ def train_teachers(config: Config, run_dir: Path, *, resume=False, progress=None
         entries.append({"name": name, "spec": model.spec, "seed": member.seed,
                         "checkpoint": str((out / "model.pt").relative_to(run_dir)), **info})
         if distributed.world().is_main:
-            write_manifest(run_dir, entries)
+            write_manifest(run_dir, entries, planned)
     if distributed.world().is_main:
-        write_manifest(run_dir, entries)
+        write_manifest(run_dir, entries, planned)
     distributed.barrier()
     return TeacherSet.from_run(run_dir, device=data.device)
 
@@ -154,6 +158,8 @@ def load_teachers(config: Config, data: Data, needs=None) -> TeacherSet:
         raise ConfigError("teachers.source is not set; point it at a train-teachers run directory, or give "
                           "every one of teachers.members its weights (or pretrained: true)")
     check_class_counts(teachers, data)
+    check_teacher_data(config, teachers, data)
+    renormalise_teachers(teachers, data)
     return fast_teachers(config, teachers, needs)
 
 
@@ -224,6 +230,9 @@ def open_teacher_cache(config: Config, data: Data, needs=None) -> CachedTeachers
     source = config.teachers.source
     teachers = (TeacherSet.from_run(source, take=config.teachers.take) if source is not None and Path(source).is_dir()
                 else teachers_from_weights(config, data) if loads_weights(config) else None)
+    if teachers is not None:
+        check_teacher_data(config, teachers, data)
+        renormalise_teachers(teachers, data)  # as when the cache was built: the fingerprint names it
     cached = open_cache(config.teachers.cache, teachers, data.train_loader(config.data, config.student.seed), data.device,
                         dataset=config.data.name, needs=needs)
     check_class_counts(cached, data)
@@ -260,6 +269,33 @@ def check_class_counts(teachers: TeacherSet, data: Data) -> None:
     if k is not None and k != data.splits.num_classes:
         raise ConfigError(f"the teachers predict {k} classes but dataset '{data.splits.name}' has "
                           f"{data.splits.num_classes}; use teachers trained on this dataset")
+
+
+def check_teacher_data(config: Config, teachers: TeacherSet, data: Data) -> None:
+    """Teachers trained on other data (name, classes, image size, channels, as their checkpoints record)
+    are refused unless teachers.allow_other_data; a differing normalisation alone is not refused."""
+    if config.teachers.allow_other_data:
+        return
+    current = dataset_record(data.splits)
+    for name, record in zip(teachers.names, teachers.data_records):
+        differ = identity_difference(record, current)
+        if differ:
+            raise ConfigError(f"teacher {name} was trained on {describe(record)} but this run's data is "
+                              f"{describe(current)} (they differ in {', '.join(differ)}); use teachers trained "
+                              f"on this data, or set teachers.allow_other_data=true if that is intended")
+
+
+def renormalise_teachers(teachers: TeacherSet, data: Data) -> None:
+    """A member whose recorded train statistics differ from this run's (another validation split, or
+    allowed other data) sees its inputs in its own normalisation, as it was trained."""
+    if not hasattr(data.splits, "mean"):
+        return
+    here = torch.tensor([*data.splits.mean, *data.splits.std], dtype=torch.float64)
+    for member, record in zip(teachers.members, teachers.data_records):
+        if not record or record.get("mean") is None or len(record["mean"]) + len(record["std"]) != len(here):
+            continue  # unrecorded, or other channels (allowed other data): nothing to map between
+        if not torch.allclose(torch.tensor([*record["mean"], *record["std"]], dtype=torch.float64), here):
+            adapt_input(member, InputAdapter(data.splits.mean, data.splits.std, record["mean"], record["std"]))
 
 
 def prepare_distill(config: Config, data: Data, teachers=None):

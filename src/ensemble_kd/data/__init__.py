@@ -12,6 +12,7 @@ from .datasets import (
     stratified_split,
 )
 from .loader import Batch, DeviceLoader
+from .record import dataset_record
 from .views import AugmentSpec, hash_ints, make_view, normalize, view_params
 
 __all__ = [
@@ -21,6 +22,7 @@ __all__ = [
     "DeviceLoader",
     "ImageDataset",
     "channel_stats",
+    "dataset_record",
     "hash_ints",
     "list_datasets",
     "load_dataset",

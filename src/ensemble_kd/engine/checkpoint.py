@@ -96,6 +96,12 @@ def save_model(model: nn.Module, path: str | Path, info: dict | None = None) -> 
     atomic_write_text(path.with_suffix(".json"), json.dumps(sidecar, indent=2))
 
 
+def model_data(path: str | Path) -> dict | None:
+    """The data a model file was trained on (data.dataset_record), from its sidecar; None if unrecorded."""
+    sidecar = Path(path).with_suffix(".json")
+    return json.loads(sidecar.read_text()).get("data") if sidecar.is_file() else None
+
+
 def model_spec(path: str | Path) -> dict:
     """The architecture of a model file, from its sidecar JSON or its training state."""
     path = Path(path)

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import TrainConfig
+from ..data.record import describe, identity_difference
 from ..methods import Method, StudentOutput
 from ..models import forward_with_taps, unwrap
 from . import checkpoint as ckpt
@@ -52,7 +53,8 @@ class Trainer:
 
     def __init__(self, model: nn.Module, method: Method, loader, train: TrainConfig, out_dir: str | Path,
                  *, device: torch.device, seed: int = 0, teachers=None, val_loader=None,
-                 progress=None, description: str = "train", is_main: bool = True, perturbation=None):
+                 progress=None, description: str = "train", is_main: bool = True, perturbation=None,
+                 dataset: dict | None = None):
         if method.needs.teachers and teachers is None:
             raise ValueError(f"method '{getattr(method, 'name', method)}' needs teachers, and none were given")
         self.perturbation = perturbation if perturbation is not None and perturbation.kind != "none" else None
@@ -64,6 +66,7 @@ class Trainer:
         self.view_epoch = getattr(teachers, "view_epoch", None) if method.needs.teachers else None
         self.world = distributed.world()
         self.device, self.seed = device, seed
+        self.dataset = dataset  # data.dataset_record of the training data: saved with every checkpoint
         self.is_main = is_main and self.world.is_main  # only rank 0 logs and writes checkpoints
         self.out_dir = Path(out_dir)
         self.state_path = self.out_dir / "last.pt"
@@ -111,6 +114,7 @@ class Trainer:
             "rng": rng_state(),
             "epoch": self.pos.epoch, "batch": self.pos.batch, "step": self.pos.step,
             "train_time_s": self.train_time_s, "epoch_started_s": self._epoch_started_s,
+            "data": self.dataset,
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -142,7 +146,11 @@ class Trainer:
         seed_everything(self.seed)
         self._fit_started = self.clock()
         if resume and self.state_path.is_file():
-            self.load_state_dict(ckpt.load_train_state(self.state_path, map_location=self.device))
+            state = ckpt.load_train_state(self.state_path, map_location=self.device)
+            if self.dataset is not None and identity_difference(state.get("data"), self.dataset):
+                raise ckpt.CheckpointError(f"'{self.state_path}' was trained on {describe(state['data'])} but this "
+                                           f"run's data is {describe(self.dataset)}; resume it on its own data")
+            self.load_state_dict(state)
             bad = self._non_finite_state()
             if bad is not None:  # written before the weights and buffers were checked
                 raise ckpt.CheckpointError(f"'{self.state_path}' holds non-finite values ({bad}) and cannot be "

@@ -24,7 +24,8 @@ MANIFEST = "manifest.json"
 
 
 class TeacherSet(nn.Module):
-    def __init__(self, members: Sequence[nn.Module], names: Sequence[str] | None = None):
+    def __init__(self, members: Sequence[nn.Module], names: Sequence[str] | None = None,
+                 data_records: Sequence[dict | None] | None = None):
         super().__init__()
         if not members:
             raise ValueError("a teacher set needs at least one member")
@@ -32,6 +33,8 @@ class TeacherSet(nn.Module):
         self.names = list(names) if names is not None else [f"teacher{i}" for i in range(len(members))]
         if len(self.names) != len(self.members):
             raise ValueError(f"{len(self.members)} teachers but {len(self.names)} names")
+        # The data each member was trained on (data.dataset_record; None: not recorded).
+        self.data_records = list(data_records) if data_records is not None else [None] * len(self.members)
         for p in self.parameters():
             p.requires_grad_(False)
         self.eval()
@@ -48,20 +51,29 @@ class TeacherSet(nn.Module):
     # ------------------------------------------------------------------ building
     @classmethod
     def from_checkpoints(cls, paths: Sequence[str | Path], names=None, device="cpu") -> TeacherSet:
-        from ..engine.checkpoint import load_model
+        from ..engine.checkpoint import load_model, model_data
 
         models = [load_model(p, map_location=device) for p in paths]
-        return cls(models, names or [Path(p).parent.name or Path(p).stem for p in paths])
+        return cls(models, names or [Path(p).parent.name or Path(p).stem for p in paths],
+                   [model_data(p) for p in paths])
 
     @classmethod
     def from_run(cls, run_dir: str | Path, device="cpu", take: int | None = None) -> TeacherSet:
-        """Members listed in a train-teachers run's manifest.json (the first `take` of them if given)."""
+        """Members listed in a train-teachers run's manifest.json (the first `take` of them if given).
+
+        A run whose manifest lists fewer members than it planned (a killed run) is refused; a manifest
+        from before `complete` was recorded counts as complete, every member it lists being loaded."""
         run_dir = Path(run_dir)
         path = run_dir / MANIFEST
         if not path.is_file():
             raise FileNotFoundError(f"'{run_dir}' has no {MANIFEST}: is it a finished train-teachers run?")
         manifest = json.loads(path.read_text())
         members = manifest["members"]
+        missing = [n for n in manifest.get("planned", []) if n not in {m["name"] for m in members}]
+        if missing or manifest.get("complete") is False:
+            raise ValueError(f"'{run_dir}' is an unfinished train-teachers run ({len(members)} of "
+                             f"{len(manifest.get('planned', members))} members; missing: {', '.join(missing)}); "
+                             f"finish it with `{_resume_command(run_dir)}`")
         if take is not None:
             if take > len(members):
                 raise ValueError(f"teachers.take={take} but '{run_dir}' has {len(members)} members")
@@ -242,7 +254,21 @@ def majority_vote(member_probs: torch.Tensor) -> torch.Tensor:
     return (votes + 1e-3 * member_probs.mean(0)).argmax(-1)
 
 
-def write_manifest(run_dir: Path, members: list[dict]) -> None:
+def write_manifest(run_dir: Path, members: list[dict], planned: Sequence[str] | None = None) -> None:
+    """The members trained so far; `planned` names every member the run will have (default: these),
+    and `complete` says whether all of them are in."""
     from ..engine.checkpoint import atomic_write_text
 
-    atomic_write_text(run_dir / MANIFEST, json.dumps({"members": members}, indent=2))
+    planned = [m["name"] for m in members] if planned is None else list(planned)
+    complete = set(planned) <= {m["name"] for m in members}
+    atomic_write_text(run_dir / MANIFEST, json.dumps({"complete": complete, "planned": planned,
+                                                      "members": members}, indent=2))
+
+
+def _resume_command(run_dir: Path) -> str:
+    """How to finish a killed run: the demo's teachers are resumed with the demo."""
+    parent_config = run_dir.parent / "config.yaml"
+    if run_dir.name == "teachers" and parent_config.is_file() and \
+            parent_config.read_text().startswith("# ensemble-kd demo"):
+        return f"ensemble-kd demo --resume {run_dir.parent}"
+    return f"ensemble-kd train-teachers --resume {run_dir}"
