@@ -36,7 +36,7 @@ def test_every_file_follows_the_umask(tmp_path, umask_022, capsys):
     for expected in ["results.json", "results.md", "config.yaml", "manifest.json", "model.pt", "model.json",
                      "last.pt", "cache.json", "metrics.jsonl"]:
         assert expected in names
-    assert any(p.parent.name == "cache" and p.suffix == ".pt" for p in files)  # the cached logits
+    assert any(p.parent.name == "cache" and p.suffix == ".npy" for p in files)  # the cached logits
     modes = {str(p.relative_to(tmp_path)): oct(stat.S_IMODE(p.stat().st_mode)) for p in files}
     assert set(modes.values()) == {"0o644"}, modes
 
