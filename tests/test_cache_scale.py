@@ -122,6 +122,7 @@ def test_reading_memory_does_not_grow_with_the_cache(tmp_path):
 
 
 def test_ranks_write_their_parts_and_one_process_reads_them(whole, teachers, tmp_path):
+    (tmp_path / "epoch_000.rank5.shard00000.index.npy").write_bytes(b"")  # of an older build on 6 ranks
     for rank in (0, 2, 1):  # rank 0 completes the cache only once every rank has finished
         build_cache(teachers, FakeLoader(N), tmp_path, rank=rank, world_size=3, **BUILD)
         with pytest.raises(FileNotFoundError, match="incomplete"):
@@ -133,6 +134,7 @@ def test_ranks_write_their_parts_and_one_process_reads_them(whole, teachers, tmp
     loader = FakeLoader(N)
     build_cache(teachers, loader, tmp_path, rank=0, world_size=3, **BUILD)  # run again: completes, computes nothing
     assert loader.yielded == 0
+    assert not list(tmp_path.glob("*rank*"))  # every shard and record gathered and removed, the stale one too
     sharded, single = open_cache(tmp_path, teachers, FakeLoader(N)), open_cache(whole[0], teachers, FakeLoader(N))
     index = torch.randperm(N)[:500]
     for epoch in (0, 1):

@@ -284,8 +284,7 @@ def _complete(out_dir: Path, manifest: dict, num_samples: int) -> None:
     num_classes = next(r["num_classes"] for r in records if r["num_classes"] is not None)
     manifest = {**manifest, "complete": True, "num_classes": num_classes, "missing": missing}
     atomic_write_text(out_dir / CACHE_MANIFEST, json.dumps(manifest, indent=2))
-    for r in range(world_size):  # the gathered arrays hold everything now
-        remove_rank_files(out_dir, r)
+    remove_rank_files(out_dir)  # the gathered arrays hold everything now (stale ranks of an older build too)
 
 
 # ---------------------------------------------------------------------------- checking
@@ -431,7 +430,7 @@ def open_cache(cache_dir: str | Path, teachers: TeacherSet | list[dict] | None, 
     if found is not None:
         made, now = found
         raise CacheMismatchError(f"cache {where} was made for {made} but this run uses {now}; {REBUILD}")
-    if not manifest["complete"]:
+    if not manifest.get("complete"):
         raise FileNotFoundError(f"teacher cache {where} is incomplete (its build stopped, or a rank has not "
                                 f"finished); run the same cache-teachers command again to resume it")
     device = torch.device(device) if device is not None else loader.device

@@ -73,7 +73,7 @@ def epoch_file(epoch: int, key: str) -> str:
     return f"epoch_{epoch:03d}.{key}.npy"
 
 
-def _progress_file(rank: int) -> str:
+def _progress_file(rank: int | str) -> str:
     return f"progress.rank{rank}.json"
 
 
@@ -98,11 +98,12 @@ def write_progress(cache_dir: Path, rank: int, record: dict) -> None:
     atomic_write_text(cache_dir / _progress_file(rank), json.dumps(record))
 
 
-def remove_rank_files(cache_dir: Path, rank: int) -> None:
-    """A fresh build of `rank`'s part: its shards (of any format) and progress record go first."""
-    for path in cache_dir.glob(f"epoch_*.rank{rank}.*"):
-        path.unlink()
-    (cache_dir / _progress_file(rank)).unlink(missing_ok=True)
+def remove_rank_files(cache_dir: Path, rank: int | None = None) -> None:
+    """The shards (of any format) and progress record of `rank`, or of every rank: before a fresh
+    build of that rank's part, or once the shards are gathered."""
+    which = "*" if rank is None else str(rank)
+    for path in [*cache_dir.glob(f"epoch_*.rank{which}.*"), *cache_dir.glob(_progress_file(which))]:
+        path.unlink(missing_ok=True)
 
 
 def remove_built_files(cache_dir: Path) -> None:
