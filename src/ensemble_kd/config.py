@@ -142,7 +142,7 @@ class PerturbConfig(_Section):
     kind: Literal["none", "gaussian", "ods", "confods", "tdiv_sdiv"] = "none"
     step: float = Field(1.0, gt=0.0)  # in units of 1/255
     fraction: float = Field(1.0, gt=0.0, le=1.0)  # of each batch, replaced by perturbed copies
-    temperature: float = Field(1.0, gt=0.0)  # ODS's softmax temperature
+    temperature: float | None = Field(None, gt=0.0)  # ODS's softmax temperature; None: the method's (else 1)
 
 
 class CacheConfig(_Section):

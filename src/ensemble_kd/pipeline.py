@@ -327,7 +327,7 @@ def distill(config: Config, run_dir: Path, *, resume=False, progress=None, data:
                                        len(teachers) if teachers is not None else None)
     model = build_model(config.student.model_copy(update={"arch": arch, "kwargs": kwargs}), data)
     info = train_one(model, method, data, config, config.student.train, run_dir, seed=config.student.seed,
-                     resume=resume, progress=progress, teachers=teachers, perturbation=perturbation_of(config, data),
+                     resume=resume, progress=progress, teachers=teachers, perturbation=perturbation_of(config, data, method),
                      description=f"student ({config.method.name})")
     shipped = method.deployable(model)  # LatentBE: the collapsed network, a plain checkpoint beside model.pt
     if shipped is not None and distributed.world().is_main:
@@ -335,13 +335,16 @@ def distill(config: Config, run_dir: Path, *, resume=False, progress=None, data:
     return model, info
 
 
-def perturbation_of(config: Config, data: Data) -> Perturbation | None:
+def perturbation_of(config: Config, data: Data, method=None) -> Perturbation | None:
+    """The configured perturbation; its unset temperature is the method's distillation temperature
+    (ODS follows the KD temperature in the reference code), 1 for a method without one."""
     cfg = config.perturb
     if cfg.kind == "none":
         return None
     if not hasattr(data.splits, "mean"):
         raise ConfigError(f"config key 'perturb.kind': perturbations apply to images, not to {data.splits.name}")
-    return Perturbation(cfg.kind, step=cfg.step, fraction=cfg.fraction, temperature=cfg.temperature,
+    temperature = cfg.temperature if cfg.temperature is not None else getattr(method, "temperature", 1.0)
+    return Perturbation(cfg.kind, step=cfg.step, fraction=cfg.fraction, temperature=temperature,
                         mean=data.splits.mean, std=data.splits.std)
 
 
