@@ -6,9 +6,12 @@ resnet18, mobilenet_v2 at width 0.25, 32x32 inputs.
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
+from ensemble_kd.cli import main
 from ensemble_kd.data.loader import Batch
 from ensemble_kd.methods import StudentOutput, create_method
 from ensemble_kd.metrics.cost import count_parameters
@@ -123,3 +126,33 @@ def test_a_fresh_batchensemble_of_a_library_network_collapses_to_that_network(na
 def test_a_conv_with_its_own_forward_is_refused_by_path():
     with pytest.raises(ValueError, match=r"cannot make layer 'conv_stem' a BatchEnsemble layer: it is a Conv2dSame"):
         create("batchensemble", base="timm/tf_mobilenetv3_small_minimal_100", members=2)
+
+
+# --------------------------------------------------------------------------- end to end, by name
+def _color_folder(root, classes=3, per_class=6, size=16):
+    """RGB PNGs whose class sets the mean colour, so a few steps can learn something."""
+    rng = np.random.default_rng(0)
+    for split in ("train", "test"):
+        for c in range(classes):
+            folder = root / split / f"class{c}"
+            folder.mkdir(parents=True)
+            for i in range(per_class):
+                pixels = rng.normal(60 + 60 * c, 30, size=(size, size, 3)).clip(0, 255).astype(np.uint8)
+                Image.fromarray(pixels).save(folder / f"{i}.png")
+    return root
+
+
+def test_distill_ensemblenet_and_latentbe_students_named_by_library(tmp_path):
+    folder = _color_folder(tmp_path / "images")
+    common = ["data.name=image-folder", f"data.root={folder}", "data.batch_size=8", "device=cpu",
+              f"run.dir={tmp_path}", "eval.latency=false", "student.kwargs={}", "student.train.epochs=1"]
+    assert main(["distill", "method.name=ensemblenet", "student.arch=timm/resnet10t", "run.name=enet", *common]) == 0
+    net = create("multihead", num_classes=3, base="timm/resnet10t")
+    net.load_state_dict(torch.load(tmp_path / "enet" / "model.pt", weights_only=True))
+
+    assert main(["train-teachers", "teachers.count=2", "teachers.kwargs={width: 0.25}", "teachers.train.epochs=1",
+                 "run.name=teachers", *common]) == 0
+    assert main(["distill", "method.name=latentbe", "student.arch=torchvision/resnet18", "run.name=lbe",
+                 f"teachers.source={tmp_path / 'teachers'}", *common]) == 0
+    plain = tv_models.resnet18(num_classes=3)
+    plain.load_state_dict(torch.load(tmp_path / "lbe" / "collapsed.pt", weights_only=True))  # the library's own
