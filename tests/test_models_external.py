@@ -152,3 +152,45 @@ def test_models_command_lists_ours_and_the_libraries(capsys):
     text = capsys.readouterr().out
     assert "  resnet110" in text and "  timm/resnet18" in text and "  torchvision/resnet18" in text
     assert "resnet20" not in text and "timm/resnet50" not in text
+
+
+@pytest.mark.parametrize("arch", ["timm/resnet10t", "torchvision/resnet18"])
+@pytest.mark.parametrize("method_name,options", [("meal", {}), ("aekd", {"variant": "features"})])
+def test_meal_and_aekd_features_tap_library_resnets_at_their_stage_ends(arch, method_name, options):
+    from ensemble_kd.data.loader import Batch
+    from ensemble_kd.ensemble import TeacherSet
+    from ensemble_kd.methods import StudentOutput
+
+    torch.manual_seed(0)
+    teachers = TeacherSet([create(arch, num_classes=4) for _ in range(2)])
+    teachers.prepare_for_inference(fold_bn=True)  # as the engine runs them: BN folded, paths kept
+    student = create(arch, num_classes=4)
+    x, y = torch.randn(4, 3, 32, 32), torch.randint(0, 4, (4,))
+    method = create_method(method_name, **options)
+    method.bind(student, teachers, x)
+    stages = ("layer1", "layer2", "layer3", "layer4")
+    if method_name == "meal":
+        assert method.student_taps == method.teacher_taps == stages + ("logits",)
+        assert method.lengths == [64, 16, 4, 1, 4]  # 8x8 .. 1x1 maps of a 32 px input, K = 4
+    else:
+        assert method.needs.student_taps == method.needs.teacher_taps == ("layer4",)
+    logits, taps = forward_with_taps(student, x, method.needs.student_taps)
+    out = method.loss(Batch(x, y, torch.arange(4)), StudentOutput(logits, taps),
+                      teachers.outputs(x, method.needs, members=method.teacher_indices(0, 2, 0)))
+    out.loss.backward()
+    assert torch.isfinite(out.loss)
+    assert all(p.grad is not None for p in student.parameters() if p.requires_grad)
+    assert all(p.grad is not None for p in method.parameters())
+
+
+def test_ecosystem_methods_script_prints_a_row_per_family(capsys):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "ecosystem_methods.py"
+    spec = importlib.util.spec_from_file_location("ecosystem_methods", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    assert script.main(["--families", "timm/resnet10t", "--methods", "kd,aver", "--size", "16"]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| timm/")]
+    assert rows == ["| timm/resnet10t | works | works |"]
