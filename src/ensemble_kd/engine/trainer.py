@@ -297,7 +297,9 @@ class Trainer:
     def _check_finite_state(self) -> None:
         bad = self._non_finite_state()
         flag = torch.tensor(float(bad is not None), device=self.device)
-        if self.world.distributed:  # every rank stops, or none: a rank left waiting would hang
+        # Every rank stops, or none (a rank left waiting would hang); not when stopping on a signal,
+        # which ranks may see at different steps.
+        if self.world.distributed and not self._stop_requested:
             torch.distributed.all_reduce(flag)
         if flag.item():
             raise NonFiniteLossError(
@@ -315,7 +317,8 @@ class Trainer:
         named = [(k, v) for k, v in named if isinstance(v, torch.Tensor) and v.is_floating_point()]
         if not named:
             return None
-        finite = torch.stack([torch.isfinite(v).all() for _, v in named]).cpu()
+        # one device for the stack: some optimizer state (AdamW's step counts) stays on the CPU
+        finite = torch.stack([torch.isfinite(v).all().to(self.device) for _, v in named]).cpu()
         if bool(finite.all()):
             return None
         return named[int((~finite).nonzero()[0])][0]
