@@ -28,6 +28,28 @@ class AugmentConfig(_Section):
     flip: bool = False
 
 
+class ViewsConfig(_Section):
+    """Views of image folders and tar shards (data/crops.py) and seeded mixing (data/mixing.py, any images)."""
+
+    train: Literal["rrc", "crop_flip", "none"] | None = None  # None: rrc when streamed, else crop_flip
+    size: int = Field(224, gt=0)  # streamed images: the side of every view
+    scale: tuple[float, float] = (0.08, 1.0)  # rrc: the range of the crop's area, as a fraction of the image's
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)  # rrc: the range of the crop's aspect ratio
+    flip: bool = True  # rrc: mirror half of the views
+    crop_fraction: float = Field(0.875, gt=0.0, le=1.0)  # eval: shorter side resized to size / crop_fraction
+    mixup_alpha: float = Field(0.0, ge=0.0)  # Beta(a, a) of mixup's ratio; 0: no mixup
+    cutmix_alpha: float = Field(0.0, ge=0.0)  # Beta(a, a) of CutMix's ratio; 0: no CutMix
+    mix_prob: float = Field(1.0, ge=0.0, le=1.0)  # the chance that a training sample mixes
+
+    @model_validator(mode="after")
+    def _ranges(self) -> ViewsConfig:
+        if not 0 < self.scale[0] <= self.scale[1] <= 1:
+            raise ValueError(f"scale must be [lo, hi] with 0 < lo <= hi <= 1, got {list(self.scale)}")
+        if not 0 < self.ratio[0] <= self.ratio[1]:
+            raise ValueError(f"ratio must be [lo, hi] with 0 < lo <= hi, got {list(self.ratio)}")
+        return self
+
+
 class DataConfig(_Section):
     name: str = "digits"
     root: str | None = None
@@ -39,6 +61,13 @@ class DataConfig(_Section):
     batch_size: int = Field(64, gt=0)
     eval_batch_size: int = Field(1024, gt=0)
     augment: AugmentConfig | None = None  # None: the dataset's default
+    storage: Literal["auto", "memory", "stream"] = "auto"  # image folders, tar shards: see data/storage.py
+    views: ViewsConfig = Field(default_factory=ViewsConfig)
+    workers: int = Field(4, ge=0)  # streamed data: decoding processes per loader (0: in the main process)
+    prefetch: int = Field(2, gt=0)  # streamed data: batches each worker prepares ahead
+    mean: list[float] | None = None  # per channel, 0..1 scale; None: computed (in memory) or estimated (streamed)
+    std: list[float] | None = None
+    on_decode_error: Literal["stop", "skip"] = "stop"  # streamed: stop naming the file, or substitute and count
 
 
 class OptimConfig(_Section):

@@ -16,8 +16,12 @@ import torch
 
 from .config import (Config, ConfigError, DataConfig, InputConfig, ModelConfig, TeacherMemberConfig, TrainConfig,
                      load_config)
-from .data import AugmentSpec, DatasetSplits, DeviceLoader, dataset_record, load_dataset
+from .data import AugmentSpec, DatasetSplits, DeviceLoader, dataset_record
+from .data.crops import ViewSpec
+from .data.mixing import MixSpec
 from .data.record import describe, identity_difference
+from .data.storage import is_streamed, load_splits
+from .data.stream import StreamLoader
 from .data.video import VIDEO_DATASETS, VideoSplits, load_video_splits, video_loader
 from . import distributed
 from .engine import Trainer, resolve_device, save_model, seed_everything
@@ -54,9 +58,29 @@ class Data:
                                 device=self.device, rank=rank, world_size=world_size,
                                 workers=getattr(cfg, "workers", 0))
         spec = AugmentSpec(**cfg.augment.model_dump()) if cfg.augment else self.splits.augment
+        v = cfg.views
+        mix = MixSpec(mixup_alpha=v.mixup_alpha, cutmix_alpha=v.cutmix_alpha, mix_prob=v.mix_prob)
+        if is_streamed(self.splits):
+            return StreamLoader(self.splits.train, batch_size=cfg.batch_size, mean=self.splits.mean,
+                                std=self.splits.std, spec=view_spec(cfg), augment=spec, mix=mix, train=True,
+                                seed=seed, device=self.device, rank=rank, world_size=world_size,
+                                **stream_options(cfg))
+        if v.train == "none":
+            spec = AugmentSpec()
         return DeviceLoader(self.splits.train, batch_size=cfg.batch_size, mean=self.splits.mean,
-                            std=self.splits.std, spec=spec, train=True, seed=seed, device=self.device,
+                            std=self.splits.std, spec=spec, mix=mix, train=True, seed=seed, device=self.device,
                             rank=rank, world_size=world_size)
+
+
+def view_spec(cfg: DataConfig) -> ViewSpec:
+    """The views of streamed images (data.views); rrc unless views.train says otherwise."""
+    v = cfg.views
+    return ViewSpec(train=v.train or "rrc", size=v.size, scale=tuple(v.scale), ratio=tuple(v.ratio), flip=v.flip,
+                    crop_fraction=v.crop_fraction)
+
+
+def stream_options(cfg: DataConfig) -> dict:
+    return {"workers": cfg.workers, "prefetch": cfg.prefetch, "on_decode_error": cfg.on_decode_error}
 
 
 def prepare_data(config: Config, device: torch.device | None = None) -> Data:
@@ -67,12 +91,17 @@ def prepare_data(config: Config, device: torch.device | None = None) -> Data:
         splits = load_video_splits(cfg.name, root=cfg.root, val_fraction=cfg.val_fraction, split_seed=cfg.split_seed,
                                    num_classes=cfg.num_classes, max_frames=cfg.max_frames)
     else:
-        splits = load_dataset(cfg.name, root=cfg.root, val_fraction=cfg.val_fraction, split_seed=cfg.split_seed)
+        splits = load_splits(cfg.name, cfg.root, storage=cfg.storage, views=view_spec(cfg), train_view=cfg.views.train,
+                             val_fraction=cfg.val_fraction, split_seed=cfg.split_seed, mean=cfg.mean, std=cfg.std,
+                             workers=cfg.workers)
 
     def eval_loader(dataset):
         if isinstance(splits, VideoSplits):
             return video_loader(dataset, batch_size=cfg.eval_batch_size, train=False, device=device,
                                 workers=getattr(cfg, "workers", 0))
+        if is_streamed(splits):
+            return StreamLoader(dataset, batch_size=cfg.eval_batch_size, mean=splits.mean, std=splits.std,
+                                spec=view_spec(cfg), train=False, device=device, **stream_options(cfg))
         return DeviceLoader(dataset, batch_size=cfg.eval_batch_size, mean=splits.mean, std=splits.std,
                             train=False, device=device)
 

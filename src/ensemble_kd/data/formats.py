@@ -317,27 +317,29 @@ def _read_split(split_dir: Path, classes: list[str]) -> tuple[list[np.ndarray], 
 
 
 def load_image_folder(root: str | Path):
-    """Train and test arrays plus class names from root/{train,test}/<class>/<image files>."""
+    """Train and test arrays plus class names from root/{train,test}/<class>/<image files>
+    (root/val/ is the test split when there is no root/test/, as in ImageNet's layout)."""
     root = Path(root).expanduser()
-    layout = "root/train/<class>/<images> and root/test/<class>/<images>"
-    for split in ("train", "test"):
+    layout = "root/train/<class>/<images> and root/test/<class>/<images> (or root/val/<class>/<images>)"
+    test_name = "test" if (root / "test").is_dir() or not (root / "val").is_dir() else "val"
+    for split in ("train", test_name):
         if not (root / split).is_dir():
             raise FileNotFoundError(f"{root / split} not found: an image folder dataset needs {layout}.")
     classes = [p.name for p in _class_folders(root / "train")]
     if not classes:
         raise ValueError(f"{root / 'train'} has no class folders; an image folder dataset needs {layout}.")
-    extra = [p.name for p in _class_folders(root / "test") if p.name not in classes]
+    extra = [p.name for p in _class_folders(root / test_name) if p.name not in classes]
     if extra:
         raise ValueError(
-            f"{root / 'test'} has class folders {extra} that {root / 'train'} lacks; "
+            f"{root / test_name} has class folders {extra} that {root / 'train'} lacks; "
             f"every test class needs training images."
         )
     train = _read_split(root / "train", classes)
-    test = _read_split(root / "test", classes)
+    test = _read_split(root / test_name, classes)
     arrays = train[0] + test[0]
     paths = train[2] + test[2]
     if not test[0]:
-        raise ValueError(f"{root / 'test'} holds no images; an image folder dataset needs {layout}.")
+        raise ValueError(f"{root / test_name} holds no images; an image folder dataset needs {layout}.")
     size = arrays[0].shape[:2]
     for a, p in zip(arrays, paths):
         if a.shape[:2] != size:

@@ -8,6 +8,7 @@ from typing import Iterable, Iterator, NamedTuple, Sequence
 import torch
 
 from .datasets import ImageDataset
+from .mixing import MixSpec, mix_params, mix_views
 from .views import AugmentSpec, hash_ints, make_view
 
 __all__ = ["Batch", "DeviceLoader", "ShardedLoader"]
@@ -16,11 +17,21 @@ _STREAM_ORDER = 0x0D0E  # keeps the epoch order independent of the per-sample vi
 
 
 class Batch(NamedTuple):
-    """One batch: inputs x float32 (B,C,H,W), labels y int64 (B,), dataset indices int64 (B,)."""
+    """One batch: inputs x float32 (B,C,H,W), labels y int64 (B,), dataset indices int64 (B,).
+
+    `target`: the soft targets (B, K) float32 of mixed views (mixup, CutMix), else None; y then
+    stays each sample's own label. Losses against the labels read `targets`.
+    """
 
     x: torch.Tensor
     y: torch.Tensor
     index: torch.Tensor
+    target: torch.Tensor | None = None
+
+    @property
+    def targets(self) -> torch.Tensor:
+        """What a cross entropy compares with: the soft targets of mixed views, else the labels."""
+        return self.y if self.target is None else self.target
 
 
 class ShardedLoader:
@@ -45,6 +56,7 @@ class ShardedLoader:
             raise ValueError("the dataset is empty; a loader needs at least one sample.")
         self.size = size
         self.device = torch.device(device)
+        self.order_device = self.device  # where indices() puts the order (a streaming loader keeps it on the CPU)
         self.train, self.seed, self.batch_size = train, seed, batch_size
         self.drop_last = train if drop_last is None else drop_last
         self.rank, self.world_size = rank, world_size
@@ -64,7 +76,7 @@ class ShardedLoader:
         """This rank's dataset indices for `epoch`, in iteration order (int64, on the loader's device)."""
         n = self.size
         if not self.train:
-            return torch.arange(self.rank, n, self.world_size, device=self.device)
+            return torch.arange(self.rank, n, self.world_size, device=self.order_device)
         if epoch is None:
             raise ValueError("a training loader needs an integer epoch: the order (and the views) depend on it.")
         gen = torch.Generator().manual_seed(hash_ints(self.seed, epoch, _STREAM_ORDER))
@@ -72,7 +84,7 @@ class ShardedLoader:
         total = math.ceil(n / self.world_size) * self.world_size
         if total > n:  # pad by repeating the start, as DistributedSampler does
             order = torch.cat([order, order.repeat(math.ceil((total - n) / n))[: total - n]])
-        return order[self.rank :: self.world_size].to(self.device)
+        return order[self.rank :: self.world_size].to(self.order_device)
 
     def batch_indices(self, epoch: int | None, start: int = 0) -> Iterator[torch.Tensor]:
         """The indices of each of the epoch's batches, skipping the first `start` (to resume mid-epoch)."""
@@ -95,6 +107,7 @@ class DeviceLoader(ShardedLoader):
         mean: Sequence[float],
         std: Sequence[float],
         spec: AugmentSpec = AugmentSpec(),
+        mix: MixSpec = MixSpec(),
         train: bool = True,
         seed: int = 0,
         device: str | torch.device = "cpu",
@@ -113,7 +126,12 @@ class DeviceLoader(ShardedLoader):
                 f"mean and std need {dataset.in_channels} values (one per channel), "
                 f"got {len(self.mean)} and {len(self.std)}."
             )
-        self.spec = spec
+        self.spec, self.mix = spec, mix
+        self.num_classes = dataset.num_classes
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return tuple(self.images.shape[1:])
 
     def batches(self, epoch: int | None, start: int = 0, view_epoch: int | None = None) -> Iterator[Batch]:
         """Yield the epoch's batches, skipping the first `start` (to resume mid-epoch).
@@ -121,15 +139,33 @@ class DeviceLoader(ShardedLoader):
         `view_epoch` (default: `epoch`) picks the augmented views apart from the order, so a
         run served by a teacher cache of E epochs can reuse views e % E in a fresh order.
         """
-        view_epoch = (epoch if view_epoch is None else view_epoch) if self.train else None
+        view_epoch = epoch if view_epoch is None else view_epoch
         return self.batches_at(self.batch_indices(epoch, start), view_epoch)
 
     def batches_at(self, index_batches: Iterable[torch.Tensor], view_epoch: int | None) -> Iterator[Batch]:
-        """The batches of the given dataset indices with the views of `view_epoch` (None: unaugmented),
-        in any order the caller likes: the teacher cache computes every index this way."""
+        """The batches of the views (seed, view_epoch, index) of each chunk of dataset indices, in order:
+        what training sees, for any chunking (the teacher cache makes its batches this way)."""
+        view_epoch = view_epoch if self.train else None
         for idx in index_batches:
             idx = idx.to(self.device)
-            x = make_view(
-                self.images, idx, epoch=view_epoch, seed=self.seed, spec=self.spec, mean=self.mean, std=self.std
-            )
-            yield Batch(x, self.labels.index_select(0, idx), idx)
+            x = self._views(idx, view_epoch)
+            y = self.labels.index_select(0, idx)
+            if view_epoch is None or not self.mix.enabled:
+                yield Batch(x, y, idx)
+                continue
+            params = mix_params(idx, epoch=view_epoch, seed=self.seed, num_samples=self.size,
+                                height=x.shape[2], width=x.shape[3], spec=self.mix)
+            x, target = mix_views(x, self._views(params.partner, view_epoch), y,
+                                  self.labels.index_select(0, params.partner), params, self.num_classes)
+            yield Batch(x, y, idx, target)
+
+    def views_fingerprint(self) -> dict:
+        """Everything the training pixels depend on besides the data: the teacher cache compares it."""
+        out = {"crop_padding": self.spec.crop_padding, "flip": self.spec.flip}
+        if self.mix.enabled:
+            out.update(mixup_alpha=self.mix.mixup_alpha, cutmix_alpha=self.mix.cutmix_alpha, mix_prob=self.mix.mix_prob)
+        return out
+
+    def _views(self, idx: torch.Tensor, view_epoch: int | None) -> torch.Tensor:
+        return make_view(self.images, idx, epoch=view_epoch, seed=self.seed, spec=self.spec,
+                         mean=self.mean, std=self.std)

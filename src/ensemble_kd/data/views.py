@@ -13,7 +13,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-__all__ = ["AugmentSpec", "hash_ints", "view_params", "make_view", "normalize"]
+__all__ = ["AugmentSpec", "crop_flip", "hash_ints", "view_params", "make_view", "normalize", "standardize"]
 
 _M32 = 0xFFFFFFFF
 _M64 = 0xFFFFFFFFFFFFFFFF
@@ -132,20 +132,23 @@ def make_view(
         raise ValueError(
             f"images must be a uint8 tensor (N, C, H, W), got {images_u8.dtype} of shape {tuple(images_u8.shape)}."
         )
-    device = images_u8.device
-    idx = torch.as_tensor(indices, dtype=torch.int64).to(device).reshape(-1)
-    _, c, h, w = images_u8.shape
+    idx = torch.as_tensor(indices, dtype=torch.int64).to(images_u8.device).reshape(-1)
     if epoch is None or spec is None or not spec.enabled:
         return normalize(images_u8.index_select(0, idx), mean, std)
+    return normalize(crop_flip(images_u8.index_select(0, idx), idx, epoch=epoch, seed=seed, spec=spec), mean, std)
 
-    dy, dx, flip = view_params(idx, epoch=epoch, seed=seed, spec=spec)
-    p, b = spec.crop_padding, idx.numel()
+
+def crop_flip(x_u8: torch.Tensor, indices: torch.Tensor, *, epoch: int, seed: int, spec: AugmentSpec) -> torch.Tensor:
+    """The padded random crop and flip of the uint8 batch x_u8, whose rows are the samples `indices`."""
+    device = x_u8.device
+    _, c, h, w = x_u8.shape
+    dy, dx, flip = view_params(indices, epoch=epoch, seed=seed, spec=spec)
+    p, b = spec.crop_padding, indices.numel()
     # Zero padding happens in the 0..255 domain, before normalisation, as in torchvision's RandomCrop.
-    x = F.pad(images_u8.index_select(0, idx), (p, p, p, p))
+    x = F.pad(x_u8, (p, p, p, p))
     # out[i, j] = padded[i + dy, j + dx]: two gathers (rows, then columns) instead of per-sample slicing.
     rows = (torch.arange(h, device=device) + dy[:, None]).view(b, 1, h, 1).expand(b, c, h, w + 2 * p)
     x = x.gather(2, rows)
     cols = torch.arange(w, device=device) + dx[:, None]
     cols = torch.where(flip[:, None], cols.flip(1), cols)  # mirror after cropping
-    x = x.gather(3, cols.view(b, 1, 1, w).expand(b, c, h, w))
-    return normalize(x, mean, std)
+    return x.gather(3, cols.view(b, 1, 1, w).expand(b, c, h, w))

@@ -117,13 +117,20 @@ def data_fingerprint(loader, dataset: str | None = None) -> dict:
 
 def fingerprint(teachers: TeacherSet | list[dict] | None, loader, *, dataset: str | None = None) -> dict:
     """What the cached logits depend on: the teachers, the training data and how views are made
-    (every field of the loader's `spec` dataclass, its mean/std and seed)."""
+    (what the loader's `views_fingerprint()` names, else every field of its `spec` dataclass; its
+    mean/std and seed)."""
     if isinstance(teachers, TeacherSet):
         teachers = teacher_fingerprint(teachers)
-    spec = getattr(loader, "spec", None)
     return {"format": FORMAT, "teachers": teachers, "data": data_fingerprint(loader, dataset),
-            "augment": json.loads(json.dumps(dataclasses.asdict(spec))) if spec is not None else {},  # as stored
+            "augment": _views_fingerprint(loader),
             "mean": list(getattr(loader, "mean", ())), "std": list(getattr(loader, "std", ())), "seed": loader.seed}
+
+
+def _views_fingerprint(loader) -> dict:
+    if hasattr(loader, "views_fingerprint"):  # image loaders: crops, flips and mixing
+        return loader.views_fingerprint()
+    spec = getattr(loader, "spec", None)
+    return json.loads(json.dumps(dataclasses.asdict(spec))) if spec is not None else {}  # as stored
 
 
 # ---------------------------------------------------------------------------- building

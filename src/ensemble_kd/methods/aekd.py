@@ -43,7 +43,7 @@ from ..distributed import all_reduce_mean
 from ..metrics import eval_mode
 from ..models import default_taps, forward_with_taps, resolve_module, unwrap
 from ..solvers.capped_simplex import SOLVERS, gram_matrix, teacher_weights
-from .base import STAGE_TAPS, Method, MethodLoss, Needs, register_method
+from .base import STAGE_TAPS, Method, MethodLoss, Needs, register_method, class_targets
 from .kd import check_temperature, teacher_kd_losses, teacher_logits_of
 
 VARIANTS = ("logits", "features")
@@ -212,7 +212,7 @@ class AEKD(Method):
             raise ValueError(f"aekd option C={self.C} is below 1/M = {1.0 / M:.4g} for {M} teachers; "
                              f"use C in [1/M, 1] (C = 1/M gives uniform weights)")
         z_s = student.logits
-        ce = F.cross_entropy(z_s.float(), batch.y)
+        ce = F.cross_entropy(z_s.float(), class_targets(batch))
         kd_terms = teacher_kd_losses(z_s, z_t, self.temperature)  # (M,)
         grads = [kd_logit_gradients(z_s, z_t, self.temperature)]
         if self.variant == "features":

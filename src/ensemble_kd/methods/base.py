@@ -53,6 +53,13 @@ class MethodLoss:
     logs: dict[str, float] = field(default_factory=dict)
 
 
+def class_targets(batch) -> torch.Tensor:
+    """What a cross entropy on the batch compares with: the soft targets (B, K) of mixed views
+    (mixup, CutMix: `batch.target`), else the labels `batch.y`."""
+    target = getattr(batch, "target", None)
+    return batch.y if target is None else target
+
+
 class Method(nn.Module):
     """Base class: subclasses set `needs` and implement `loss`."""
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch.nn.functional as F
 
-from .base import Method, MethodLoss, register_method
+from .base import Method, MethodLoss, register_method, class_targets
 
 
 @register_method("ce")
@@ -23,5 +23,5 @@ class CrossEntropy(Method):
             y = batch.y.float() * (1 - self.label_smoothing) + 0.5 * self.label_smoothing
             loss = F.binary_cross_entropy_with_logits(student.logits.float(), y, reduction="sum") / len(y)
         else:
-            loss = F.cross_entropy(student.logits, batch.y, label_smoothing=self.label_smoothing)
+            loss = F.cross_entropy(student.logits, class_targets(batch), label_smoothing=self.label_smoothing)
         return MethodLoss(loss, {"ce": loss.detach()})

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from ..models import unwrap
 from ..models.multihead import ENSEMBLERS, MultiHeadNet, mix_log
-from .base import Method, MethodLoss, Needs, register_method
+from .base import Method, MethodLoss, Needs, register_method, class_targets
 from .gradients import scale_gradient
 
 STRUCTURES = ("codistill", "ensembling")
@@ -160,7 +160,11 @@ class EnsembleNet(Method):
         z = student.taps["heads"]
         weights = student.taps.get("ensembler")
         branches = Probs.of_logits(z, self.multilabel)
-        g = batch.y.float() if self.multilabel else F.one_hot(batch.y, z.shape[-1]).float()
+        if self.multilabel:
+            g = batch.y.float()
+        else:  # one-hot labels, or the soft targets of mixed views
+            targets = class_targets(batch)
+            g = targets.float() if targets.dim() == 2 else F.one_hot(targets, z.shape[-1]).float()
         if self.structure == "ensembling":
             loss, logs = ensembling_loss(branches, g, self.lam, self.kind, weights)
         else:

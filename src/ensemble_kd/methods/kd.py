@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .base import Method, MethodLoss, Needs, register_method
+from .base import Method, MethodLoss, Needs, register_method, class_targets
 
 TARGETS = ("probs", "logits")
 
@@ -91,7 +91,7 @@ class _SoftTargetKD(Method):
 
     def loss(self, batch, student, teachers) -> MethodLoss:
         q = self.target(teacher_logits_of(teachers, self.name))
-        ce = F.cross_entropy(student.logits.float(), batch.y)
+        ce = F.cross_entropy(student.logits.float(), class_targets(batch))
         kd = kd_loss(student.logits, q, self.temperature)
         loss = (1.0 - self.alpha) * ce + self.alpha * kd
         return MethodLoss(loss, {"ce": ce.detach(), "kd": kd.detach(), "loss": loss.detach()})

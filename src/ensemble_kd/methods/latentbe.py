@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from ..models import unwrap
 from ..models.batchensemble import MEMBERS_TAP, BatchEnsembleNet, collapse
-from .base import Method, MethodLoss, Needs, register_method
+from .base import Method, MethodLoss, Needs, register_method, class_targets
 from .kd import check_fraction, check_temperature, teacher_kd_losses, teacher_logits_of
 
 __all__ = ["LatentBE", "collapse"]
@@ -87,7 +87,8 @@ class LatentBE(Method):
             raise ValueError(f"latentbe pairs members with teachers: student logits {tuple(z_s.shape)}, "
                              f"teacher logits {tuple(z_t.shape)}")
         kd = teacher_kd_losses(z_s, z_t, self.temperature).mean()  # member i with teacher i
-        ce = F.cross_entropy(z_s.float().flatten(0, 1), batch.y.repeat(z_s.shape[0]))  # mean over members
+        targets = class_targets(batch)
+        ce = F.cross_entropy(z_s.float().flatten(0, 1), targets.repeat(z_s.shape[0], *[1] * (targets.dim() - 1)))
         loss = (1.0 - self.alpha) * ce + self.alpha * kd
         logs = {"ce": ce.detach(), "kd": kd.detach()}
         if self.factor_decay and self._factors:

@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..models import LOGITS, default_taps, forward_with_taps, resolve_module, unwrap
-from .base import STAGE_TAPS, Method, MethodLoss, Needs, register_method
+from .base import STAGE_TAPS, Method, MethodLoss, Needs, register_method, class_targets
 from .gradients import scale_gradient
 from .kd import teacher_logits_of
 
@@ -317,7 +317,7 @@ class MEAL(Method):
             loss = loss + self.beta * gan_total
             logs["gan"] = gan_total.detach()
         if self.ce_weight:
-            ce = F.cross_entropy(student.logits.float(), batch.y)
+            ce = F.cross_entropy(student.logits.float(), class_targets(batch))
             loss = loss + self.ce_weight * ce
             logs["ce"] = ce.detach()
         logs["loss"] = loss.detach()

@@ -1,0 +1,197 @@
+"""StreamLoader: images decoded in DataLoader workers, batch by batch, with seeded views.
+
+Each batch of dataset indices is one DataLoader item: a worker reads and decodes those images,
+makes each one's view (RandomResizedCrop or the eval crop, a pure function of (seed, epoch,
+index)) and returns one uint8 batch, pinned. The main process moves it to the device, applies
+the device-side parts (crop_flip, normalisation, mixing) exactly as DeviceLoader does, and yields
+the Batch. The order is ShardedLoader's, so ranks split every epoch and resuming mid-epoch skips
+batches without reading them; the pixels do not depend on the number of workers. Memory holds
+the listing (a few dozen bytes per sample) and `workers x prefetch` batches in flight.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Iterable, Iterator
+
+import numpy as np
+import torch
+
+from .crops import ViewSpec, view_of_image
+from .loader import Batch, ShardedLoader
+from .mixing import MixSpec, mix_params, mix_views
+from .samples import DecodeError, Samples, open_rgb
+from .views import AugmentSpec, crop_flip, normalize
+
+__all__ = ["StreamLoader", "estimate_channel_stats", "DECODE_POLICIES"]
+
+DECODE_POLICIES = ("stop", "skip")
+_SUBSTITUTE_TRIES = 32  # skip: the next index that decodes stands in for a broken one
+
+
+class _ViewBatches(torch.utils.data.Dataset):
+    """Item (view_epoch or -1, indices) -> the uint8 views of those samples (and of their mix partners)."""
+
+    def __init__(self, samples: Samples, spec: ViewSpec, mix: MixSpec, *, train: bool, seed: int, policy: str):
+        self.samples, self.spec, self.mix = samples, spec, mix
+        self.train, self.seed, self.policy = train, seed, policy
+
+    def _view(self, i: int, epoch: int | None, skipped: list) -> tuple[np.ndarray, int]:
+        """Sample i's view and label; a broken image stops, or is replaced by the next one that decodes."""
+        n = len(self.samples)
+        for k in range(_SUBSTITUTE_TRIES):
+            j = (i + k) % n
+            try:
+                image = open_rgb(self.samples.read(j), self.samples.describe(j))
+            except (DecodeError, OSError) as err:
+                if self.policy == "stop":
+                    raise DecodeError(str(err) if isinstance(err, DecodeError) else
+                                      f"cannot read {self.samples.describe(j)} ({err})") from None
+                skipped.append(self.samples.describe(j))
+                continue
+            view = view_of_image(image, self.spec, train=self.train, seed=self.seed, epoch=epoch, index=j)
+            return view, int(self.samples.labels[j])
+        raise DecodeError(f"{_SUBSTITUTE_TRIES} images in a row from {self.samples.describe(i)} cannot be decoded")
+
+    def __getitem__(self, key):
+        epoch, indices = key
+        epoch = None if epoch < 0 else epoch
+        idx = torch.as_tensor(indices, dtype=torch.int64)
+        skipped: list[str] = []
+        try:
+            views, labels = zip(*(self._view(int(i), epoch, skipped) for i in idx))
+            out = {"x": _stack(views), "y": torch.tensor(labels), "index": idx}
+            if epoch is not None and self.train and self.mix.enabled:
+                s = self.spec.size
+                partner = mix_params(idx, epoch=epoch, seed=self.seed, num_samples=len(self.samples), height=s,
+                                     width=s, spec=self.mix).partner
+                own = partner == idx  # unmixed samples pair with themselves: no second decode
+                pv, pl = zip(*((views[k], labels[k]) if own[k] else self._view(int(j), epoch, skipped)
+                               for k, j in enumerate(partner)))
+                out.update(partner_x=_stack(pv), partner_y=torch.tensor(pl), partner=partner)
+        except DecodeError as err:
+            return {"error": str(err)}  # raised in the main process: one sentence, no worker traceback
+        out["skipped"] = skipped
+        return out
+
+
+def _stack(views) -> torch.Tensor:
+    return torch.from_numpy(np.stack(views)).permute(0, 3, 1, 2).contiguous()  # (B, 3, S, S) uint8
+
+
+def _identity(item):
+    return item
+
+
+class StreamLoader(ShardedLoader):
+    """Seeded batches of a listed image dataset (`Samples`), decoded by `workers` processes.
+
+    `spec` makes the decoded views; `augment` is the device-side crop_flip of `spec.train ==
+    "crop_flip"`; `mix` the seeded mixup / CutMix. The interface is DeviceLoader's: `batches`,
+    `batches_at`, `len`, `input_shape`, `labels`, `size`, `seed`, `train`.
+    """
+
+    def __init__(self, samples: Samples, *, batch_size: int, mean, std, spec: ViewSpec,
+                 augment: AugmentSpec = AugmentSpec(), mix: MixSpec = MixSpec(), train: bool = True, seed: int = 0,
+                 device="cpu", drop_last: bool | None = None, rank: int = 0, world_size: int = 1, workers: int = 2,
+                 prefetch: int = 2, on_decode_error: str = "stop") -> None:
+        super().__init__(len(samples), batch_size=batch_size, train=train, seed=seed, device=device,
+                         drop_last=drop_last, rank=rank, world_size=world_size)
+        if on_decode_error not in DECODE_POLICIES:
+            raise ValueError(f"on_decode_error must be one of {', '.join(DECODE_POLICIES)}, got {on_decode_error!r}.")
+        if isinstance(workers, bool) or not isinstance(workers, int) or workers < 0:
+            raise ValueError(f"workers must be a non-negative integer, got {workers!r}.")
+        self.order_device = torch.device("cpu")  # indices go to the workers; only the pixels go to the device
+        self.samples, self.spec, self.augment, self.mix = samples, spec, augment, mix
+        self.mean, self.std = tuple(float(m) for m in mean), tuple(float(s) for s in std)
+        self.workers, self.prefetch, self.on_decode_error = workers, prefetch, on_decode_error
+        self.labels = torch.from_numpy(samples.labels)
+        self.num_classes = samples.num_classes
+        self.skipped: list[str] = []  # images replaced by a substitute in the last pass (on_decode_error=skip)
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return 3, self.spec.size, self.spec.size
+
+    def batches(self, epoch: int | None, start: int = 0, view_epoch: int | None = None) -> Iterator[Batch]:
+        """Yield the epoch's batches, skipping the first `start` (not read) to resume mid-epoch."""
+        view_epoch = epoch if view_epoch is None else view_epoch
+        return self.batches_at(self.batch_indices(epoch, start), view_epoch)
+
+    def batches_at(self, index_batches: Iterable[torch.Tensor], view_epoch: int | None) -> Iterator[Batch]:
+        """The batches of the views (seed, view_epoch, index) of each chunk of dataset indices, in order."""
+        view_epoch = view_epoch if self.train else None
+        dataset = _ViewBatches(self.samples, self.spec, self.mix, train=self.train, seed=self.seed,
+                               policy=self.on_decode_error)
+        keys = [(-1 if view_epoch is None else int(view_epoch), idx.cpu().tolist()) for idx in index_batches]
+        pin = self.device.type == "cuda"
+        loader = torch.utils.data.DataLoader(
+            dataset, sampler=keys, batch_size=None, collate_fn=_identity, num_workers=self.workers,
+            pin_memory=pin, prefetch_factor=self.prefetch if self.workers else None)
+        self.skipped = []
+        for item in loader:
+            if "error" in item:
+                raise DecodeError(f"{item['error']}; remove or replace the file, or set "
+                                  f"data.on_decode_error=skip to train on without it.")
+            self.skipped.extend(item["skipped"])
+            yield self._to_batch(item, view_epoch)
+        if self.skipped:
+            print(f"data: {len(self.skipped)} image(s) could not be decoded and were replaced by the next "
+                  f"sample (data.on_decode_error=skip), first {self.skipped[0]}", file=sys.stderr, flush=True)
+
+    def _device_views(self, x_u8: torch.Tensor, index: torch.Tensor, view_epoch: int | None) -> torch.Tensor:
+        x_u8 = x_u8.to(self.device, non_blocking=True)
+        if view_epoch is not None and self.spec.train == "crop_flip" and self.augment.enabled:
+            x_u8 = crop_flip(x_u8, index.to(self.device), epoch=view_epoch, seed=self.seed, spec=self.augment)
+        return normalize(x_u8, self.mean, self.std)
+
+    def _to_batch(self, item: dict, view_epoch: int | None) -> Batch:
+        index = item["index"].to(self.device)
+        x = self._device_views(item["x"], item["index"], view_epoch)
+        y = item["y"].to(self.device)
+        if "partner_x" not in item:
+            return Batch(x, y, index)
+        params = mix_params(index, epoch=view_epoch, seed=self.seed, num_samples=self.size,
+                            height=x.shape[2], width=x.shape[3], spec=self.mix)
+        partner_x = self._device_views(item["partner_x"], item["partner"], view_epoch)
+        x, target = mix_views(x, partner_x, y, item["partner_y"].to(self.device), params, self.num_classes)
+        return Batch(x, y, index, target)
+
+    # ------------------------------------------------------------------ what the teacher cache names
+    def fingerprint_data(self) -> dict:
+        """The training set as listed (names, labels, byte sizes): hashing every image would be an epoch's reading."""
+        return {"num_samples": self.size, "image_shape": list(self.input_shape), "hash": self.samples.digest()}
+
+    def views_fingerprint(self) -> dict:
+        """Everything the training pixels depend on besides the data: the teacher cache compares it."""
+        s = self.spec
+        augment = {"train": s.train, "size": s.size, "scale": list(s.scale), "ratio": list(s.ratio), "flip": s.flip,
+                   "crop_fraction": s.crop_fraction}
+        if s.train == "crop_flip":
+            augment.update(crop_padding=self.augment.crop_padding, crop_flip=self.augment.flip)
+        if self.mix.enabled:
+            augment.update(mixup_alpha=self.mix.mixup_alpha, cutmix_alpha=self.mix.cutmix_alpha,
+                           mix_prob=self.mix.mix_prob)
+        return augment
+
+
+def estimate_channel_stats(samples: Samples, spec: ViewSpec, *, count: int, seed: int, workers: int,
+                           batch_size: int = 64) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and std (0..1 scale) of the eval views of `count` training images drawn with
+    `seed`: a pass over a large dataset would cost an epoch of decoding."""
+    n = len(samples)
+    picked = np.sort(np.random.default_rng(seed).permutation(n)[:min(count, n)])
+    loader = StreamLoader(samples, batch_size=batch_size, mean=(0.0,) * 3, std=(1.0,) * 3, spec=spec,
+                          train=False, workers=workers)
+    sums = torch.zeros(3, dtype=torch.float64)
+    squares = torch.zeros(3, dtype=torch.float64)
+    pixels = 0
+    chunks = [torch.from_numpy(picked[i:i + batch_size]) for i in range(0, len(picked), batch_size)]
+    for batch in loader.batches_at(chunks, None):  # mean 0, std 1: x is the pixels on the 0..1 scale
+        v = batch.x.double()
+        sums += v.sum((0, 2, 3))
+        squares += (v * v).sum((0, 2, 3))
+        pixels += v.shape[0] * v.shape[2] * v.shape[3]
+    mean = sums / pixels
+    std = (squares / pixels - mean * mean).clamp_min(0).sqrt()
+    return tuple(float(m) for m in mean), tuple(float(s) if s > 0 else 1.0 for s in std)
