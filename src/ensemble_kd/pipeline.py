@@ -93,7 +93,7 @@ def prepare_data(config: Config, device: torch.device | None = None) -> Data:
     else:
         splits = load_splits(cfg.name, cfg.root, storage=cfg.storage, views=view_spec(cfg), train_view=cfg.views.train,
                              val_fraction=cfg.val_fraction, split_seed=cfg.split_seed, mean=cfg.mean, std=cfg.std,
-                             workers=cfg.workers)
+                             workers=cfg.workers, on_decode_error=cfg.on_decode_error)
 
     def eval_loader(dataset):
         if isinstance(splits, VideoSplits):

@@ -50,13 +50,14 @@ def check_headers(samples: Samples) -> list[tuple[int, int]]:
 
 
 def _stream(name: str, train: Samples, test: Samples, *, val_fraction: float, split_seed: int, mean, std,
-            views: ViewSpec, workers: int) -> DatasetSplits:
+            views: ViewSpec, workers: int, on_decode_error: str) -> DatasetSplits:
     val = None
     if val_fraction > 0:
         keep, held = stratified_split(train.labels, float(val_fraction), split_seed)
         train, val = train.subset(keep), train.subset(held)
     if mean is None or std is None:
-        estimated = estimate_channel_stats(train, views, count=STATS_SAMPLE, seed=split_seed, workers=workers)
+        estimated = estimate_channel_stats(train, views, count=STATS_SAMPLE, seed=split_seed, workers=workers,
+                                           on_decode_error=on_decode_error)
         mean, std = mean or estimated[0], std or estimated[1]
     return _with_stats(DatasetSplits(name=name, train=train, val=val, test=test, mean=tuple(mean), std=tuple(std),
                                      augment=STREAM_AUGMENT), None, None)
@@ -64,7 +65,7 @@ def _stream(name: str, train: Samples, test: Samples, *, val_fraction: float, sp
 
 def load_splits(name: str, root: str | Path | None, *, storage: str = "auto", views: ViewSpec | None = None,
                 train_view: str | None = None, val_fraction: float = 0.1, split_seed: int = 0, mean=None, std=None,
-                workers: int = 2) -> DatasetSplits:
+                workers: int = 2, on_decode_error: str = "stop") -> DatasetSplits:
     """The dataset `name`, in memory or streamed (see the module docstring); `train_view` is
     data.views.train as configured (None: the storage's default)."""
     views = views or ViewSpec()
@@ -94,7 +95,7 @@ def load_splits(name: str, root: str | Path | None, *, storage: str = "auto", vi
     if storage == "memory":
         return _with_stats(load_dataset(name, root=root, val_fraction=val_fraction, split_seed=split_seed), mean, std)
     return _stream(name, train, test, val_fraction=val_fraction, split_seed=split_seed, mean=mean, std=std,
-                   views=views, workers=workers)
+                   views=views, workers=workers, on_decode_error=on_decode_error)
 
 
 def _with_stats(splits: DatasetSplits, mean, std) -> DatasetSplits:

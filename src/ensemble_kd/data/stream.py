@@ -176,13 +176,13 @@ class StreamLoader(ShardedLoader):
 
 
 def estimate_channel_stats(samples: Samples, spec: ViewSpec, *, count: int, seed: int, workers: int,
-                           batch_size: int = 64) -> tuple[tuple[float, ...], tuple[float, ...]]:
+                           batch_size: int = 64, on_decode_error: str = "stop") -> tuple[tuple[float, ...], tuple[float, ...]]:
     """Per-channel mean and std (0..1 scale) of the eval views of `count` training images drawn with
     `seed`: a pass over a large dataset would cost an epoch of decoding."""
     n = len(samples)
     picked = np.sort(np.random.default_rng(seed).permutation(n)[:min(count, n)])
     loader = StreamLoader(samples, batch_size=batch_size, mean=(0.0,) * 3, std=(1.0,) * 3, spec=spec,
-                          train=False, workers=workers)
+                          train=False, workers=workers, on_decode_error=on_decode_error)
     sums = torch.zeros(3, dtype=torch.float64)
     squares = torch.zeros(3, dtype=torch.float64)
     pixels = 0

@@ -120,4 +120,4 @@ def _sum_costs(rows: list[dict]) -> dict:
 
 
 def _input_shape(loader) -> tuple[int, ...]:
-    return tuple(loader.images.shape[1:])
+    return tuple(loader.input_shape)  # (C, H, W) of the inputs the loader yields, held or streamed
