@@ -33,3 +33,13 @@ def test_throughput_prints_a_row_per_method_beside_the_naive_loop(capsys):
     assert names == expected
     ratios = [float(line.split("|")[4]) for line in table]
     assert ratios[0] == pytest.approx(1.0) and all(r > 0 for r in ratios)
+
+
+def test_loader_benchmark_prints_our_row_beside_torchvisions(capsys, tmp_path):
+    pytest.importorskip("torchvision")
+    loader = _load("loader")
+    assert loader.main(["--images", "24", "--size", "16", "--min-px", "20", "--max-px", "40", "--workers", "0",
+                        "--batch", "4", "--batches", "2", "--rounds", "1", "--dir", str(tmp_path)]) == 0
+    rows = [line.split("|") for line in capsys.readouterr().out.splitlines() if line.startswith("| 24 |")]
+    assert [r[2].strip() for r in rows] == ["ours", "torchvision"]
+    assert float(rows[0][5].split("±")[0]) > 0  # the ratio of images/s

@@ -8,6 +8,7 @@ teachers, a half-width student.
 from __future__ import annotations
 
 import difflib
+import os
 from pathlib import Path
 from typing import Any, Literal
 
@@ -63,7 +64,8 @@ class DataConfig(_Section):
     augment: AugmentConfig | None = None  # None: the dataset's default
     storage: Literal["auto", "memory", "stream"] = "auto"  # image folders, tar shards: see data/storage.py
     views: ViewsConfig = Field(default_factory=ViewsConfig)
-    workers: int = Field(4, ge=0)  # streamed data: decoding processes per loader (0: in the main process)
+    # streamed data: decoding processes per loader (0: in the main process); default 4, or the cores if fewer
+    workers: int = Field(default_factory=lambda: min(4, os.cpu_count() or 1), ge=0)
     prefetch: int = Field(2, gt=0)  # streamed data: batches each worker prepares ahead
     mean: list[float] | None = None  # per channel, 0..1 scale; None: computed (in memory) or estimated (streamed)
     std: list[float] | None = None

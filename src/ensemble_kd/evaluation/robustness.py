@@ -26,7 +26,8 @@ def robustness_fields(log_probs: Callable[[torch.Tensor], torch.Tensor], test_lo
         return {}
     images = getattr(test_loader, "images", None)
     if images is None:
-        raise ValueError("eval.corruptions and eval.ood apply to image datasets")
+        raise ValueError("eval.corruptions and eval.ood need the test images in memory: image datasets held in "
+                         "memory (data.storage memory), not streamed or video data")
     n = min(eval_cfg.corruption_samples, len(images))
     x01 = images[:n].float() / 255.0
     mean, std = test_loader.mean, test_loader.std
