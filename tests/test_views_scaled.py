@@ -164,3 +164,25 @@ def test_device_loader_mixes_the_same_way_for_any_batching():
                 assert torch.equal(x, rows[int(i)][0]) and torch.equal(t, rows[int(i)][1])
     plain = DeviceLoader(data, batch_size=10, **{**kw, "mix": MixSpec()})
     assert all(batch.target is None for batch in plain.batches(2))
+
+
+@pytest.mark.parametrize("name, options", [("ce", {}), ("aver", {"alpha": 0.0}), ("kd", {"alpha": 0.0}),
+                                           ("latentbe", {"alpha": 0.0, "factor_decay": 0.0})])
+def test_methods_compare_with_the_soft_targets_of_mixed_batches(name, options):
+    from ensemble_kd.data import Batch
+    from ensemble_kd.methods import StudentOutput, TeacherOutput, create_method
+
+    torch.manual_seed(0)
+    logits, y = torch.randn(6, 4), torch.tensor([0, 1, 2, 3, 0, 1])
+    target = torch.softmax(torch.randn(6, 4), -1)
+    method = create_method(name, **options)
+    members = torch.randn(2, 6, 4)
+    student = StudentOutput(members.mean(0), {"members_out": members}) if name == "latentbe" else \
+        StudentOutput(logits, {})
+    teachers = TeacherOutput(torch.randn(2, 6, 4), {})
+    soft = method.loss(Batch(None, y, torch.arange(6), target), student, teachers).loss
+    hard = method.loss(Batch(None, y, torch.arange(6)), student, teachers).loss
+    z = members.flatten(0, 1) if name == "latentbe" else logits
+    want = torch.nn.functional.cross_entropy(z, target.repeat(2, 1) if name == "latentbe" else target)
+    torch.testing.assert_close(soft, want)
+    assert not torch.allclose(soft, hard)
