@@ -291,3 +291,54 @@ def test_dbof_trains_on_the_generated_problem():
     with torch.no_grad():
         scores = model.eval()(test.features)
     assert mean_average_precision(scores, test.labels) > 0.2  # chance is about 0.1
+
+
+# ----------------------------------------------------------------------------- DBoF: gate placement
+
+
+def _params(m) -> int:
+    return sum(p.numel() for p in m.parameters())
+
+
+def test_dbof_paper_placement_gates_frames_before_pooling_and_the_moe_output():
+    D, cl, h, C, E = 8, 12, 7, 5, 3
+    model = DBoF(C, D, cluster_size=cl, hidden_size=h, num_experts=E)  # gating="paper" by default
+    seen = {}
+
+    def record(name, module, value):
+        module.register_forward_hook(lambda m, i, o: seen.__setitem__(name, value(i[0])))  # returns None
+    record("frame_gate", model.frames.gating, lambda v: v.shape)
+    record("output_gate", model.classifier[1], lambda v: v.detach())
+    record("input_bn", model.frames.input_bn, lambda v: v.shape)
+    x = _frames(d=D)
+    model(x)
+    n_valid = int(frame_mask(x).sum())
+    assert seen["input_bn"] == (n_valid, D)  # BN on the input, valid frames only
+    assert seen["frame_gate"] == (n_valid, cl)  # per frame, before the pooling
+    assert bool(((seen["output_gate"] >= 0) & (seen["output_gate"] <= 1)).all())  # it gates probabilities
+    assert not any(isinstance(m, ContextGating) for m in model.hidden)  # none after the hidden layer
+    moe = h * C * (E + 1) + h * C * E + C * E
+    expected = (2 * D + D * cl + 2 * cl + cl * cl + 2 * cl  # input BN, clustering + BN, frame gate + BN
+                + cl * h + 2 * h + moe + C * C + 2 * C)  # hidden + BN, MoE, output gate + BN
+    assert _params(model) == expected
+    hidden = DBoF(C, D, cluster_size=cl, hidden_size=h, num_experts=E, gating="hidden")  # the earlier DBoF
+    assert _params(hidden) == D * cl + 2 * cl + cl * h + 2 * h + h * h + 2 * h + moe
+    assert _params(DBoF(C, D, cluster_size=cl, hidden_size=h, num_experts=E, gating="none")) == (
+        D * cl + 2 * cl + cl * h + 2 * h + moe)
+    with pytest.raises(ValueError, match="gating must be one of"):
+        DBoF(C, D, gating="after")
+
+
+def test_multiheaded_dbof_shrinks_the_experts_within_the_base_budget():
+    base = create("dbof", num_classes=6, in_channels=8, cluster_size=16, hidden_size=12, num_experts=5)
+    net = create("multihead", base="dbof", num_classes=6, in_channels=8, fork="hidden",
+                 base_kwargs={"cluster_size": 16, "hidden_size": 12, "num_experts": 5},
+                 branch_kwargs={"num_experts": 3})
+    assert [b.classifier[0].num_experts for b in net.branches] == [3, 3]  # MoE-5 -> MoE-3
+    assert _params(net) <= _params(base)
+    wider = create("multihead", base="dbof", num_classes=6, in_channels=8, fork="hidden",
+                   base_kwargs={"cluster_size": 16, "hidden_size": 12, "num_experts": 5})
+    assert net.width_factor <= wider.width_factor  # fewer experts leave room for wider branches
+    assert net(_frames()).shape == (4, 6)
+    with pytest.raises(ValueError, match="cannot set widths"):
+        create("multihead", base="dbof", num_classes=6, in_channels=8, branch_kwargs={"widths": (4, 4)})

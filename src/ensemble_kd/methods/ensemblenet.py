@@ -121,7 +121,7 @@ class EnsembleNet(Method):
 
     def __init__(self, structure: str = "codistill", mu: float = 2.0, lam: float = 0.0, loss: str = "ce",
                  stop_gradient: bool = True, branches: int = 2, fork: str | None = None,
-                 width_factor: float | None = None, ensembler: str = "mean"):
+                 width_factor: float | None = None, ensembler: str = "mean", branch_kwargs: dict | None = None):
         super().__init__()
         if structure not in STRUCTURES:
             raise ValueError(f"ensemblenet option structure must be one of {', '.join(STRUCTURES)}, got {structure!r}")
@@ -135,7 +135,11 @@ class EnsembleNet(Method):
             raise ValueError(f"ensemblenet option stop_gradient must be true or false, got {stop_gradient!r}")
         self.structure, self.kind, self.stop_gradient = structure, loss, stop_gradient
         self.mu, self.lam = _number("mu", mu), _number("lam", lam)
-        self.network = {"branches": branches, "fork": fork, "width_factor": width_factor, "ensembler": ensembler}
+        if branch_kwargs is not None and not isinstance(branch_kwargs, dict):
+            raise ValueError(f"ensemblenet option branch_kwargs must be a mapping (e.g. {{num_experts: 3}}), "
+                             f"got {branch_kwargs!r}")
+        self.network = {"branches": branches, "fork": fork, "width_factor": width_factor, "ensembler": ensembler,
+                        "branch_kwargs": branch_kwargs}
         self.needs = Needs(student_taps=("heads", "ensembler") if ensembler == "gate" else ("heads",))
         self.multilabel = False
 

@@ -5,9 +5,10 @@
 Any model that keeps the stage contract (models/stages.py) can be the base, and any timm or
 torchvision ResNet/ResNeXt (`timm/resnet50`, `torchvision/resnet50`: models/library_resnets.py): the
 stem and the stages before `fork` are built once and shared; the stages from `fork` on and the
-head are built N times, as branches, at the base's widths divided by `width_factor`. By
-default the factor is the smallest (on a 0.05 grid) that keeps the whole network no larger
-than the base (about 1.4 for two branches, as the paper's ≈1.5).
+head are built N times, as branches, at the base's widths divided by `width_factor` and with
+`branch_kwargs` over the base's keyword arguments (e.g. {num_experts: 3} for a DBoF whose base has
+5, as the paper shrinks MoE-5 to MoE-3). By default the factor is the smallest (on a 0.05 grid)
+that keeps the whole network no larger than the base (about 1.4 for two branches, as the paper's ≈1.5).
 
 forward(x) is the ensembler's prediction from one pass, as logits: log p_ens for a
 classifier (softmax gives p_ens back), logit(p_ens) for a multi-label model (sigmoid does).
@@ -68,7 +69,7 @@ def ensemble_logits(branch_logits: torch.Tensor, weights: torch.Tensor | None = 
 class MultiHeadNet(nn.Module):
     def __init__(self, base: str, num_classes: int = 10, in_channels: int = 3, branches: int = 2,
                  fork: str | None = None, width_factor: float | None = None, ensembler: str = "mean",
-                 base_kwargs: dict | None = None):
+                 base_kwargs: dict | None = None, branch_kwargs: dict | None = None):
         super().__init__()
         if isinstance(branches, bool) or not isinstance(branches, int) or branches < 1:
             raise ValueError(f"multihead branches must be a positive integer, got {branches!r}.")
@@ -89,9 +90,15 @@ class MultiHeadNet(nn.Module):
         if ensembler == "gate" and at == 0:
             raise ValueError("the gate ensembler reads the shared stages' output; fork after the first stage.")
         base_widths = list(trunk.stage_channels)
+        branch_kwargs = dict(branch_kwargs or {})
+        if branch_kwargs and library:
+            raise ValueError(f"multihead branch_kwargs apply to this package's models, not to {base!r}")
+        if "widths" in branch_kwargs:
+            raise ValueError("multihead branch_kwargs cannot set widths: width_factor sets the branches' widths")
         if width_factor is None:
             gate = (base_widths[at - 1] + 3) * branches if ensembler == "gate" else 0  # linear + BN
-            width_factor = fitting_width_factor(base, num_classes, in_channels, branches, at, kwargs, extra=gate)
+            width_factor = fitting_width_factor(base, num_classes, in_channels, branches, at, kwargs, extra=gate,
+                                                branch_kwargs=branch_kwargs)
         if isinstance(width_factor, bool) or not isinstance(width_factor, (int, float)) or not width_factor > 0:
             raise ValueError(f"multihead width_factor must be a positive number, got {width_factor!r}.")
         widths = branch_widths(base_widths, at, width_factor)
@@ -99,8 +106,8 @@ class MultiHeadNet(nn.Module):
         self.base, self.width_factor = base, float(width_factor)
         self.shared_points, self.branch_points = tuple(points[:at]), tuple(points[at:])
         self.multilabel = bool(getattr(trunk, "multilabel", False))
-        members = [_member(trunk if library else None, base, num_classes, in_channels, kwargs, widths, at)
-                   for _ in range(branches)]
+        members = [_member(trunk if library else None, base, num_classes, in_channels,
+                           {**kwargs, **branch_kwargs}, widths, at) for _ in range(branches)]
         self.branch_widths = tuple(members[0].stage_channels)  # a bottleneck's: planes·4, so rounded
         _drop(trunk, (*self.branch_points, *trunk.head_points))
         for member in members:
@@ -136,7 +143,7 @@ def _member(library_base: nn.Module | None, base: str, num_classes: int, in_chan
 
 
 def fitting_width_factor(base: str, num_classes: int, in_channels: int, branches: int, at: int,
-                         kwargs: dict, extra: int = 0) -> float:
+                         kwargs: dict, extra: int = 0, branch_kwargs: dict | None = None) -> float:
     """The smallest factor on a 0.05 grid for which N branches, the shared part and `extra`
     parameters (the gate's) are no more than the base network's (counted on the meta device)."""
     with torch.device("meta"):
@@ -144,7 +151,7 @@ def fitting_width_factor(base: str, num_classes: int, in_channels: int, branches
         library = library_resnets.expose_stages(reference)
         budget = _count(reference)
         widths = list(reference.stage_channels)
-        rest = {k: v for k, v in kwargs.items() if k != "widths"}
+        rest = {**{k: v for k, v in kwargs.items() if k != "widths"}, **(branch_kwargs or {})}
         head_and_upper = sum(_count(getattr(reference, n)) for n in (*reference.tap_points[at:], *reference.head_points))
         shared = budget - head_and_upper
         for step in range(0, 20 * (branches + 1)):
@@ -172,6 +179,7 @@ def _drop(model: nn.Module, names) -> None:
 @register_model("multihead")
 def multihead(num_classes: int = 10, in_channels: int = 3, base: str = "small_cnn", branches: int = 2,
               fork: str | None = None, width_factor: float | None = None, ensembler: str = "mean",
-              base_kwargs: dict | None = None) -> MultiHeadNet:
+              base_kwargs: dict | None = None, branch_kwargs: dict | None = None) -> MultiHeadNet:
     """EnsembleNet's multi-headed version of `base` (any model with stages): N branches from `fork`."""
-    return MultiHeadNet(base, num_classes, in_channels, branches, fork, width_factor, ensembler, base_kwargs)
+    return MultiHeadNet(base, num_classes, in_channels, branches, fork, width_factor, ensembler, base_kwargs,
+                        branch_kwargs)

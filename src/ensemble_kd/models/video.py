@@ -5,11 +5,18 @@ features is non-zero (mask = x.abs().amax(-1) > 0), so padding needs no side cha
 frame that is exactly zero is treated as padding (it carries no information either way).
 An item with no valid frame pools to a zero vector.
 
-    frames:     per valid frame Linear D->cluster (no bias) + BatchNorm + ReLU6, then pooling
-                over the valid frames: SWAP (default), max or average        -> (B, cluster)
-    hidden:     Linear cluster->hidden (no bias) + BatchNorm + ReLU6 + context gating -> (B, hidden)
-    classifier: per-class mixture of logistic experts -> probabilities p     -> (B, C)
+    frames:     per valid frame BatchNorm (the input's) + Linear D->cluster (no bias) + BatchNorm +
+                ReLU6 + context gating, then pooling over the valid frames: SWAP (default), max or
+                average                                                   -> (B, cluster)
+    hidden:     Linear cluster->hidden (no bias) + BatchNorm + ReLU6      -> (B, hidden)
+    classifier: per-class mixture of logistic experts -> probabilities, then context gating on
+                them (p * sigmoid(BN(W p)), yt8m's gating of the probabilities) -> p  (B, C)
     output:     logits log p - log(1 - p), p clamped to [1e-6, 1 - 1e-6], so sigmoid(model(x)) = p.
+
+`gating` places the context gates: "paper" (the above, EnsembleNet section 4.2: gates between the
+frame clustering and the pooling and after the MoE, BN on the input and after every fully
+connected layer); "hidden" (one gate after the hidden layer, no input BN: this package's earlier
+DBoF); "none" ("hidden" without the gate).
 
 The clustering BatchNorm sees the valid frames only (they are gathered into one (n_valid,
 cluster) matrix), so its statistics do not depend on how much padding a batch has, and in
@@ -28,6 +35,7 @@ from .registry import register_model
 from .stages import stage_widths
 
 POOLINGS = ("swap", "max", "avg")
+GATINGS = ("paper", "hidden", "none")
 PROB_EPS = 1e-6  # the MoE's probabilities are clamped here before the logit: |logit| <= 13.8
 
 
@@ -89,51 +97,60 @@ class MoEClassifier(nn.Module):
 
 
 class FrameClustering(nn.Module):
-    """(B, T, D) -> (B, cluster): per-frame Linear + BatchNorm (valid frames only) + ReLU6, pooled."""
+    """(B, T, D) -> (B, cluster): per valid frame [input BatchNorm] + Linear + BatchNorm + ReLU6
+    [+ context gating], pooled over the valid frames."""
 
-    def __init__(self, feature_dim: int, cluster_size: int, pooling: str = "swap"):
+    def __init__(self, feature_dim: int, cluster_size: int, pooling: str = "swap", input_bn: bool = True,
+                 gating: bool = True):
         super().__init__()
         if pooling not in POOLINGS:
             raise ValueError(f"pooling must be one of {', '.join(POOLINGS)}, got {pooling!r}.")
         self.feature_dim, self.pooling = feature_dim, pooling
+        self.input_bn = nn.BatchNorm1d(feature_dim) if input_bn else nn.Identity()
         self.linear = nn.Linear(feature_dim, cluster_size, bias=False)
         self.bn = nn.BatchNorm1d(cluster_size)
+        self.gating = ContextGating(cluster_size, batch_norm=True) if gating else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 3 or x.shape[-1] != self.feature_dim:
             raise ValueError(f"dbof expects frame features of shape (B, T, {self.feature_dim}), "
                              f"got {tuple(x.shape)}.")
         mask = frame_mask(x)
-        # Gathering the valid frames keeps padding out of the BatchNorm statistics.
-        valid = nn.functional.relu6(self.bn(self.linear(x[mask])))
+        # Gathering the valid frames keeps padding out of every BatchNorm's statistics.
+        valid = self.gating(nn.functional.relu6(self.bn(self.linear(self.input_bn(x[mask])))))
         h = valid.new_zeros(*mask.shape, valid.shape[-1]).index_put((mask,), valid)
         if self.pooling == "swap":
             return swap(h, mask)
         if self.pooling == "avg":
             return h.sum(1) / mask.sum(1, keepdim=True).clamp_min(1).to(h.dtype)
-        # ReLU6 outputs are >= 0, so the zeros at padded frames never win a max over valid ones.
+        # ReLU6 (times a sigmoid gate) is >= 0, so the zeros at padded frames never win a max over valid ones.
         return h.amax(1)
 
 
 class DBoF(nn.Module):
-    """Deep bag of frames: frame clustering + pooling, a gated hidden layer, MoE classifier; returns logits.
+    """Deep bag of frames: frame clustering + pooling, a hidden layer, MoE classifier, context gates; logits.
 
     `widths`, when given, is a (cluster_size, hidden_size) pair that overrides both sizes.
     """
 
     def __init__(self, num_classes: int, feature_dim: int, cluster_size: int = 256, hidden_size: int = 128,
-                 num_experts: int = 2, pooling: str = "swap", context_gating: bool = True,
+                 num_experts: int = 2, pooling: str = "swap", gating: str = "paper",
                  widths: Sequence[int] | None = None):
         super().__init__()
         cluster_size, hidden_size = stage_widths("dbof", widths, [cluster_size, hidden_size])
         if min(cluster_size, hidden_size) < 1:
             raise ValueError(f"dbof cluster_size and hidden_size must be positive, got {cluster_size}, {hidden_size}.")
-        self.frames = FrameClustering(feature_dim, cluster_size, pooling)
+        if gating not in GATINGS:
+            raise ValueError(f"dbof gating must be one of {', '.join(GATINGS)}, got {gating!r}.")
+        paper = gating == "paper"
+        self.gating = gating
+        self.frames = FrameClustering(feature_dim, cluster_size, pooling, input_bn=paper, gating=paper)
         self.hidden = nn.Sequential(
             nn.Linear(cluster_size, hidden_size, bias=False), nn.BatchNorm1d(hidden_size), nn.ReLU6(),
-            ContextGating(hidden_size, batch_norm=True) if context_gating else nn.Identity(),
+            ContextGating(hidden_size, batch_norm=True) if gating == "hidden" else nn.Identity(),
         )
-        self.classifier = MoEClassifier(hidden_size, num_classes, num_experts)
+        self.classifier = nn.Sequential(MoEClassifier(hidden_size, num_classes, num_experts),
+                                        ContextGating(num_classes, batch_norm=True) if paper else nn.Identity())
         self.stem_points: tuple[str, ...] = ()
         self.tap_points: tuple[str, ...] = ("frames", "hidden")
         self.head_points: tuple[str, ...] = ("classifier",)
@@ -158,8 +175,8 @@ def dbof(
     hidden_size: int = 128,
     num_experts: int = 2,
     pooling: str = "swap",
-    context_gating: bool = True,
+    gating: str = "paper",
     widths: Sequence[int] | None = None,
 ) -> DBoF:
     """DBoF over frames of `in_channels` features (YouTube-8M RGB: 1024); `widths` = (cluster, hidden)."""
-    return DBoF(num_classes, in_channels, cluster_size, hidden_size, num_experts, pooling, context_gating, widths)
+    return DBoF(num_classes, in_channels, cluster_size, hidden_size, num_experts, pooling, gating, widths)
