@@ -12,6 +12,7 @@ from ensemble_kd.metrics import (
     brier_score,
     classification_metrics,
     count_flops,
+    count_macs,
     count_parameters,
     expected_calibration_error,
     fit_temperature,
@@ -253,6 +254,23 @@ def test_count_flops_linear_and_conv():
     # The count is per sample and includes every layer: conv then linear on 4*3*3 = 36 features.
     model = nn.Sequential(conv, nn.Flatten(), nn.Linear(36, 3))
     assert count_flops(model, (2, 5, 5)) == 1296 + 2 * 36 * 3
+
+
+def test_count_macs_by_hand_is_half_the_flops():
+    # MACs, the papers' "FLOPs": Linear 10 -> 5 is 50 multiply-accumulates (bias not counted)
+    assert count_macs(nn.Linear(10, 5), (10,)) == 10 * 5
+    # Conv 2 -> 4, 3x3, 5x5 input, no padding: 9 output positions * 4 out channels * (2 * 9 taps) = 648
+    conv = nn.Conv2d(2, 4, kernel_size=3, bias=False)
+    assert count_macs(conv, (2, 5, 5)) == 648
+    assert count_macs(nn.Sequential(conv, nn.Flatten(), nn.Linear(36, 3)), (2, 5, 5)) == 648 + 36 * 3
+
+
+def test_evaluation_rows_report_macs_and_flops_named_as_such():
+    from types import SimpleNamespace
+
+    from ensemble_kd.evaluation.evaluate import cost_row
+    row = cost_row(nn.Linear(10, 5), (10,), torch.device("cpu"), SimpleNamespace(cost=True, latency=False))
+    assert row["macs"] == 50 and row["flops"] == 100
 
 
 def test_cost_functions_restore_modes_and_follow_dtype():

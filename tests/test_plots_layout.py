@@ -26,7 +26,7 @@ def _rows(table, runs=1):
     prefix = (lambda r: f"sweep-variant-{r}: ") if runs > 1 else (lambda r: "")
     rng = random.Random(0)
     return [{"name": prefix(r) + name, "acc": acc if runs == 1 else rng.choice([0.98, 0.9822, 0.9844, 0.9866]),
-             "flops": flops} for r in range(runs) for name, acc, flops in table]
+             "macs": macs} for r in range(runs) for name, acc, macs in table]
 
 
 def _boxes(artists, renderer):
@@ -82,7 +82,7 @@ def test_accuracy_vs_cost_labels_and_ticks_never_collide(runs):
     _assert_apart(label_boxes, "label")
     for box in label_boxes:  # inside the plot, off every marker
         assert ax.bbox.x0 <= box[0] and box[2] <= ax.bbox.x1 and ax.bbox.y0 <= box[1] and box[3] <= ax.bbox.y1
-        for x, y in ax.transData.transform([(r["flops"], 100 * r["acc"]) for r in rows]):
+        for x, y in ax.transData.transform([(r["macs"], 100 * r["acc"]) for r in rows]):
             assert not overlaps(box, (x - 3, y - 3, x + 3, y + 3))
     ticks = [t for t in ax.get_xticklabels() if t.get_text() and ax.get_xlim()[0] <= t.get_position()[0] <=
              ax.get_xlim()[1]]
@@ -103,7 +103,7 @@ def test_accuracy_vs_cost_labels_and_ticks_never_collide(runs):
 
 @pytest.mark.parametrize("lo,hi", [(1.2e6, 14.3e6), (1e3, 1e9), (0.3, 4.0), (5e6, 5e6)])
 def test_cost_axis_ticks_readable_over_any_range(lo, hi):
-    rows = [{"name": "a", "acc": 0.9, "flops": lo}, {"name": "b", "acc": 0.95, "flops": hi}]
+    rows = [{"name": "a", "acc": 0.9, "macs": lo}, {"name": "b", "acc": 0.95, "macs": hi}]
     fig = accuracy_vs_cost_figure(rows)
     fig.draw_without_rendering()
     ax = fig.axes[0]

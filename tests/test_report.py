@@ -31,12 +31,14 @@ ROWS = [
         "nll": 0.21234567,
         "ece": 0.0123456,
         "params": 272474,
+        "macs": 20_500_000,
         "flops": 41_000_000,
         "latency_ms": 1.23456,
         "throughput": 12345.6,
         "train_time_s": 61.26,
     },
-    {"name": "ensemble", "acc": 0.95, "nll": 0.17, "ece": 0.01, "cnll": 0.16, "cece": 0.008, "flops": 2.5e9},
+    {"name": "ensemble", "acc": 0.95, "nll": 0.17, "ece": 0.01, "cnll": 0.16, "cece": 0.008, "macs": 1.25e9,
+     "flops": 2.5e9},
 ]
 
 
@@ -94,6 +96,15 @@ def test_write_and_load_results_round_trip(tmp_path):
         write_results(tmp_path / "bad", [{"name": "x", "bad": object()}])
 
 
+def test_results_written_before_macs_read_back_with_macs(tmp_path):
+    (tmp_path / "results.json").write_text(json.dumps([{"name": "old", "acc": 0.9, "flops": 82_000_000},
+                                                       {"name": "ensemble", "acc": 0.95}]))
+    old, other = load_results(tmp_path)
+    assert old["macs"] == 41_000_000 and old["flops"] == 82_000_000  # FLOPs were 2 per multiply-accumulate
+    assert "macs" not in other
+    assert "MACs" in markdown_table([old])
+
+
 def test_load_results_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="results.json"):
         load_results(tmp_path)
@@ -127,7 +138,7 @@ def test_reliability_diagram_writes_png(tmp_path):
 
 def test_accuracy_vs_cost_writes_png(tmp_path):
     rows = [*ROWS, {"name": "no cost", "acc": 0.5}]  # rows lacking the cost are skipped
-    _assert_png(accuracy_vs_cost(rows, tmp_path / "acc_flops.png"))
+    _assert_png(accuracy_vs_cost(rows, tmp_path / "acc_macs.png"))
     _assert_png(accuracy_vs_cost(ROWS, tmp_path / "acc_latency.png", cost="latency_ms"))
     with pytest.raises(ValueError, match="'params'"):
         accuracy_vs_cost([{"name": "a", "acc": 0.9}], tmp_path / "none.png", cost="params")
@@ -137,7 +148,7 @@ def test_plots_module_leaves_pyplot_alone():
     code = (
         "import sys, ensemble_kd.report.plots as p, tempfile, os\n"
         "d = tempfile.mkdtemp()\n"
-        "p.accuracy_vs_cost([{'name': 'a', 'acc': 0.9, 'flops': 1e6}], os.path.join(d, 'a.png'))\n"
+        "p.accuracy_vs_cost([{'name': 'a', 'acc': 0.9, 'macs': 1e6}], os.path.join(d, 'a.png'))\n"
         "print('matplotlib.pyplot' in sys.modules)\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

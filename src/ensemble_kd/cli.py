@@ -28,9 +28,9 @@ from .methods import create_method
 from .report import (accuracy_vs_cost, load_results, print_table, reliability_diagram,
                      teacher_weights_over_training, write_results)
 
-DEMO_COLUMNS = ["name", "acc", "nll", "ece", "cnll", "cece", "params", "flops", "train_time_s"]
+DEMO_COLUMNS = ["name", "acc", "nll", "ece", "cnll", "cece", "params", "macs", "train_time_s"]
 EVAL_COLUMNS = ["name", "acc", "gap", "map", "hit1", "top5", "nll", "ece", "cnll", "cece", "brier", "corr_acc",
-                "corr_nll", "corr_ece", "ood_auroc_maxprob", "ood_auroc_entropy", "params", "flops",
+                "corr_nll", "corr_ece", "ood_auroc_maxprob", "ood_auroc_entropy", "params", "macs",
                 "latency_ms", "throughput"]
 
 # Wide enough for the results table when the output is a file or a CI log.
@@ -334,8 +334,8 @@ def _finish(run_dir: Path, rows: list[dict], title: str, columns: list[str]) -> 
     bins = {r["name"]: r["reliability"] for r in rows if r.get("reliability")}
     if bins:
         reliability_diagram(bins, run_dir / "reliability.png")
-    if any("flops" in r and "acc" in r for r in rows):
-        accuracy_vs_cost(rows, run_dir / "accuracy_vs_cost.png", cost="flops")
+    if any("macs" in r and "acc" in r for r in rows):
+        accuracy_vs_cost(rows, run_dir / "accuracy_vs_cost.png", cost="macs")
     err.print(f"results: {run_dir / 'results.md'}")
 
 

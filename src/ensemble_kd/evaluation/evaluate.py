@@ -1,6 +1,6 @@
 """Evaluation as the papers do it: test metrics, temperature fitted on validation, cost.
 
-A row is a plain dict (name, acc, nll, ece, cnll, cece, brier, params, flops, ...)
+A row is a plain dict (name, acc, nll, ece, cnll, cece, brier, params, macs, flops = 2·macs, ...)
 plus the reliability bins, so `compare` can redraw diagrams from results.json.
 """
 
@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from ..ensemble import TeacherSet, majority_vote
-from ..metrics import (classification_metrics, count_flops, count_parameters, eval_mode, measure_latency,
+from ..metrics import (classification_metrics, count_macs, count_parameters, eval_mode, measure_latency,
                        measure_throughput, reliability_bins)
 from ..metrics.multilabel import global_average_precision, mean_average_precision
 from ..models import unwrap
@@ -41,7 +41,7 @@ def metrics_row(name: str, probs: torch.Tensor, labels: torch.Tensor, *, val_log
 def cost_row(model: nn.Module, input_shape, device, eval_cfg) -> dict:
     row = {"params": count_parameters(model)}
     if eval_cfg.cost:
-        row["flops"] = count_flops(model, input_shape)
+        row.update(_macs_and_flops(count_macs(model, input_shape)))
     if eval_cfg.latency:
         row["latency_ms"], row["latency_ms_iqr"] = measure_latency(model, input_shape, device)
         row["throughput"] = measure_throughput(model, input_shape, device, eval_cfg.throughput_batch)
@@ -66,7 +66,7 @@ def evaluate_model(name: str, model: nn.Module, test_loader, val_loader, eval_cf
 
 def evaluate_multilabel(name: str, model: nn.Module, test_loader, eval_cfg, device) -> dict:
     """Multi-label models (video): GAP@20, mAP and hit@1 (the top class is a positive) on the test set.
-    FLOPs are counted on a real test item (padding frames are skipped, so zeros would cost nothing)."""
+    MACs are counted on a real test item (padding frames are skipped, so zeros would cost nothing)."""
     logits, labels = predict(model, test_loader)
     scores = torch.sigmoid(logits)
     row = {"name": name, "gap": global_average_precision(scores, labels, top_k=20),
@@ -75,7 +75,7 @@ def evaluate_multilabel(name: str, model: nn.Module, test_loader, eval_cfg, devi
            "params": count_parameters(model)}
     if eval_cfg.cost:
         example = next(iter(test_loader.batches(0))).x[:1]
-        row["flops"] = count_flops(model, tuple(example.shape[1:]), example=example)
+        row.update(_macs_and_flops(count_macs(model, tuple(example.shape[1:]), example=example)))
     return row
 
 
@@ -111,12 +111,17 @@ def _sum_costs(rows: list[dict]) -> dict:
     """An ensemble costs the sum of its members (latency too: M forward passes; the members'
     interquartile ranges add up to a bound on the ensemble's)."""
     out = {}
-    for key in ("params", "flops", "latency_ms", "latency_ms_iqr"):
+    for key in ("params", "macs", "flops", "latency_ms", "latency_ms_iqr"):
         if all(key in r for r in rows):
             out[key] = sum(r[key] for r in rows)
     if all("throughput" in r for r in rows):
         out["throughput"] = 1.0 / sum(1.0 / r["throughput"] for r in rows if r["throughput"] > 0)
     return out
+
+
+def _macs_and_flops(macs: int) -> dict:
+    """MACs, the papers' "FLOPs", and FLOPs proper (2 per multiply-accumulate), both named as such."""
+    return {"macs": macs, "flops": 2 * macs}
 
 
 def _input_shape(loader) -> tuple[int, ...]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from .calibration import ece_from_bins, expected_calibration_error, reliability_bins
 from .classification import brier_score, classification_metrics, negative_log_likelihood, top_k_accuracy
 from .corruptions import CORRUPTIONS, corrupt, corruption_suite
-from .cost import count_flops, count_parameters, eval_mode, measure_latency, measure_throughput
+from .cost import count_flops, count_macs, count_parameters, eval_mode, measure_latency, measure_throughput
 from .multilabel import global_average_precision, mean_average_precision
 from .ood import auroc, max_probability, negative_entropy, ood_metrics
 from .temperature import finite_logits, fit_temperature, probs_to_logits
@@ -16,6 +16,7 @@ __all__ = [
     "brier_score",
     "classification_metrics",
     "count_flops",
+    "count_macs",
     "corrupt",
     "corruption_suite",
     "count_parameters",

@@ -1,4 +1,4 @@
-"""Inference cost of a model: parameters, FLOPs per sample, latency (median and spread) and throughput."""
+"""Inference cost of a model: parameters, MACs (and FLOPs = 2·MACs) per sample, latency (median and spread) and throughput."""
 
 from __future__ import annotations
 
@@ -68,13 +68,19 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def count_macs(model: nn.Module, input_shape: Sequence[int], example: torch.Tensor | None = None) -> int:
+    """Multiply-accumulates of one forward pass per sample: what the CIFAR and ImageNet papers
+    (and most users) call "FLOPs", e.g. nn.Linear(10, 5) gives 10 * 5 = 50. Half of `count_flops`."""
+    return count_flops(model, input_shape, example) // 2
+
+
 def count_flops(model: nn.Module, input_shape: Sequence[int], example: torch.Tensor | None = None) -> int:
     """FLOPs of one forward pass per sample (batch 1, eval mode), via FlopCounterMode.
 
-    input_shape excludes the batch, e.g. (3, 32, 32). A multiply-add counts as 2 FLOPs;
-    only matmul, convolution and attention are counted (not BN, activations, pooling),
-    so nn.Linear(10, 5) gives 2 * 10 * 5 = 100. The input is zeros, or `example` (a batch of
-    one) for models whose cost depends on the values (a video model skips zero padding frames).
+    input_shape excludes the batch, e.g. (3, 32, 32). A multiply-add counts as 2 FLOPs (see
+    `count_macs` for 1); only matmul, convolution and attention are counted (not BN, activations,
+    pooling), so nn.Linear(10, 5) gives 2 * 10 * 5 = 100. The input is zeros, or `example` (a batch
+    of one) for models whose cost depends on the values (a video model skips zero padding frames).
     """
     shape = _check_shape(input_shape)
     device, dtype = _model_device_dtype(model)

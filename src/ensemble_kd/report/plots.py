@@ -19,6 +19,7 @@ from .tables import HEADERS
 
 DPI = 120
 _COST_LABELS = {
+    "macs": "MACs per sample",
     "flops": "FLOPs per sample",
     "params": "parameters",
     "latency_ms": "latency at batch 1 (ms)",
@@ -163,12 +164,12 @@ def _cost_points(rows: Iterable[Mapping[str, Any]], cost: str) -> list[tuple[flo
     return points
 
 
-def accuracy_vs_cost(rows: Iterable[Mapping[str, Any]], path: str | Path, cost: str = "flops") -> Path:
+def accuracy_vs_cost(rows: Iterable[Mapping[str, Any]], path: str | Path, cost: str = "macs") -> Path:
     """Write accuracy_vs_cost_figure(rows, cost) as a PNG."""
     return _save(accuracy_vs_cost_figure(rows, cost), path)
 
 
-def accuracy_vs_cost_figure(rows: Iterable[Mapping[str, Any]], cost: str = "flops"):
+def accuracy_vs_cost_figure(rows: Iterable[Mapping[str, Any]], cost: str = "macs"):
     """Scatter of test accuracy (%) against a cost column (log x); rows lacking either value are
     skipped, `acc_std` becomes an error bar. Points are labelled with their names where these fit
     without covering each other; otherwise numbered, with a key under the plot. Rows at the same

@@ -14,7 +14,7 @@ MISSING = "–"  # shown for a missing, None or NaN value
 COLUMNS: tuple[str, ...] = (
     "name", "acc", "gap", "map", "hit1", "nll", "ece", "cnll", "cece", "brier",
     "corr_acc", "corr_nll", "corr_ece", "ood_auroc_maxprob", "ood_auroc_entropy",
-    "params", "flops", "latency_ms", "throughput", "train_time_s",
+    "params", "macs", "flops", "latency_ms", "throughput", "train_time_s",
 )  # fmt: skip
 
 HEADERS: dict[str, str] = {
@@ -36,6 +36,7 @@ HEADERS: dict[str, str] = {
     "brier": "Brier",
     "temperature": "T",
     "params": "params",
+    "macs": "MACs",
     "flops": "FLOPs",
     "latency_ms": "latency (ms)",
     "throughput": "img/s",
@@ -73,6 +74,7 @@ _FORMATS = {
     "brier": lambda x: f"{x:.4f}",
     "temperature": lambda x: f"{x:.3f}",
     "params": lambda x: _si(x, 2, 1e5),
+    "macs": lambda x: _si(x, 1, 1e6),
     "flops": lambda x: _si(x, 1, 1e6),
     "latency_ms": lambda x: f"{x:.3f}",
     "throughput": lambda x: f"{x:,.0f}",
@@ -206,4 +208,7 @@ def load_results(run_dir: str | Path) -> list[dict[str, Any]]:
         raise ValueError(f"{path} is not valid JSON ({err}); rewrite it with write_results.") from err
     if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
         raise ValueError(f"{path} must hold a JSON list of row objects; rewrite it with write_results.")
+    for row in data:  # results written before MACs were reported: FLOPs were 2 per multiply-accumulate
+        if isinstance(row.get("flops"), (int, float)) and "macs" not in row:
+            row["macs"] = row["flops"] / 2
     return data
