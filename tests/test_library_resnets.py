@@ -6,10 +6,11 @@ resnet18, mobilenet_v2 at width 0.25, 32x32 inputs.
 
 from __future__ import annotations
 
-import numpy as np
+import sys
+from pathlib import Path
+
 import pytest
 import torch
-from PIL import Image
 
 from ensemble_kd.cli import main
 from ensemble_kd.data.loader import Batch
@@ -17,6 +18,9 @@ from ensemble_kd.methods import StudentOutput, create_method
 from ensemble_kd.metrics.cost import count_parameters
 from ensemble_kd.models import create, forward_with_taps
 from ensemble_kd.models.batchensemble import collapse
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _images import make_image_folder  # noqa: E402
 
 timm = pytest.importorskip("timm")
 tv_models = pytest.importorskip("torchvision.models")
@@ -129,21 +133,8 @@ def test_a_conv_with_its_own_forward_is_refused_by_path():
 
 
 # --------------------------------------------------------------------------- end to end, by name
-def _color_folder(root, classes=3, per_class=6, size=16):
-    """RGB PNGs whose class sets the mean colour, so a few steps can learn something."""
-    rng = np.random.default_rng(0)
-    for split in ("train", "test"):
-        for c in range(classes):
-            folder = root / split / f"class{c}"
-            folder.mkdir(parents=True)
-            for i in range(per_class):
-                pixels = rng.normal(60 + 60 * c, 30, size=(size, size, 3)).clip(0, 255).astype(np.uint8)
-                Image.fromarray(pixels).save(folder / f"{i}.png")
-    return root
-
-
 def test_distill_ensemblenet_and_latentbe_students_named_by_library(tmp_path):
-    folder = _color_folder(tmp_path / "images")
+    folder = make_image_folder(tmp_path / "images", per_class=6, test_per_class=2, sizes=(16, 16), modes=("RGB",))
     common = ["data.name=image-folder", f"data.root={folder}", "data.batch_size=8", "device=cpu",
               f"run.dir={tmp_path}", "eval.latency=false", "student.kwargs={}", "student.train.epochs=1"]
     assert main(["distill", "method.name=ensemblenet", "student.arch=timm/resnet10t", "run.name=enet", *common]) == 0
