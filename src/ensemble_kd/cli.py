@@ -7,6 +7,9 @@ in one line on stderr that says what to fix, and a non-zero exit status.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import errno
+import importlib.metadata
 import os
 import sys
 import time
@@ -18,13 +21,13 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from . import pipeline, sweep
-from .config import Config, ConfigError, load_config
+from .config import Config, ConfigError, MethodConfig, load_config
 from . import distributed
 from .engine import CheckpointError, NonFiniteLossError, load_model
-from .engine.runs import MetricsLog, new_run_dir, write_config
+from .engine.run_dir import RESUME_SAFE, check_resumable, claim_run_dir, saved_config
+from .engine.runs import MetricsLog, write_config
 from .ensemble import MANIFEST, TeacherSet
 from .ensemble.cache import open_cache
-from .methods import create_method
 from .report import (accuracy_vs_cost, load_results, print_table, reliability_diagram,
                      teacher_weights_over_training, write_results)
 
@@ -60,11 +63,13 @@ class LineProgress:
     def update(self, task, advance=0, completed=None, **fields):
         t = self.tasks[task]
         t.update(fields)
+        if fields.get("status"):
+            t["fresh"] = True  # a status is shown once: a later line without news repeats no stale loss
         t["completed"] = completed if completed is not None else t["completed"] + advance
         tenth = t["completed"] * self.steps // t["total"]
         if tenth > t["shown"]:
             t["shown"] = tenth
-            status = f", {t['status']}" if t.get("status") else ""
+            status = f", {t['status']}" if t.get("status") and t.pop("fresh", False) else ""
             self.console.print(f"{t['description']}: {100 * t['completed'] / t['total']:.0f}% "
                                f"({t['completed']}/{t['total']} steps, {time.perf_counter() - t['started']:.0f} s"
                                f"{status})", highlight=False)
@@ -84,13 +89,18 @@ def cmd_demo(args) -> None:
     config = _config(args)  # --resume reads the run's config.yaml
     if not any(o.strip().startswith("eval.latency=") for o in args.overrides):  # not in the demo's table
         config = config.model_copy(update={"eval": config.eval.model_copy(update={"latency": False})})
-    run_dir = _run_dir(config, "demo", args.resume)
     started = time.perf_counter()
     data = pipeline.prepare_data(config)
     _demo_threads(data.device)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    for method in methods:  # fail on a bad name before any training
-        pipeline.check_method(method)
+    for method in methods:  # a bad name or option fails before any training
+        pipeline.method_from(config, method, several=True)
+    pipeline.check_models(config, data)
+    with _claim(config, "demo", args) as run_dir:
+        _demo(config, data, methods, run_dir, args, started)
+
+
+def _demo(config, data, methods, run_dir: Path, args, started: float) -> None:
     err.print(f"demo: {config.data.name}, {len(config.teachers.resolved_members())} teachers, students: "
               f"{', '.join(methods)}; run directory {run_dir}", highlight=False)
     teacher_dir = run_dir / pipeline.TEACHERS_DIR
@@ -103,10 +113,11 @@ def cmd_demo(args) -> None:
         fast = pipeline.fast_teachers(config, teachers)
         cached = _demo_cache(config, data, fast, run_dir / "cache", progress)
         for method in methods:  # every student learns from the same teachers: cached logits where they do
-            student_config = config.model_copy(update={"method": config.method.model_copy(update={"name": method})})
+            options = config.method.options_for(method)  # each student its own method's options
+            student_config = config.model_copy(update={"method": MethodConfig(name=method, options=options)})
             out_dir = run_dir / (pipeline.STUDENT_DIR if method == "ce" else f"student-{method}")
             write_config(out_dir, student_config, "distill")
-            needs = create_method(method, **config.method.options).needs
+            needs = pipeline.method_from(student_config).needs
             source = cached if _servable(cached, needs) and config.perturb.kind == "none" else fast
             student, info = pipeline.distill(student_config, out_dir, resume=args.resume is not None,
                                              progress=progress, data=data, teachers=source)
@@ -149,46 +160,53 @@ def _servable(cached, needs) -> bool:
 
 def cmd_train_teachers(args) -> None:
     config = _config(args)
-    run_dir = _run_dir(config, "teachers", args.resume)
-    write_config(run_dir, config, "train-teachers")
     data = pipeline.prepare_data(config)
-    with progress_bar() as progress:
-        teachers = pipeline.train_teachers(config, run_dir, resume=args.resume is not None,
-                                           progress=progress, data=data)
-    if not distributed.world().is_main:
-        return
-    rows = pipeline.evaluate_teachers(config, teachers, data, run_dir)
-    _finish(run_dir, rows, f"teachers on {config.data.name}", EVAL_COLUMNS)
+    pipeline.check_models(config, data, student=False)
+    with _claim(config, "teachers", args) as run_dir:
+        write_config(run_dir, config, "train-teachers")
+        with progress_bar() as progress:
+            teachers = pipeline.train_teachers(config, run_dir, resume=args.resume is not None,
+                                               progress=progress, data=data)
+        if not distributed.world().is_main:
+            return
+        rows = pipeline.evaluate_teachers(config, teachers, data, run_dir)
+        _finish(run_dir, rows, f"teachers on {config.data.name}", EVAL_COLUMNS)
 
 
 def cmd_distill(args) -> None:
     config = _config(args)
-    run_dir = _run_dir(config, f"distill-{config.method.name}", args.resume)
     data = pipeline.prepare_data(config)
+    pipeline.check_models(config, data, teachers=False)
     method, teachers = pipeline.prepare_distill(config, data)  # bad options or teachers fail before any work
-    write_config(run_dir, config, "distill")
-    with progress_bar() as progress:
-        student, info = pipeline.distill(config, run_dir, resume=args.resume is not None, progress=progress,
-                                         data=data, teachers=teachers, method=method)
-    if not distributed.world().is_main:
-        return
-    _finish(run_dir, pipeline.evaluate_student(config, student, data, info),
-            f"{pipeline.student_row_name(config)} on {config.data.name}", EVAL_COLUMNS)
+    with _claim(config, f"distill-{config.method.name}", args) as run_dir:
+        write_config(run_dir, config, "distill")
+        with progress_bar() as progress:
+            student, info = pipeline.distill(config, run_dir, resume=args.resume is not None, progress=progress,
+                                             data=data, teachers=teachers, method=method)
+        if not distributed.world().is_main:
+            return
+        _finish(run_dir, pipeline.evaluate_student(config, student, data, info),
+                f"{pipeline.student_row_name(config)} on {config.data.name}", EVAL_COLUMNS)
 
 
 def cmd_cache_teachers(args) -> None:
     config = _config(args)  # --resume DIR: DIR's config.yaml, and DIR itself as cache.dir
-    if args.resume is not None:
-        out_dir = _run_dir(config, "cache", args.resume)
-    else:
-        out_dir = Path(config.cache.dir) if config.cache.dir else _run_dir(config, "cache", None)  # one name for all ranks
-    if (out_dir / MANIFEST).is_file():
-        raise ConfigError(f"cache.dir '{out_dir}' holds a train-teachers run; choose another directory for the cache")
+    where = args.resume or config.cache.dir
+    if where is not None and (Path(where) / MANIFEST).is_file():
+        raise ConfigError(f"cache.dir '{where}' holds a train-teachers run; choose another directory for the cache")
     data = pipeline.prepare_data(config)
-    write_config(out_dir, config, "cache-teachers")
-    with progress_bar() as progress:
-        report = (lambda line: err.print(line, highlight=False)) if distributed.world().is_main else None
-        path = pipeline.cache_teachers(config, out_dir, progress=progress, data=data, report=report)
+    teachers = pipeline.load_teachers(config, data)  # checked before anything is written
+    if where is not None and args.resume is None:  # the cache's directory is cache.dir, not run.dir/run.name
+        where = Path(where)
+        config = config.model_copy(update={"run": config.run.model_copy(update={"dir": str(where.parent),
+                                                                                "name": where.name})})
+    # a cache resumes or rebuilds itself in place (its manifest says for what): locked, not refused
+    with _claim(config, "cache", args, reentrant=True) as out_dir:
+        write_config(out_dir, config, "cache-teachers")
+        with progress_bar() as progress:
+            report = (lambda line: err.print(line, highlight=False)) if distributed.world().is_main else None
+            path = pipeline.cache_teachers(config, out_dir, progress=progress, data=data, teachers=teachers,
+                                           report=report)
     if not distributed.world().is_main:
         return
     out.print(f"teacher cache: {path}", highlight=False, soft_wrap=True)
@@ -196,14 +214,20 @@ def cmd_cache_teachers(args) -> None:
 
 
 def cmd_sweep(args) -> None:
-    config = _config(args)
-    run_dir = _run_dir(config, "sweep", args.resume)
-    sweep.variant_configs(config)  # every variant validated before any training
+    config = _config(args, allowed=RESUME_SAFE + ("sweep.*",))  # each of its runs is checked on its own
     data = pipeline.prepare_data(config)
-    write_config(run_dir, config, "sweep")
-    with progress_bar() as progress:
-        only = [v.strip() for v in args.only.split(",")] if args.only else None
-        rows = sweep.run_sweep(config, run_dir, progress=progress, data=data, only=only)
+    only = [v.strip() for v in args.only.split(",")] if args.only else None
+    for _, _, variant in sweep.variant_configs(config):  # every variant validated before any training
+        pipeline.method_from(variant)
+        pipeline.check_models(variant, data, teachers=False)
+    named = args.resume or (Path(config.run.dir) / config.run.name if config.run.name else None)
+    if named is not None:  # a changed run is refused before anything is written
+        sweep.plan_runs(config, Path(named), only=only, overwrite=args.overwrite)
+    with _claim(config, "sweep", args, shared=True) as run_dir:
+        write_config(run_dir, config, "sweep")
+        with progress_bar() as progress:
+            rows = sweep.run_sweep(config, run_dir, progress=progress, data=data, only=only,
+                                   overwrite=args.overwrite)
     if not distributed.world().is_main:
         return
     if config.teachers.source:  # the teachers beside their students
@@ -233,7 +257,7 @@ def cmd_evaluate(args) -> None:
     if args.config is not None:
         config = load_config(args.config, args.overrides)
     elif (run_dir / "config.yaml").is_file():
-        config = pipeline.run_config(run_dir, args.overrides)
+        config = saved_config(run_dir, args.overrides)
     else:
         config = load_config(None, args.overrides)  # a bare checkpoint: the config names the data
     data = pipeline.prepare_data(config)
@@ -254,7 +278,8 @@ def cmd_evaluate(args) -> None:
             rows = pipeline.evaluate_student(config, model, data)
         else:
             rows = [pipeline.evaluate_model_row(path, model, config, data)]
-    out_dir = Path(args.out) if args.out else (target if target.is_dir() else target.parent)
+    # A checkpoint's results go beside it under its own name, never over its run's results.
+    out_dir = Path(args.out) if args.out else (target if target.is_dir() else target.parent / f"{target.stem}-eval")
     _finish(out_dir, rows, f"evaluate {target}", EVAL_COLUMNS)
 
 
@@ -303,23 +328,33 @@ def _weight_logs(runs: list[Path]) -> dict[str, list[dict]]:
 
 # ---------------------------------------------------------------------- helpers
 
-def _config(args, resume: bool = True) -> Config:
-    """The run's config; under torchrun, joining the process group on the config's device."""
+def _config(args, resume: bool = True, allowed: tuple[str, ...] = RESUME_SAFE) -> Config:
+    """The run's config; under torchrun, joining the process group on the config's device.
+
+    With --resume: the run's config.yaml plus the overrides, or CONFIG plus the overrides when one
+    is given; either way it may differ from the run's only in keys that cannot change the result.
+    """
     if resume and args.resume is not None:
-        config = pipeline.run_config(Path(args.resume), args.overrides)
+        run = Path(args.resume)
+        if not run.is_dir():
+            raise FileNotFoundError(f"cannot resume '{run}': no such run directory")
+        config = load_config(args.config, args.overrides) if args.config else saved_config(run, args.overrides)
+        check_resumable(run, config, allowed)
     else:
         config = load_config(args.config, args.overrides)  # no CONFIG: the defaults (the demo's setup)
     distributed.init_from_env(config.device)
     return config
 
 
-def _run_dir(config: Config, command: str, resume: str | None) -> Path:
-    if resume is not None:
-        path = Path(resume)
-        if not path.is_dir():
-            raise FileNotFoundError(f"cannot resume '{path}': no such run directory")
-        return path
-    return Path(distributed.broadcast_object(str(new_run_dir(config, command))))  # one name for all ranks
+_RUNNING: dict = {}  # the run directory in use, for the message after Ctrl-C
+
+
+@contextlib.contextmanager
+def _claim(config: Config, command: str, args, shared: bool = False, reentrant: bool = False):
+    with claim_run_dir(config, command, resume=args.resume, overwrite=args.overwrite, shared=shared,
+                       reentrant=reentrant) as run_dir:
+        _RUNNING["dir"] = run_dir
+        yield run_dir
 
 
 def _finish(run_dir: Path, rows: list[dict], title: str, columns: list[str]) -> None:
@@ -341,6 +376,7 @@ def _finish(run_dir: Path, rows: list[dict], title: str, columns: list[str]) -> 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ensemble-kd", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"ensemble-kd {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     def command(name, fn, help, config=True, resume=True):
@@ -350,6 +386,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. teachers.count=5")
         if resume:
             p.add_argument("--resume", metavar="RUN_DIR", help="continue a killed run in RUN_DIR")
+        p.add_argument("--overwrite", action="store_true",
+                       help="replace a run already in the run directory (sweep: re-run the runs whose config changed)")
         p.set_defaults(fn=fn)
         return p
 
@@ -379,6 +417,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _version() -> str:
+    try:
+        return importlib.metadata.version("ensemble-kd")
+    except importlib.metadata.PackageNotFoundError:  # run from a source tree that is not installed
+        from . import __version__
+        return __version__
+
+
+def _remedy(e: OSError) -> str:
+    run = _RUNNING.get("dir")
+    if e.errno == errno.ENOSPC:
+        return "the disk is full: free some space, then " + (
+            f"continue with --resume {run}" if run is not None else "run it again")
+    if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return "this process may not write there: choose a run.dir you can write (or fix its permissions)"
+    return "check that path and the disk, then run the command again"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     # Overrides may follow options (`evaluate RUN --out DIR key=value`): collect the strays.
@@ -392,6 +448,7 @@ def main(argv: list[str] | None = None) -> int:
     if config and "=" in config and not Path(config).exists():  # `train-teachers key=value` with no CONFIG
         args.config, args.overrides = None, [config, *args.overrides]
     threads = torch.get_num_threads()  # the demo may lower it; a caller in this process gets it back
+    _RUNNING.clear()
     try:
         args.fn(args)
     except ConfigError as e:
@@ -403,8 +460,15 @@ def main(argv: list[str] | None = None) -> int:
     except NonFiniteLossError as e:
         err.print(f"[red]stopped:[/red] {escape(str(e))}", highlight=False)
         return 1
+    except OSError as e:  # a read-only run.dir, a full disk: the file and the reason, in one line
+        where = f" '{e.filename}'" if e.filename else ""
+        err.print(f"[red]error:[/red] {escape(e.strerror or str(e))}{escape(where)}; {escape(_remedy(e))}",
+                  highlight=False)
+        return 2
     except KeyboardInterrupt:
-        err.print("interrupted: the last checkpoint is saved; continue with --resume RUN_DIR")
+        run = _RUNNING.get("dir")
+        then = f"continue with --resume {run}" if run is not None else "nothing was written; run it again"
+        err.print(f"interrupted: the last checkpoint is saved; {escape(then)}", highlight=False)
         return 130
     finally:
         torch.set_num_threads(threads)

@@ -164,7 +164,12 @@ class StudentConfig(ModelConfig):
 
 class MethodConfig(_Section):
     name: str = "ce"
-    options: dict[str, Any] = Field(default_factory=dict)
+    options: dict[str, Any] = Field(default_factory=dict)  # the options of `name`
+    per_method: dict[str, dict[str, Any]] = Field(default_factory=dict)  # {method: options}, for any method
+
+    def options_for(self, method: str) -> dict[str, Any]:
+        """A method's options: `options` when it is `name`, then its own `per_method` entry on top."""
+        return {**(self.options if method == self.name else {}), **self.per_method.get(method, {})}
 
 
 class PerturbConfig(_Section):

@@ -25,6 +25,7 @@ from .data.stream import StreamLoader
 from .data.video import VIDEO_DATASETS, VideoSplits, load_video_splits, video_loader
 from . import distributed
 from .engine import Trainer, resolve_device, save_model, seed_everything
+from .engine.checkpoint import read_json
 from .evaluation import evaluate_model, evaluate_teacher_set
 from .perturbations import Perturbation
 from .ensemble import MANIFEST, TeacherSet, write_manifest
@@ -175,7 +176,8 @@ def _read_manifest(run_dir: Path) -> dict:
     path = run_dir / MANIFEST
     if not path.is_file():
         return {}
-    return {m["name"]: m for m in json.loads(path.read_text())["members"]}
+    manifest = read_json(path, f"delete it to train every member again with --resume {run_dir}", keys=("members",))
+    return {m["name"]: m for m in manifest["members"]}
 
 
 def load_teachers(config: Config, data: Data, needs=None) -> TeacherSet:
@@ -329,8 +331,7 @@ def renormalise_teachers(teachers: TeacherSet, data: Data) -> None:
 
 def prepare_distill(config: Config, data: Data, teachers=None):
     """The method and what it reads teacher outputs from, checked before any work is written."""
-    check_method(config.method.name)
-    method = create_method(config.method.name, **config.method.options)
+    method = method_from(config)
     needs = method.needs
     if config.perturb.kind != "none":
         if not needs.teachers:
@@ -377,11 +378,45 @@ def perturbation_of(config: Config, data: Data, method=None) -> Perturbation | N
                         mean=data.splits.mean, std=data.splits.std)
 
 
-def check_method(name: str) -> None:
+def check_method(name: str, key: str = "method.name") -> None:
     try:
         method_class(name)
     except ValueError as err:  # unknown, or a plugin that failed to load: the sentence says which
-        raise ConfigError(f"config key 'method.name': {err}") from None
+        raise ConfigError(f"config key '{key}': {err}") from None
+
+
+def method_from(config: Config, name: str | None = None, several: bool = False):
+    """The method `name` (default method.name) built with its options, or one sentence naming the key;
+    `several`: the run trains several methods (the demo), so `method.options` may have been meant for another."""
+    name = name or config.method.name
+    check_method(name)
+    for other in config.method.per_method:
+        check_method(other, key=f"method.per_method.{other}")
+    key = f"method.per_method.{name}" if name in config.method.per_method else "method.options"
+    try:
+        return create_method(name, **config.method.options_for(name))
+    except ValueError as err:
+        hint = ("; the demo trains several methods: give each its options in method.per_method.<method>"
+                if several and key == "method.options" else "")
+        raise ConfigError(f"config key '{key}': {err}{hint}") from None
+
+
+def check_models(config: Config, data: Data, teachers: bool = True, student: bool = True) -> None:
+    """Build each architecture once without memory (meta device): a bad arch or kwarg fails before any work."""
+    listed = config.teachers.members is not None
+    models = [(f"teachers.members.{i}" if listed else "teachers", m)
+              for i, m in enumerate(config.teachers.resolved_members())] if teachers else []
+    models += [("student", config.student)] if student else []
+    seen = set()
+    for key, m in models:
+        if (m.arch, repr(m.kwargs)) in seen:
+            continue
+        seen.add((m.arch, repr(m.kwargs)))
+        try:
+            with torch.device("meta"):
+                create(m.arch, num_classes=data.splits.num_classes, in_channels=data.splits.in_channels, **m.kwargs)
+        except (ValueError, TypeError) as err:
+            raise ConfigError(f"config key '{key}': {err}") from None
 
 
 def student_row_name(config: Config) -> str:
@@ -398,7 +433,7 @@ def evaluate_student(config: Config, model, data: Data, info: dict | None = None
 
     def row(label, net, **extra):
         return {**evaluate_model(label, net, data.test, data.val, config.eval, data.device), **timing, **extra}
-    shipped = create_method(config.method.name, **config.method.options).deployable(model)
+    shipped = method_from(config).deployable(model)
     if shipped is None:
         return [row(name, model)]
     members = getattr(unwrap(model), "members", "")
@@ -419,11 +454,3 @@ def evaluate_teachers(config: Config, teachers: TeacherSet, data: Data, run_dir:
             if times.get(row["name"]) is not None:
                 row["train_time_s"] = times[row["name"]]
     return rows
-
-
-def run_config(run_dir: Path, overrides=()) -> Config:
-    """The resolved config a run wrote, with overrides applied on top."""
-    path = Path(run_dir) / "config.yaml"
-    if not path.is_file():
-        raise ConfigError(f"'{run_dir}' has no config.yaml: is it an ensemble-kd run directory?")
-    return load_config(path, list(overrides))

@@ -6,23 +6,32 @@
         student alone: {method.name: ce}
         AE-KD C=0.6:   {method.name: aekd, method.options.C: 0.6}
 
-Each (variant, seed) is an ordinary distill run in <run>/<variant>/seed<k>, skipped when
-its results exist, so a killed sweep continues where it stopped. The table has one row
-per variant: the mean over seeds, with the spread (standard deviation) beside it.
+Each (variant, seed) is an ordinary distill run in <run>/<variant>/seed<k>. A run found there
+is reused (finished) or continued (killed) only when its config and teachers equal the
+variant's now; a changed run stops the sweep before any training, unless --overwrite asks to
+re-run it. The table has one row per variant: the mean over seeds, with the spread
+(standard deviation) beside it.
 """
 
 from __future__ import annotations
 
+import json
 import re
 import statistics
+from dataclasses import dataclass
 from pathlib import Path
 
 from . import pipeline
 from .config import Config, ConfigError, validate_config
 from .config import apply_override
 from . import distributed
+from .engine import load_model
+from .engine.run_dir import RESUME_SAFE, RunDirError, clear, contents, finished, locked, run_changes
 from .engine.runs import write_config
 from .report import load_results, write_results
+
+# What a finished run's results do not depend on; eval.* changes re-evaluate its model instead.
+FINISHED_SAFE = ("device", "*.log_every", "*.checkpoint_every", "run.*", "sweep.*")
 
 SPREAD_KEYS = ("acc", "gap", "map", "hit1", "top5", "corr_acc", "corr_nll", "corr_ece", "ood_auroc_maxprob",
                "ood_auroc_entropy", "nll", "ece", "cnll", "cece", "brier", "train_time_s")
@@ -31,6 +40,12 @@ SPREAD_KEYS = ("acc", "gap", "map", "hit1", "top5", "corr_acc", "corr_nll", "cor
 def variant_configs(config: Config) -> list[tuple[str, int, Config]]:
     """Every (variant, seed, config) of the sweep, each config validated before any training."""
     variants = config.sweep.variants or {config.method.name: {}}
+    folders: dict[str, str] = {}
+    for name in variants:  # "lr 0.05" and "lr/0.05" would train once and report one run twice
+        other = folders.setdefault(slug(name).lower(), name)
+        if other != name:
+            raise ConfigError(f"sweep variants '{other}' and '{name}' would share the folder '{slug(name)}'; "
+                              f"rename one of them")
     base = config.model_dump(mode="json")
     out = []
     for name, overrides in variants.items():
@@ -45,31 +60,82 @@ def variant_configs(config: Config) -> list[tuple[str, int, Config]]:
     return out
 
 
-def run_sweep(config: Config, run_dir: Path, *, progress=None, data=None, only=None) -> list[dict]:
-    """Train what is missing and summarise; `only` limits the run to some variants (e.g. to split
-    a sweep over processes or machines: a later run without it finds their results)."""
-    data = data or pipeline.prepare_data(config)
+@dataclass
+class PlannedRun:
+    variant: str
+    seed: int
+    config: Config
+    out: Path
+    action: str  # train (new or changed), resume (killed), evaluate (eval.* changed), reuse
+
+
+def plan_runs(config: Config, run_dir: Path, *, only=None, overwrite: bool = False) -> list[PlannedRun]:
+    """What each (variant, seed) needs, decided before any training; a changed run is refused
+    (naming it and its first changed key) unless `overwrite` asks to train it again."""
     runs = variant_configs(config)
     if only:
         unknown = set(only) - {name for name, _, _ in runs}
         if unknown:
             raise ConfigError(f"--only names no sweep variant: {', '.join(sorted(unknown))}")
         runs = [r for r in runs if r[0] in only]
-    by_variant: dict[str, list[dict]] = {}
+    plan = []
     for name, seed, variant in runs:
-        out = run_dir / slug(name) / f"seed{seed}"
-        if not (out / "results.json").is_file():
-            if _split_key(variant) != _split_key(data.config):  # the variant loads other data
-                data = pipeline.prepare_data(variant)
-            write_config(out, variant, "distill")
-            student, info = pipeline.distill(variant, out, resume=True, progress=progress, data=data)
-            if distributed.world().is_main:  # rank 0 evaluates and writes; the others wait for it
-                write_results(out, pipeline.evaluate_student(variant, student, data, info))
-            distributed.barrier()
-        for row in load_results(out):  # LatentBE gives two: collapsed and BE
-            label = f"{name} [{row['part']}]" if row.get("part") else name
+        out, changes = Path(run_dir) / slug(name) / f"seed{seed}", []
+        if not contents(out):
+            action = "train"
+        elif not (out / "config.yaml").is_file():
+            changes = ["its config.yaml, which is missing"]
+        else:
+            done = finished(out)
+            changes = run_changes(out, variant, FINISHED_SAFE if done else RESUME_SAFE + ("sweep.*",))
+            evaluation = [c for c in changes if c.startswith("eval.")]
+            changes = [c for c in changes if not c.startswith("eval.")]
+            action = ("evaluate" if evaluation else "reuse") if done else "resume"
+        if contents(out) and changes:
+            if not overwrite:
+                raise RunDirError(f"sweep run '{out}' was made with another {changes[0]}; pass --overwrite to "
+                                  f"train the runs whose config changed again, or choose another run.name")
+            action = "train"
+        plan.append(PlannedRun(name, seed, variant, out, action))
+    return plan
+
+
+def run_sweep(config: Config, run_dir: Path, *, progress=None, data=None, only=None,
+              overwrite: bool = False) -> list[dict]:
+    """Train what is missing and summarise; `only` limits the run to some variants (e.g. to split
+    a sweep over processes or machines: a later run without it finds their results)."""
+    data = data or pipeline.prepare_data(config)
+    by_variant: dict[str, list[dict]] = {}
+    for run in plan_runs(config, run_dir, only=only, overwrite=overwrite):
+        if run.action != "reuse":
+            if _split_key(run.config) != _split_key(data.config):  # the variant loads other data
+                data = pipeline.prepare_data(run.config)
+            with locked(run.out):  # a second process on the same sweep waits for no one: it stops
+                _train_or_evaluate(run, data, progress)
+        for row in load_results(run.out):  # LatentBE gives two: collapsed and BE
+            label = f"{run.variant} [{row['part']}]" if row.get("part") else run.variant
             by_variant.setdefault(label, []).append(row)
     return [summarise(name, rows) for name, rows in by_variant.items()]
+
+
+def _train_or_evaluate(run: PlannedRun, data, progress) -> None:
+    main = distributed.world().is_main
+    if run.action == "train" and main:
+        clear(run.out)  # a changed run (--overwrite) starts from nothing
+    distributed.barrier()
+    if run.action == "evaluate":  # only eval.* changed: the trained model evaluated again, then its config
+        if main:
+            info = json.loads((run.out / "model.json").read_text())
+            student = load_model(run.out / "model.pt", map_location=data.device)
+            write_results(run.out, pipeline.evaluate_student(run.config, student, data,
+                                                             {"train_time_s": info["train_time_s"]}))
+            write_config(run.out, run.config, "distill")
+    else:
+        write_config(run.out, run.config, "distill")  # what a killed run resumes with
+        student, info = pipeline.distill(run.config, run.out, resume=True, progress=progress, data=data)
+        if main:  # rank 0 evaluates and writes; the others wait for it
+            write_results(run.out, pipeline.evaluate_student(run.config, student, data, info))
+    distributed.barrier()
 
 
 def summarise(name: str, rows: list[dict]) -> dict:

@@ -49,6 +49,11 @@ def atomic_write(path: str | Path, write) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as err:  # a full disk: the file it was for named, the previous version left in place
+        Path(tmp).unlink(missing_ok=True)
+        if err.filename is None:
+            raise OSError(err.errno, err.strerror or str(err), str(path)) from err
+        raise
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -72,6 +77,19 @@ def load(path: str | Path, map_location="cpu") -> Any:
     except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise CheckpointError(f"'{path}' is not a readable ensemble-kd checkpoint ({first})") from None
+
+
+def read_json(path: str | Path, remedy: str, keys: tuple[str, ...] = ()) -> dict:
+    """A JSON object holding `keys`, or one sentence naming the file and `remedy` (what to do)."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"'{path}' is damaged (not valid JSON: {err}); {remedy}") from None
+    missing = [k for k in keys if not isinstance(data, dict) or k not in data]
+    if missing or not isinstance(data, dict):
+        raise ValueError(f"'{path}' is damaged (no {', '.join(missing) or 'object'} in it); {remedy}")
+    return data
 
 
 def load_train_state(path: str | Path, map_location="cpu") -> dict:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import time
 from pathlib import Path
 
 import torch
@@ -77,22 +76,13 @@ def _plain(value) -> tuple[object, bool]:
     return value, True
 
 
-def new_run_dir(config: Config, command: str) -> Path:
-    """runs/<name>, or runs/<command>-<timestamp> when the config names none."""
-    root = Path(config.run.dir)
-    name = config.run.name or f"{command}-{time.strftime('%Y%m%d-%H%M%S')}"
-    path = root / name
-    suffix = 1
-    while config.run.name is None and path.exists():
-        suffix += 1
-        path = root / f"{name}-{suffix}"
-    return path
-
-
 def write_config(run_dir: Path, config: Config, command: str) -> None:
     from ..distributed import world
 
     if not world().is_main:
         return
+    from .run_dir import write_fingerprint
+
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(run_dir / "config.yaml", f"# ensemble-kd {command}\n" + dump_config(config))
+    write_fingerprint(run_dir, config)  # the teachers it reads, so a reuse can tell they changed

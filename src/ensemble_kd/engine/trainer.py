@@ -146,7 +146,11 @@ class Trainer:
         seed_everything(self.seed)
         self._fit_started = self.clock()
         if resume and self.state_path.is_file():
-            state = ckpt.load_train_state(self.state_path, map_location=self.device)
+            try:
+                state = ckpt.load_train_state(self.state_path, map_location=self.device)
+            except ckpt.CheckpointError as err:  # e.g. truncated by a full disk outside our atomic writes
+                raise ckpt.CheckpointError(f"cannot resume: {err}; delete it to train this run from its start, "
+                                           f"or start a new run") from None
             if self.dataset is not None and identity_difference(state.get("data"), self.dataset):
                 raise ckpt.CheckpointError(f"'{self.state_path}' was trained on {describe(state['data'])} but this "
                                            f"run's data is {describe(self.dataset)}; resume it on its own data")

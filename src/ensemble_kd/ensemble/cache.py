@@ -53,7 +53,7 @@ import numpy as np
 import torch
 
 from .. import distributed
-from ..engine.checkpoint import atomic_write_text
+from ..engine.checkpoint import atomic_write_text, read_json
 from ..methods import Needs, TeacherOutput
 from ..models.inputs import input_description
 from .cache_store import (EpochReader, class_dtype, consolidate, describe_size, read_progress, remove_built_files,
@@ -430,7 +430,7 @@ def open_cache(cache_dir: str | Path, teachers: TeacherSet | list[dict] | None, 
     if not path.is_file():
         raise FileNotFoundError(f"{where} has no {CACHE_MANIFEST}: it is not a finished teacher cache; "
                                 f"build one with `ensemble-kd cache-teachers CONFIG cache.dir={cache_dir}`")
-    manifest = json.loads(path.read_text())
+    manifest = read_json(path, REBUILD, keys=("fingerprint",))
     if isinstance(teachers, TeacherSet):
         teachers = teacher_fingerprint(teachers)
     found = _difference(manifest["fingerprint"], fingerprint(teachers, loader, dataset=dataset))

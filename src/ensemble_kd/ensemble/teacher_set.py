@@ -18,6 +18,7 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from ..methods import Needs, TeacherOutput
 from ..methods.base import STAGE_TAPS
+from ..engine.checkpoint import read_json
 from ..models import forward_with_taps
 
 MANIFEST = "manifest.json"
@@ -67,7 +68,8 @@ class TeacherSet(nn.Module):
         path = run_dir / MANIFEST
         if not path.is_file():
             raise FileNotFoundError(f"'{run_dir}' has no {MANIFEST}: is it a finished train-teachers run?")
-        manifest = json.loads(path.read_text())
+        manifest = read_json(path, "train the teachers again (ensemble-kd train-teachers ... --overwrite)",
+                             keys=("members",))
         members = manifest["members"]
         missing = [n for n in manifest.get("planned", []) if n not in {m["name"] for m in members}]
         if missing or manifest.get("complete") is False:

@@ -1,0 +1,235 @@
+"""Who may write in a run directory, and whether a run there is the run asked for.
+
+A run directory belongs to one run. It is locked while a process writes in it (flock: the
+OS releases the lock when the process dies, so a killed run leaves none behind); a run
+already there is never taken over unless asked (`--resume` continues it, `--overwrite`
+replaces it); and a run is continued or reused only when its resolved config, and the
+teachers it read, equal what is asked for now, up to the keys in RESUME_SAFE.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import fnmatch
+import hashlib
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from ..config import Config, ConfigError, load_config
+from .. import distributed
+from .checkpoint import atomic_write_text
+
+LOCK = ".lock"
+FINGERPRINT = "fingerprint.json"
+# Keys that cannot change what a run computes, so a resumed run may take new values for them.
+RESUME_SAFE = ("device", "*.log_every", "*.checkpoint_every", "eval.*", "run.*")
+_UNSET = "unset"
+
+
+class RunDirError(ValueError):
+    """A run directory that cannot be used as asked; the message says what to do."""
+
+
+# ---------------------------------------------------------------------- comparing runs
+
+def flat(tree: Any, prefix: str = "") -> dict[str, Any]:
+    """A config tree as {dotted key: leaf value}; empty sections and lists are leaves."""
+    if isinstance(tree, dict) and tree:
+        return {k: v for key, value in tree.items() for k, v in flat(value, f"{prefix}{key}.").items()}
+    if isinstance(tree, list) and tree:
+        return {k: v for i, value in enumerate(tree) for k, v in flat(value, f"{prefix}{i}.").items()}
+    return {prefix.rstrip("."): tree}
+
+
+def teachers_fingerprint(config: Config) -> dict[str, str]:
+    """sha256 of the files that say which teachers a run reads (a retrained source changes them)."""
+    files = {}
+    if config.teachers.source:
+        files["teachers.source"] = Path(config.teachers.source) / "manifest.json"
+    if config.teachers.cache:
+        files["teachers.cache"] = Path(config.teachers.cache) / "cache.json"
+    return {key: hashlib.sha256(path.read_bytes()).hexdigest() for key, path in files.items() if path.is_file()}
+
+
+def saved_config(run_dir: Path, overrides=()) -> Config:
+    """The resolved config a run wrote, with overrides applied on top."""
+    path = Path(run_dir) / "config.yaml"
+    if not path.is_file():
+        raise ConfigError(f"'{run_dir}' has no config.yaml: is it an ensemble-kd run directory?")
+    return load_config(path, list(overrides))
+
+
+def run_changes(run_dir: Path, now: Config, allowed: tuple[str, ...] = RESUME_SAFE) -> list[str]:
+    """What differs between the run in run_dir and `now`, as 'key (old -> new)', keys in `allowed` aside."""
+    old, new = flat(saved_config(run_dir).model_dump(mode="json")), flat(now.model_dump(mode="json"))
+    changes = [f"{key} ({old.get(key, _UNSET)!r} -> {new.get(key, _UNSET)!r})"
+               for key in [*new, *(k for k in old if k not in new)]
+               if old.get(key, _UNSET) != new.get(key, _UNSET)
+               and not any(fnmatch.fnmatchcase(key, pattern) for pattern in allowed)]
+    path = Path(run_dir) / FINGERPRINT
+    made = json.loads(path.read_text()) if path.is_file() else {}
+    current = teachers_fingerprint(now)
+    changes += [f"{key} (its {'cache.json' if key.endswith('cache') else 'manifest.json'} changed since the run "
+                f"was made)" for key in sorted(set(made) & set(current)) if made[key] != current[key]]
+    return changes
+
+
+def check_resumable(run_dir: Path, now: Config, allowed: tuple[str, ...] = RESUME_SAFE) -> None:
+    changes = run_changes(run_dir, now, allowed)
+    if changes:
+        safe = ", ".join(allowed)
+        raise RunDirError(f"cannot resume '{run_dir}' with {'; '.join(changes)}: that changes what the run computes "
+                          f"(only {safe} may change on resume); start a new run with another run.name instead")
+
+
+def write_fingerprint(run_dir: Path, config: Config) -> None:
+    found = teachers_fingerprint(config)
+    if found and distributed.world().is_main:
+        atomic_write_text(Path(run_dir) / FINGERPRINT, json.dumps(found, indent=2))
+
+
+# ---------------------------------------------------------------------- claiming a directory
+
+class RunLock:
+    """An exclusive flock on run_dir/.lock, held while this process writes in the directory."""
+
+    def __init__(self, run_dir: Path):
+        self.run_dir, self.fd = Path(run_dir), None
+
+    def __enter__(self) -> RunLock:
+        path = self.run_dir / LOCK
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 32).decode(errors="replace").strip()
+            os.close(fd)
+            pid = f" (pid {holder})" if holder else ""
+            raise RunDirError(f"run directory '{self.run_dir}' is in use by another ensemble-kd process{pid}; "
+                              f"wait for it to finish, or choose another run.name") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        self.fd = fd
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        if self.fd is not None:
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
+            os.close(self.fd)
+            self.fd = None
+        return False
+
+
+def contents(run_dir: Path) -> list[Path]:
+    """What a directory holds besides its lock file (nothing when it does not exist)."""
+    run_dir = Path(run_dir)
+    return [p for p in run_dir.iterdir() if p.name != LOCK] if run_dir.is_dir() else []
+
+
+def clear(run_dir: Path) -> None:
+    """Empty a run directory for --overwrite (its lock, held by the caller, stays)."""
+    for path in contents(run_dir):
+        shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+
+
+def finished(run_dir: Path) -> bool:
+    return (Path(run_dir) / "results.json").is_file() or (Path(run_dir) / "cache.json").is_file()
+
+
+def _refusal(run_dir: Path) -> str:
+    if finished(run_dir):
+        return (f"run directory '{run_dir}' holds a finished run; choose another run.name, "
+                f"or pass --overwrite to replace it")
+    if (run_dir / "config.yaml").is_file():
+        return (f"run directory '{run_dir}' holds an unfinished run; continue it with --resume {run_dir}, "
+                f"or pass --overwrite to start it again")
+    return f"'{run_dir}' is not empty and holds no ensemble-kd run; choose another run.name or run.dir"
+
+
+def _fresh_dir(config: Config, command: str) -> Path:
+    """runs/<run.name>, or runs/<command>-<time>[-k] made atomically: two runs started together get two."""
+    root = Path(config.run.dir)
+    root.mkdir(parents=True, exist_ok=True)
+    if config.run.name is not None:
+        path = root / config.run.name
+        path.mkdir(exist_ok=True)
+        return path
+    name, suffix = f"{command}-{time.strftime('%Y%m%d-%H%M%S')}", 1
+    while True:
+        path = root / (name if suffix == 1 else f"{name}-{suffix}")
+        try:
+            path.mkdir()
+            return path
+        except FileExistsError:
+            suffix += 1
+
+
+def _claim(config: Config, command: str, resume: str | None, overwrite: bool, shared: bool,
+           reentrant: bool, stack: contextlib.ExitStack) -> Path:
+    """Rank 0's claim: the directory created (or checked) and, unless shared, locked until `stack` closes."""
+    if resume is not None:
+        path = Path(resume)
+        if not (path / "config.yaml").is_file():
+            raise FileNotFoundError(f"cannot resume '{path}': it is not a run directory (no config.yaml)")
+        if not shared:
+            stack.enter_context(RunLock(path))
+        return path
+    path = _fresh_dir(config, command)
+    if shared:  # a sweep: its runs lock themselves, and several processes may share it (--only)
+        header = (path / "config.yaml").read_text().split("\n", 1)[0] if (path / "config.yaml").is_file() else ""
+        if contents(path) and header != f"# ensemble-kd {command}":
+            if not overwrite:
+                raise RunDirError(_refusal(path))
+            clear(path)
+        return path
+    stack.enter_context(RunLock(path))
+    if contents(path) and (overwrite or not reentrant):  # reentrant: the command resumes what it finds
+        if not overwrite:
+            raise RunDirError(_refusal(path))
+        clear(path)
+    return path
+
+
+def on_main(fn):
+    """fn() on rank 0 only; its value on every rank, and its RunDirError or OSError raised on every rank."""
+    value, failure = None, None
+    if distributed.world().is_main:
+        try:
+            value = fn()
+        except (RunDirError, OSError) as err:
+            failure = err
+    message = distributed.broadcast_object(None if failure is None else str(failure))
+    if failure is not None:
+        raise failure
+    if message is not None:
+        raise RunDirError(message)
+    return distributed.broadcast_object(value)
+
+
+@contextlib.contextmanager
+def claim_run_dir(config: Config, command: str, *, resume: str | None = None, overwrite: bool = False,
+                  shared: bool = False, reentrant: bool = False):
+    """The run's directory, created and locked for the duration of the block; one name for all ranks.
+
+    Call it once everything the run needs has been checked: nothing is written before. `shared`:
+    not locked, as several processes share it (a sweep; its runs lock themselves); `reentrant`: what
+    is there is continued, not refused (a teacher cache resumes or rebuilds itself).
+    """
+    with contextlib.ExitStack() as stack:
+        yield Path(on_main(lambda: str(_claim(config, command, resume, overwrite, shared, reentrant, stack))))
+
+
+@contextlib.contextmanager
+def locked(run_dir: Path):
+    """run_dir created and locked by rank 0 for the duration of the block."""
+    def take(stack):
+        Path(run_dir).mkdir(parents=True, exist_ok=True)
+        stack.enter_context(RunLock(run_dir))
+    with contextlib.ExitStack() as stack:
+        on_main(lambda: take(stack))
+        yield Path(run_dir)
