@@ -106,7 +106,9 @@ def run_sweep(config: Config, run_dir: Path, *, progress=None, data=None, only=N
     a sweep over processes or machines: a later run without it finds their results)."""
     data = data or pipeline.prepare_data(config)
     by_variant: dict[str, list[dict]] = {}
-    for run in plan_runs(config, run_dir, only=only, overwrite=overwrite):
+    # rank 0's plan on every rank: the others must not see rank 0's first writes and plan otherwise
+    plan = distributed.broadcast_object(plan_runs(config, run_dir, only=only, overwrite=overwrite))
+    for run in plan:
         if run.action != "reuse":
             if _split_key(run.config) != _split_key(data.config):  # the variant loads other data
                 data = pipeline.prepare_data(run.config)

@@ -22,7 +22,7 @@ from typing import Any
 
 from ..config import Config, ConfigError, load_config
 from .. import distributed
-from .checkpoint import atomic_write_text
+from .checkpoint import atomic_write_text, read_json
 
 LOCK = ".lock"
 FINGERPRINT = "fingerprint.json"
@@ -72,7 +72,7 @@ def run_changes(run_dir: Path, now: Config, allowed: tuple[str, ...] = RESUME_SA
                if old.get(key, _UNSET) != new.get(key, _UNSET)
                and not any(fnmatch.fnmatchcase(key, pattern) for pattern in allowed)]
     path = Path(run_dir) / FINGERPRINT
-    made = json.loads(path.read_text()) if path.is_file() else {}
+    made = read_json(path, "delete it (the teachers then go unchecked) or start a new run") if path.is_file() else {}
     current = teachers_fingerprint(now)
     changes += [f"{key} (its {'cache.json' if key.endswith('cache') else 'manifest.json'} changed since the run "
                 f"was made)" for key in sorted(set(made) & set(current)) if made[key] != current[key]]
