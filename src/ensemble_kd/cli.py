@@ -421,8 +421,7 @@ def _version() -> str:
     try:
         return importlib.metadata.version("ensemble-kd")
     except importlib.metadata.PackageNotFoundError:  # run from a source tree that is not installed
-        from . import __version__
-        return __version__
+        return sys.modules[__package__].__version__
 
 
 def _remedy(e: OSError) -> str:
