@@ -38,7 +38,9 @@ def _error(capsys) -> str:
 
 
 def _files(run_dir) -> dict:
-    return {p.relative_to(run_dir): p.read_bytes() for p in sorted(run_dir.rglob("*")) if p.is_file()}
+    """Every file and its bytes, the lock aside (it holds the pid of whoever took it last)."""
+    return {p.relative_to(run_dir): p.read_bytes() for p in sorted(run_dir.rglob("*")) if p.is_file()
+            and p.name != ".lock"}
 
 
 @pytest.fixture(scope="module")
@@ -345,3 +347,16 @@ def test_progress_lines_repeat_no_stale_loss():
         progress.update(task, advance=1)
     lines = buffer.getvalue().splitlines()
     assert ["loss" in line for line in lines] == [False, True, False, False]
+
+
+def test_under_torchrun_rank_0_claims_and_every_rank_refuses_together(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": SRC + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
+           "ensemble_kd.cli", "distill", f"run.dir={tmp_path}", "run.name=ddp", "device=cpu", *TINY]
+    first = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert (tmp_path / "ddp" / "results.json").is_file() and (tmp_path / "ddp" / ".lock").is_file()
+    before = _files(tmp_path / "ddp")
+    second = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)  # no rank waits forever
+    assert second.returncode != 0 and "holds a finished run" in " ".join(second.stderr.split())
+    assert _files(tmp_path / "ddp") == before
