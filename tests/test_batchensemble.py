@@ -346,3 +346,28 @@ def test_registry_round_trip_rebuilds_the_same_network():
     x = torch.randn(2, 1, 8, 8)
     assert torch.equal(again(x), be(x))
     assert torch.equal(collapse(again)(x), collapse(be)(x))
+
+
+# --------------------------------------------------------------------------- a pretrained base
+@register_model("test_pretrained_cnn")
+def _pretrained_cnn(num_classes: int = 10, in_channels: int = 3, widths=None, pretrained: bool = False) -> nn.Module:
+    """small_cnn whose 'library weights' are a recognisable constant (no download in a test)."""
+    net = create("small_cnn", num_classes=num_classes, in_channels=in_channels, width=0.25, widths=widths)
+    if pretrained:
+        with torch.no_grad():
+            for p in net.parameters():
+                p.fill_(0.01)
+    return net
+
+
+def test_a_pretrained_base_becomes_the_shared_weights_and_every_member():
+    be = create("batchensemble", num_classes=3, in_channels=1, base="test_pretrained_cnn", members=2,
+                pretrained=True).eval()
+    assert all(torch.all(p == 0.01) for n, p in be.net.named_parameters() if not n.endswith((".r", ".s")))
+    assert "pretrained" not in be.spec and "pretrained" not in be.base_spec  # the checkpoint carries them
+    reference = create("test_pretrained_cnn", num_classes=3, in_channels=1, pretrained=True).eval()
+    x = torch.randn(2, 1, 8, 8)
+    torch.testing.assert_close(be.forward_members(x), reference(x).expand(2, -1, -1))
+    torch.testing.assert_close(collapse(be).eval()(x), reference(x))
+    with pytest.raises(ValueError, match="'small_cnn' has no pretrained weights of its own"):
+        create("batchensemble", base="small_cnn", pretrained=True)

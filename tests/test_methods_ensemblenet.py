@@ -14,7 +14,7 @@ from ensemble_kd.data.loader import Batch
 from ensemble_kd.methods import StudentOutput, create_method
 from ensemble_kd.methods.ensemblenet import Probs, codistillation_loss, ensembling_loss, pair_loss
 from ensemble_kd.metrics.cost import count_flops, count_parameters
-from ensemble_kd.models import create, forward_with_taps
+from ensemble_kd.models import create, forward_with_taps, register_model
 
 
 def _random(N=3, B=5, K=4, seed=0):
@@ -125,6 +125,24 @@ def test_builder_shapes_and_parameter_budget(base, kwargs, fork):
                    for name, _ in net.named_parameters())  # the shared part lives once, in the trunk
     again = create(**net.spec)
     again.load_state_dict(net.state_dict())  # a plain checkpoint rebuilds it
+
+
+@register_model("test_pretrained_stages")
+def _pretrained_stages(num_classes=10, in_channels=3, widths=None, pretrained=False):
+    net = create("small_cnn", num_classes=num_classes, in_channels=in_channels, width=0.25, widths=widths)
+    if pretrained:  # the 'library weights': a constant, no download in a test
+        with torch.no_grad():
+            for p in net.parameters():
+                p.fill_(0.01)
+    return net
+
+
+def test_a_pretrained_base_fills_the_shared_stages_and_the_branches_start_fresh():
+    net = create("multihead", num_classes=3, in_channels=1, base="test_pretrained_stages", pretrained=True)
+    assert "pretrained" not in net.spec  # the checkpoint carries the weights
+    assert all(torch.all(p == 0.01) for p in net.trunk.parameters())
+    assert not any(torch.all(p == 0.01) for n, p in net.branches.named_parameters() if n.endswith("weight")
+                   and p.dim() > 1)
 
 
 def test_more_branches_an_explicit_width_and_the_gate():

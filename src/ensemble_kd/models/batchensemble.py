@@ -220,7 +220,7 @@ class BatchEnsembleNet(nn.Module):
     """
 
     def __init__(self, base: str = "small_cnn", num_classes: int = 10, in_channels: int = 3, members: int = 4,
-                 init: str = "ones", bias: str = "shared", base_kwargs: dict | None = None):
+                 init: str = "ones", bias: str = "shared", base_kwargs: dict | None = None, pretrained: bool = False):
         super().__init__()
         if isinstance(members, bool) or not isinstance(members, int) or members < 1:
             raise ValueError(f"batchensemble members must be a positive integer, got {members!r}.")
@@ -228,7 +228,9 @@ class BatchEnsembleNet(nn.Module):
         _check_choice("bias", bias, BIASES)
         if base == "batchensemble":
             raise ValueError("batchensemble base must be a plain architecture, not 'batchensemble'.")
-        net = create(base, num_classes=num_classes, in_channels=in_channels, **dict(base_kwargs or {}))
+        # pretrained: the library's weights become the shared ones (with factors 1, every member is that net)
+        net = create(base, num_classes=num_classes, in_channels=in_channels, pretrained=pretrained,
+                     **dict(base_kwargs or {}))
         self.base_spec: dict = dict(net.spec)  # create(**base_spec) rebuilds the plain architecture
         _convert(net, members, init, bias)
         self.net = net
@@ -309,9 +311,10 @@ def collapse(model: BatchEnsembleNet, mode: str = "product_of_means") -> nn.Modu
 
 @register_model("batchensemble")
 def batchensemble(num_classes: int = 10, in_channels: int = 3, base: str = "small_cnn", members: int = 4,
-                  init: str = "ones", bias: str = "shared", base_kwargs: dict | None = None) -> BatchEnsembleNet:
+                  init: str = "ones", bias: str = "shared", base_kwargs: dict | None = None,
+                  pretrained: bool = False) -> BatchEnsembleNet:
     """BatchEnsemble version of `base` (any registered model): every Conv2d/Linear gets M members' factors."""
-    return BatchEnsembleNet(base, num_classes, in_channels, members, init, bias, base_kwargs)
+    return BatchEnsembleNet(base, num_classes, in_channels, members, init, bias, base_kwargs, pretrained)
 
 
 __all__ = ["BEConv2d", "BELinear", "BatchEnsembleNet", "MEMBERS_TAP", "batchensemble", "collapse"]

@@ -69,14 +69,15 @@ def ensemble_logits(branch_logits: torch.Tensor, weights: torch.Tensor | None = 
 class MultiHeadNet(nn.Module):
     def __init__(self, base: str, num_classes: int = 10, in_channels: int = 3, branches: int = 2,
                  fork: str | None = None, width_factor: float | None = None, ensembler: str = "mean",
-                 base_kwargs: dict | None = None, branch_kwargs: dict | None = None):
+                 base_kwargs: dict | None = None, branch_kwargs: dict | None = None, pretrained: bool = False):
         super().__init__()
         if isinstance(branches, bool) or not isinstance(branches, int) or branches < 1:
             raise ValueError(f"multihead branches must be a positive integer, got {branches!r}.")
         if ensembler not in ENSEMBLERS:
             raise ValueError(f"multihead ensembler must be one of {', '.join(ENSEMBLERS)}, got {ensembler!r}.")
         kwargs = dict(base_kwargs or {})
-        trunk = create(base, num_classes=num_classes, in_channels=in_channels, **kwargs)
+        # pretrained: the library's weights in the shared stem and stages; the narrower branches start fresh
+        trunk = create(base, num_classes=num_classes, in_channels=in_channels, pretrained=pretrained, **kwargs)
         library = library_resnets.expose_stages(trunk)
         if not has_stages(trunk):
             raise ValueError(f"model {base!r} does not expose its stages (stem_points, tap_points, head_points, "
@@ -179,7 +180,8 @@ def _drop(model: nn.Module, names) -> None:
 @register_model("multihead")
 def multihead(num_classes: int = 10, in_channels: int = 3, base: str = "small_cnn", branches: int = 2,
               fork: str | None = None, width_factor: float | None = None, ensembler: str = "mean",
-              base_kwargs: dict | None = None, branch_kwargs: dict | None = None) -> MultiHeadNet:
+              base_kwargs: dict | None = None, branch_kwargs: dict | None = None,
+              pretrained: bool = False) -> MultiHeadNet:
     """EnsembleNet's multi-headed version of `base` (any model with stages): N branches from `fork`."""
     return MultiHeadNet(base, num_classes, in_channels, branches, fork, width_factor, ensembler, base_kwargs,
-                        branch_kwargs)
+                        branch_kwargs, pretrained)
