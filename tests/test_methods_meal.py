@@ -17,8 +17,8 @@ from ensemble_kd.engine import Trainer
 from ensemble_kd.ensemble import TeacherSet
 from ensemble_kd.methods import Needs, StudentOutput, create_method
 from ensemble_kd.methods.meal import (Discriminator, adversarial_loss, align, discriminator_inputs,
-                                      draw_teacher, similarity)
-from ensemble_kd.models import create, forward_with_taps
+                                      draw_teacher, similarity, TAP_WEIGHTS)
+from ensemble_kd.models import create, forward_with_taps, list_models
 
 
 # --------------------------------------------------------------------------- alignment
@@ -358,3 +358,33 @@ def test_teachers_on_batch_statistics_are_given_unfolded(trained):
     method.bind(pipeline.build_model(config.student, data), teachers, batch.x)  # resolves the stage taps
     out = teachers.outputs(batch.x, method.needs)
     assert torch.isfinite(out.logits).all()
+
+
+# Built from a base (their taps are the base's, wrapped) or not an image classifier (video frames).
+NOT_IMAGE_CLASSIFIERS = {"batchensemble", "multihead", "dbof"}
+
+
+@pytest.mark.parametrize("arch", sorted(set(list_models()) - NOT_IMAGE_CLASSIFIERS))
+def test_meal_runs_with_its_defaults_on_every_zoo_model(arch):
+    torch.manual_seed(0)
+    kwargs = {"image_size": 8} if arch == "mlp" else {}
+    teachers = TeacherSet([create(arch, num_classes=3, in_channels=1, **kwargs)])
+    student = create(arch, num_classes=3, in_channels=1, **kwargs)
+    x, y = torch.randn(4, 1, 8, 8), torch.randint(0, 3, (4,))
+    method = create_method("meal")
+    method.bind(student, teachers, x)
+    n = len(method.student_taps)
+    assert 2 <= n <= 5 and method.student_taps[-1] == "logits"
+    assert method.tap_weights == list(TAP_WEIGHTS[n])  # the paper's list for that many taps
+    (out, _) = _loss(method, teachers, student, x, y)
+    out.loss.backward()
+    assert torch.isfinite(out.loss) and any(p.grad is not None for p in student.parameters())
+
+
+def test_meal_taps_a_vgg_at_its_first_four_pooled_outputs_and_the_logits():
+    student = create("vgg11_bn", num_classes=3, in_channels=1)
+    method = create_method("meal")
+    method.bind(student, TeacherSet([create("vgg11_bn", num_classes=3, in_channels=1)]), torch.randn(2, 1, 8, 8))
+    pools = [f"features.{i}" for i, m in enumerate(student.features) if isinstance(m, torch.nn.MaxPool2d)]
+    assert method.student_taps == (*pools[:4], "logits")  # the authors' VGG: the 5th pool gives way to the logits
+    assert method.tap_weights == [0.001, 0.01, 0.05, 0.1, 1.0]

@@ -325,8 +325,12 @@ class MEAL(Method):
 
 
 def _default_taps(model: nn.Module, who: str, option: str) -> tuple[str, ...]:
+    """The model's stage ends and the logits, at most 5 taps (the paper's longest γ list): a deeper model
+    keeps its first 4 stage ends, as the authors' VGG, whose 5th pooled output the logits replace."""
     try:
-        return default_taps(model)
+        taps = default_taps(model)
     except ValueError:
         raise ValueError(f"meal: the {who} has no tap_points; set the option '{option}' to module paths "
                          f"(or [logits])") from None
+    most = max(TAP_WEIGHTS)
+    return taps if len(taps) <= most else (*taps[:most - 1], LOGITS)

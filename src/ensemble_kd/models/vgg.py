@@ -2,7 +2,8 @@
 
 vgg11_bn 9.2M, vgg13_bn 9.4M, vgg16_bn 14.7M, vgg19_bn 20.0M parameters (10 classes).
 Layout: `features` (torchvision-style flat Sequential of conv-BN-ReLU and 5 max-pools),
-adaptive average pool, `classifier`. Taps: the ReLU that ends each of the 5 stages, before its pool.
+adaptive average pool, `classifier`. Taps: the max-pool that ends each of the 5 stages (its output,
+where the MEAL authors tap their VGGs).
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ class VGG(nn.Module):
         channels = in_channels
         for item in CONFIGS[depth]:
             if item == "M":
-                taps.append(f"features.{len(layers) - 1}")
+                taps.append(f"features.{len(layers)}")  # the pool's output
                 # ceil_mode keeps a 1x1 map at 1x1 and rounds odd sizes up, so five pools
                 # work on 8x8 (digits) and 28x28 (Fashion-MNIST) inputs; on even sizes it is
                 # the usual floor-mode pool.
