@@ -471,3 +471,34 @@ def test_aekd_device_solver_gives_the_host_solvers_loss():
     torch.testing.assert_close(device.loss, host.loss, rtol=1e-6, atol=1e-7)
     with pytest.raises(ValueError, match="solver"):
         create_method("aekd", solver="gpu")
+
+
+# --------------------------------------------------------------------------- the authors' batch-mean form
+def _two_vector_min_norm(a, b, C):
+    """min ||α a + (1-α) b|| over α in [1-C, C], by hand: α* = (b - a)·b / ||a - b||², clipped."""
+    alpha = float(np.dot(b - a, b) / np.dot(a - b, a - b))
+    alpha = min(max(alpha, 1.0 - C), C)
+    return np.array([alpha, 1.0 - alpha])
+
+
+def test_batch_reduction_weighs_the_batch_mean_gradients_by_hand():
+    z, zt, y = _outputs(M=2, B=5, K=4)
+    T = 4.0
+    g = (T / 5) * (F.softmax(z.detach() / T, -1) - F.softmax(zt / T, -1))  # (M, B, K), the analytic gradient
+    mean = g.mean(1).double().numpy()  # their find_optimal_svm: the mean over the batch, one K-vector a teacher
+    expected = _two_vector_min_norm(mean[0], mean[1], 0.8)
+    out = create_method("aekd", C=0.8, grad_reduction="batch").loss(_batch(y), StudentOutput(z, {}), TeacherOutput(zt, {}))
+    np.testing.assert_allclose([float(out.logs["alpha_0"]), float(out.logs["alpha_1"])], expected, atol=1e-6)
+    per_sample = create_method("aekd", C=0.8).loss(_batch(y), StudentOutput(z, {}), TeacherOutput(zt, {}))
+    assert abs(float(per_sample.logs["alpha_0"]) - expected[0]) > 1e-3  # the two forms differ here
+
+
+def test_batch_reduction_normalises_the_hint_gradients_as_the_authors():
+    # batch means [3, 0] and [0, 1]: unit vectors are orthogonal -> 1/2 each; divided by the norms
+    # (3 and 1) and summed to 1: [1/6, 1/2] / (2/3) = [1/4, 3/4]. The logit set is not normalised.
+    hints = torch.tensor([[[3.0, 0.0], [3.0, 0.0]], [[0.0, 1.0], [0.0, 1.0]]])  # (M=2, B=2, D=2)
+    alphas = aekd.batch_mean_weights([hints, hints], 1.0, [False, True])
+    torch.testing.assert_close(alphas[1], torch.tensor([0.25, 0.75], dtype=torch.float64))
+    torch.testing.assert_close(alphas[0], torch.tensor([0.1, 0.9], dtype=torch.float64))  # min-norm of [3,0],[0,1]
+    with pytest.raises(ValueError, match="grad_reduction"):
+        create_method("aekd", grad_reduction="mean")

@@ -10,16 +10,27 @@ Loss: γ·CE + a·Σ_m α_m ℓ_m (+ β·Σ_m α'_m h_m in the feature variant),
 
 What g_m is. ℓ_m = T²·KL(p_m || p_s) averaged over the batch. Its gradient with respect
 to the student logits is analytic, T·(p_s - p_m)/B per sample, so no backward pass is
-needed; g_m is that (B, K) gradient flattened to B·K numbers ("the batch-mean logit
-gradient": the gradient of the batch-mean loss at every logit of the batch, as the
-authors' code takes it). Keeping the samples apart matters: summing over the batch
-first would let teachers that disagree on different samples cancel out.
+needed. `grad_reduction` says what g_m is made of:
+- "sample" (default, our choice): that (B, K) gradient flattened to B·K numbers, the gradient of
+  the batch-mean loss at every logit of the batch. Keeping the samples apart lets teachers that
+  disagree on different samples count as disagreeing.
+- "batch" (the authors' code): the gradient averaged over the batch to one K-vector per teacher
+  (their find_optimal_svm takes the mean over dim 1 of the (M, B, K) logit gradients), so teachers
+  that disagree on different samples can cancel out; the hint gradients are averaged the same way
+  and normalised to unit norm before the solve, the weights then divided by those norms and
+  summed to 1 (their is_norm=True for the hint term, which may leave a weight above C).
 
 The solver (`solvers/capped_simplex.py`, `teacher_weights`): the M x M Gram G = g gᵀ is formed
 on the device in float64 and solved exactly, on the host by an active-set method (one copy of G,
 the step's one sync) or on the device by enumerating the faces (M ≤ 8). The public code runs a
-one-class SVM (LIBSVM) on the Gram matrix instead, which returns non-finite weights on colinear
-gradients.
+one-class SVM (LIBSVM's ν-SVM on the precomputed Gram) instead, which fails for C = 1/M and for
+one teacher, and at the native scale of logit gradients (Gram entries near 1e-7) stops at its
+starting point.
+
+The authors' defaults, where ours differ: their hint taps the student's second stage
+(--hint_layer 2, i.e. `layer2`; ours, unset, is the last stage) and the hint term is left out of
+the loss in the first epoch (ours is in from the first step). Set `student_tap`/`teacher_tap` to
+`layer2` to follow the first.
 
 Feature variant (FitNets hints): one regressor per teacher, conv 1x1 (or 3x3) + BN, maps
 the student's feature f_s to teacher m's channels, average-pooled to teacher m's spatial
@@ -27,10 +38,11 @@ size; h_m = ½·mean((f_m - r_m(f_s))²) over all elements (batch, channels, pos
 Its weights α' come from the gradients of h_m at the shared f_s, read in one autograd
 call through the regressors only (the student's backbone is not traversed).
 
-Under torch.distributed the Gram matrix is averaged over ranks before the solve, so every
-rank uses the same weights, those of the global batch: with g_m the concatenation of the
-per-sample gradients, the global Gram is proportional to the mean of the ranks' Grams
-(equal per-rank batches), and the weights do not depend on the Gram's scale.
+Under torch.distributed every rank uses the same weights, those of the global batch: with
+"sample", g_m is the concatenation of the per-sample gradients, so the global Gram is
+proportional to the mean of the ranks' Grams (equal per-rank batches), which is what is averaged
+(the weights do not depend on the Gram's scale); with "batch", the batch-mean gradients themselves
+are averaged over ranks before the Gram is formed.
 """
 
 from __future__ import annotations
@@ -47,6 +59,7 @@ from .base import STAGE_TAPS, Method, MethodLoss, Needs, register_method, class_
 from .kd import check_temperature, teacher_kd_losses, teacher_logits_of
 
 VARIANTS = ("logits", "features")
+GRAD_REDUCTIONS = ("sample", "batch")
 
 
 # --------------------------------------------------------------------------- gradients
@@ -58,6 +71,20 @@ def kd_logit_gradients(student_logits: torch.Tensor, teacher_logits: torch.Tenso
     p_s = F.softmax(student_logits.detach().float() / T, dim=-1)
     p_t = F.softmax(teacher_logits.detach().float() / T, dim=-1)
     return (T / student_logits.shape[0]) * (p_s - p_t)
+
+
+def batch_mean_weights(grads: list[torch.Tensor], C: float, normalised: list[bool],
+                       solver: str = "host") -> torch.Tensor:
+    """The authors' weights: each set's (M, B, ...) gradients averaged over the batch (and over ranks)
+    to (M, D) vectors; a `normalised` set's vectors are scaled to unit norm before the solve and its
+    weights divided by those norms after, then summed to 1. (len(grads), M) float64."""
+    means = [g.detach().double().mean(1).flatten(1) for g in grads]
+    means = all_reduce_mean(torch.cat(means, 1)).split([m.shape[1] for m in means], 1)  # one collective
+    norms = [m.norm(dim=1).clamp_min(1e-300) if unit else None for m, unit in zip(means, normalised)]
+    grams = torch.stack([gram_matrix(m if n is None else m / n[:, None]) for m, n in zip(means, norms)])
+    alphas = teacher_weights(grams, C, solver=solver)
+    rows = [a if n is None else (a / n) / (a / n).sum() for a, n in zip(alphas, norms)]
+    return torch.stack(rows)
 
 
 def hint_loss(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -120,7 +147,8 @@ class AEKD(Method):
 
     Options: C (cap, in [1/M, 1]), temperature T, ce_weight γ, kd_weight a, variant
     ("logits" or "features"), solver ("host": the active-set method, one copy of the Gram per
-    step; "device": the same optimum from every face at once where the Gram is, for M <= 8); for
+    step; "device": the same optimum from every face at once where the Gram is, for M <= 8),
+    grad_reduction ("sample": per-sample gradients; "batch": batch-mean ones, as the authors); for
     features: hint_weight β, student_tap and teacher_tap (module paths; default the last stage),
     regressor_kernel (1 or 3), and optionally student_channels / teacher_channels (one per
     teacher) to build the regressors without bind(). The feature variant owns one regressor per teacher; the engine calls
@@ -131,11 +159,15 @@ class AEKD(Method):
                  kd_weight: float = 0.9, variant: str = "logits", hint_weight: float = 1.0,
                  student_tap: str | None = None, teacher_tap: str | None = None,
                  regressor_kernel: int = 1, student_channels: int | None = None,
-                 teacher_channels: list[int] | None = None, solver: str = "host"):
+                 teacher_channels: list[int] | None = None, solver: str = "host", grad_reduction: str = "sample"):
         super().__init__()
         if solver not in SOLVERS:
             raise ValueError(f"aekd option solver must be one of {', '.join(SOLVERS)}, got {solver!r}")
         self.solver = solver
+        if grad_reduction not in GRAD_REDUCTIONS:
+            raise ValueError(f"aekd option grad_reduction must be one of {', '.join(GRAD_REDUCTIONS)}, "
+                             f"got {grad_reduction!r}")
+        self.grad_reduction = grad_reduction
         if isinstance(C, bool) or not isinstance(C, (int, float)) or not 0.0 < C <= 1.0:
             raise ValueError(f"aekd option C must be in (0, 1] (and at least 1/M), got {C!r}")
         for name, value in (("ce_weight", ce_weight), ("kd_weight", kd_weight), ("hint_weight", hint_weight)):
@@ -234,6 +266,8 @@ class AEKD(Method):
     def _weights(self, grads: list[torch.Tensor], M: int) -> torch.Tensor:
         """(len(grads), M) float32 weights on the device: one all-reduce of the Gram matrices
         under torch.distributed, at most one copy to the host and one back, however many sets."""
+        if self.grad_reduction == "batch":  # the logit set as is, the hint set normalised, as the authors
+            return batch_mean_weights(grads, self.C, [k == 1 for k in range(len(grads))], self.solver).float()
         grams = all_reduce_mean(torch.stack([gram_matrix(g) for g in grads]))  # same alpha on every rank
         return teacher_weights(grams, self.C, solver=self.solver).float()
 
