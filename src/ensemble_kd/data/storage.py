@@ -13,11 +13,12 @@ would cost an epoch of decoding, and a few hundred images pin the statistics to 
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 from .crops import ViewSpec
 from .datasets import DatasetSplits, load_dataset, stratified_split
-from .samples import DecodeError, Samples, list_image_folder, list_tar_shards, open_rgb
+from .samples import Samples, list_image_folder, list_tar_shards
 from .stream import estimate_channel_stats
 from .views import AugmentSpec
 
@@ -37,13 +38,9 @@ def check_headers(samples: Samples) -> list[tuple[int, int]]:
     sizes = []
     for i in range(len(samples)):
         try:
-            if hasattr(samples, "root"):  # a file: Pillow reads just the header
-                with Image.open(samples.describe(i)) as im:
-                    sizes.append(im.size)
-            else:
-                sizes.append(open_rgb(samples.read(i), samples.describe(i)).size)
-        except DecodeError as err:
-            raise ValueError(f"{err}; remove or replace the file.") from None
+            source = samples.describe(i) if hasattr(samples, "root") else io.BytesIO(samples.read(i))
+            with Image.open(source) as im:  # the header only: decoding waits for the loader workers
+                sizes.append(im.size)
         except (OSError, SyntaxError, ValueError) as err:
             raise ValueError(f"cannot read image {samples.describe(i)} ({err}); remove or replace the file.") from None
     return sizes
