@@ -10,7 +10,10 @@ Rows, per number of teachers M:
 - every other registered method the engine can run with online teachers (aekd with the host and the
   device solve, meal, ...); MEAL runs
   one teacher per step (drawn per iteration) with its block taps and discriminators.
-Each is timed over the same models and batch; the ratio column is images/s over naive.
+Each is timed over the same models and batch, in interleaved rounds (naive, aver online, aver
+cached, ... then again), so a busy machine slows every row of a round alike: the table gives each
+row's median images/s and the median of its per-round ratios to naive and to aver online, with their
+min-max over the rounds; a warning names the rows whose ratio moved by more than --spread-warn.
 """
 
 from __future__ import annotations
@@ -66,18 +69,29 @@ def sync(device):
         torch.cuda.synchronize(device)
 
 
-def images_per_second(step, batch_size, device, warmup, iters, repeats=3) -> float:
-    for _ in range(warmup):
+def images_per_second(step, batch_size, device, iters) -> float:
+    """One timed stretch of `iters` steps."""
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(iters):
         step()
     sync(device)
-    rates = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        for _ in range(iters):
+    return batch_size * iters / (time.perf_counter() - start)
+
+
+def interleaved_rates(steps: list, batch_size, device, warmup, iters, rounds) -> list[list[float]]:
+    """images/s of every step in every round, rounds[r][i]: each round times the steps one after
+    another (A B C ... A B C ...), so a slow spell of the machine hits a round, not a row."""
+    for step in steps:
+        for _ in range(warmup):
             step()
-        sync(device)
-        rates.append(batch_size * iters / (time.perf_counter() - start))
-    return statistics.median(rates)
+    return [[images_per_second(step, batch_size, device, iters) for step in steps] for _ in range(rounds)]
+
+
+def ratio_stats(rates: list[list[float]], i: int, ref: int) -> tuple[float, float, float]:
+    """Median, min and max over the rounds of step i's rate over step ref's, both of the same round."""
+    ratios = [r[i] / r[ref] for r in rates]
+    return statistics.median(ratios), min(ratios), max(ratios)
 
 
 def naive_step(teachers, student, optimizer, x, y, T=4.0):
@@ -117,7 +131,10 @@ def main(argv=None) -> int:
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--compile", action="store_true", help="torch.compile the teachers")
     parser.add_argument("--methods", default="", help="comma list beyond aver (default: every registered one)")
-    parser.add_argument("--quick", action="store_true", help="CPU sizes: small_cnn teachers, batch 128, 8x8")
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds")
+    parser.add_argument("--spread-warn", type=float, default=0.15,
+                        help="warn when a ratio's (max - min) / median over the rounds exceeds this")
+    parser.add_argument("--quick", action="store_true", help="CPU sizes: small_cnn teachers, batch 128, 16x16")
     args = parser.parse_args(argv)
     if args.quick:
         args.teacher_arch, args.student_arch, args.batch, args.image = "small_cnn", "small_cnn", 128, 16
@@ -137,7 +154,7 @@ def main(argv=None) -> int:
     print(f"device: {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}, "
           f"torch {torch.__version__}, batch {args.batch}, {args.teacher_arch} teachers -> "
           f"{args.student_arch} student, {args.image}x{args.image}", flush=True)
-    rows = []
+    rows, wide = [], []  # rows: (M, label, median images/s, (median, min, max) x naive, ... x aver online)
     for m in [int(v) for v in args.teachers.split(",")]:
         members = [create(args.teacher_arch, num_classes=args.classes).to(device).eval() for _ in range(m)]
         def new_student(arch=args.student_arch, kwargs=None):  # each row its own: channels_last may switch
@@ -145,18 +162,11 @@ def main(argv=None) -> int:
 
         student = new_student()
         opt = torch.optim.SGD(student.parameters(), lr=0.01, momentum=0.9)
-        naive = images_per_second(lambda: naive_step(members, student, opt, x, y), args.batch, device,
-                                  args.warmup, args.iters)
-        first = len(rows)
-        rows.append((m, "naive fp32 loop", naive))
         fast = TeacherSet(members).prepare_for_inference(compile=args.compile)
-        rows.append((m, "aver online", images_per_second(
-            engine_step("aver", args.student_arch, new_student, fast, batch, device, train_cfg), args.batch, device, args.warmup,
-            args.iters)))
         cached = MemoryCache(fast.member_logits(x))
-        rows.append((m, "aver cached", images_per_second(
-            engine_step("aver", args.student_arch, new_student, cached, batch, device, train_cfg), args.batch, device, args.warmup,
-            args.iters)))
+        steps = [("naive fp32 loop", lambda: naive_step(members, student, opt, x, y)),
+                 ("aver online", engine_step("aver", args.student_arch, new_student, fast, batch, device, train_cfg)),
+                 ("aver cached", engine_step("aver", args.student_arch, new_student, cached, batch, device, train_cfg))]
         variants = [(name, f"{name} online", {}) for name in extra]
         if "aekd" in extra:  # the solve where the Gram is (no host round-trip), beside the host's
             variants.insert(extra.index("aekd") + 1, ("aekd", "aekd online, device solve", {"solver": "device"}))
@@ -164,20 +174,29 @@ def main(argv=None) -> int:
             try:
                 if name == "aekd":
                     options = {**options, "C": max(0.6, 1.0 / m)}  # C must be >= 1/M
-                step = engine_step(name, args.student_arch, new_student, fast, batch, device, train_cfg, options)
+                steps.append((label, engine_step(name, args.student_arch, new_student, fast, batch, device,
+                                                 train_cfg, options)))
             except (ValueError, TypeError) as err:
                 print(f"  skipping {label}: {err}", file=sys.stderr)
-                continue
-            rows.append((m, label, images_per_second(step, args.batch, device, args.warmup, args.iters)))
-        for row in rows[first:]:
-            print(f"  M={row[0]:>2}  {row[1]:<18} {row[2]:>10,.0f} img/s", flush=True)
+        rates = interleaved_rates([s for _, s in steps], args.batch, device, args.warmup, args.iters, args.rounds)
+        for i, (label, _) in enumerate(steps):
+            median = statistics.median(r[i] for r in rates)
+            naive, online = ratio_stats(rates, i, 0), ratio_stats(rates, i, 1)
+            rows.append((m, label, median, naive, online))
+            if any((hi - lo) > args.spread_warn * med for med, lo, hi in (naive, online)):
+                wide.append(f"M={m} {label}")
+            print(f"  M={m:>2}  {label:<26} {median:>10,.0f} img/s  x aver online {online[0]:.2f} "
+                  f"({online[1]:.2f}-{online[2]:.2f})", flush=True)
 
-    print("\n| M | step | images/s | x naive | x aver online |")
-    print("|---:|:---|---:|---:|---:|")
-    for m, name, rate in rows:
-        naive = next(r for mm, n, r in rows if mm == m and n.startswith("naive"))
-        online = next(r for mm, n, r in rows if mm == m and n == "aver online")
-        print(f"| {m} | {name} | {rate:,.0f} | {rate / naive:.2f} | {rate / online:.2f} |")
+    print(f"\n{args.rounds} interleaved rounds of {args.iters} steps; ratios: median (min-max over rounds)")
+    print("| M | step | images/s | x naive | x naive min-max | x aver online | x aver online min-max |")
+    print("|---:|:---|---:|---:|---:|---:|---:|")
+    for m, name, rate, naive, online in rows:
+        print(f"| {m} | {name} | {rate:,.0f} | {naive[0]:.2f} | {naive[1]:.2f}-{naive[2]:.2f} | {online[0]:.2f} | "
+              f"{online[1]:.2f}-{online[2]:.2f} |")
+    if wide:
+        print(f"\nwarning: ratios moved by more than {args.spread_warn:.0%} of their median over the rounds for "
+              f"{', '.join(wide)}: the machine was busy; rerun with more --rounds or --iters", file=sys.stderr)
     return 0
 
 

@@ -6,6 +6,7 @@ import importlib.util
 from pathlib import Path
 
 import pytest
+import torch
 
 from ensemble_kd.methods import METHODS
 
@@ -22,7 +23,8 @@ def _load(name: str):
 def test_throughput_prints_a_row_per_method_beside_the_naive_loop(capsys):
     throughput = _load("throughput")
     assert throughput.main(["--device", "cpu", "--teacher-arch", "small_cnn", "--student-arch", "small_cnn",
-                            "--batch", "8", "--image", "8", "--teachers", "2", "--iters", "1", "--warmup", "1"]) == 0
+                            "--batch", "8", "--image", "8", "--teachers", "2", "--iters", "1", "--warmup", "1",
+                            "--rounds", "2"]) == 0
     out = capsys.readouterr().out
     table = [line for line in out.splitlines() if line.startswith("| 2 |")]
     names = [line.split("|")[2].strip() for line in table]
@@ -33,6 +35,16 @@ def test_throughput_prints_a_row_per_method_beside_the_naive_loop(capsys):
     assert names == expected
     ratios = [float(line.split("|")[4]) for line in table]
     assert ratios[0] == pytest.approx(1.0) and all(r > 0 for r in ratios)
+
+
+def test_throughput_rounds_interleave_the_rows_and_ratios_pair_rows_of_one_round():
+    throughput = _load("throughput")
+    calls = []
+    steps = [lambda name=name: calls.append(name) for name in "ABC"]
+    rates = throughput.interleaved_rates(steps, 4, torch.device("cpu"), warmup=1, iters=1, rounds=2)
+    assert calls == list("ABC") + list("ABCABC") and len(rates) == 2 and len(rates[0]) == 3
+    # per-round ratios: 2/1 = 2 and 6/2 = 3 (a slow round slows both rows alike)
+    assert throughput.ratio_stats([[1.0, 2.0], [2.0, 6.0]], 1, 0) == (2.5, 2.0, 3.0)
 
 
 def test_loader_benchmark_prints_our_row_beside_torchvisions(capsys, tmp_path):
