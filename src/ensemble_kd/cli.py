@@ -466,8 +466,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         run = _RUNNING.get("dir")
-        then = f"continue with --resume {run}" if run is not None else "nothing was written; run it again"
-        err.print(f"interrupted: the last checkpoint is saved; {escape(then)}", highlight=False)
+        said = (f"interrupted: the last checkpoint is saved; continue with --resume {run}" if run is not None
+                else "interrupted before anything was written; run the command again")
+        err.print(escape(said), highlight=False)
         return 130
     finally:
         torch.set_num_threads(threads)
