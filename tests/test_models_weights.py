@@ -198,3 +198,16 @@ def test_saved_student_loads_with_the_library_own_loader(arch, tmp_path):
     plain.load_state_dict(state)
     x = torch.randn(2, 3, 32, 32)
     torch.testing.assert_close(plain(x), model(x), rtol=0, atol=0)
+
+
+def test_library_input_config_and_overrides(weight_files):
+    config = load_config(None, [
+        "teachers.members=[{arch: timm/resnet10t, weights: %s, input: {library: true, size: null}}, "
+        "{arch: torchvision/resnet18, weights: %s, input: {library: true}}]"
+        % (weight_files["timm"][1], weight_files["tv"][1]), "device=cpu"])
+    teachers = pipeline.teachers_from_weights(config, pipeline.prepare_data(config))
+    prints = teacher_fingerprint(teachers)
+    grey_mean, grey_std = sum((0.485, 0.456, 0.406)) / 3, sum((0.229, 0.224, 0.225)) / 3  # RGB stats, one channel
+    assert prints[0]["input"]["size"] is None  # size: null keeps the digits' 8x8
+    assert prints[0]["input"]["mean"] == pytest.approx([grey_mean]) and prints[0]["input"]["std"] == pytest.approx([grey_std])
+    assert prints[1]["input"]["size"] == [224, 224]  # torchvision's resnet18 weights: 224 px crops
