@@ -2,22 +2,20 @@
 
 from __future__ import annotations
 
-import importlib.util
 import io
+import sys
 from pathlib import Path
 
 import numpy as np
 
 from ensemble_kd.data.samples import list_image_folder, open_rgb
 
-ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).parent))
+from _scripts import load_script  # noqa: E402
 
 
 def _load(name: str):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "examples" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("examples", name)
 
 
 def test_imagenet_style_folder_is_listed_with_every_class_and_variable_sizes(tmp_path):
