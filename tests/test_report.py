@@ -47,7 +47,7 @@ def _cells(line: str) -> list[str]:
 
 
 def test_default_columns_order():
-    image = [c for c in COLUMNS if c not in ("gap", "map", "hit1")]  # the video metrics sit beside acc
+    image = [c for c in COLUMNS if c not in ("gap", "map", "hit1", "top5")]  # video metrics, top-5 beside acc
     assert tuple(image[:6]) == ("name", "acc", "nll", "ece", "cnll", "cece")
     assert COLUMNS.index("gap") < COLUMNS.index("nll") and COLUMNS.index("corr_acc") < COLUMNS.index("params")
     assert {"brier", "params", "flops", "latency_ms", "throughput", "train_time_s"} <= set(COLUMNS)
@@ -73,6 +73,14 @@ def test_markdown_table_default_columns_skip_empty_ones_and_show_spread():
     assert "a\\|b" in lines[2]  # a pipe in a name does not break the table
     with pytest.raises(ValueError, match="row 0"):
         markdown_table(["not a dict"])
+
+
+def test_results_md_keeps_the_top5_column_that_the_printed_table_shows(tmp_path):
+    # the commands print top-5 (cli.EVAL_COLUMNS); results.md used to drop it (not in COLUMNS)
+    rows = [{"name": "m", "acc": 0.7, "top5": 0.99, "nll": 0.9}]
+    write_results(tmp_path, rows)
+    header = _cells((tmp_path / "results.md").read_text().splitlines()[0])
+    assert header == ["model", "acc (%)", "top-5 (%)", "NLL"]
 
 
 def test_print_table_renders_to_given_console():

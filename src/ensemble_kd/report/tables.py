@@ -12,7 +12,7 @@ MISSING = "–"  # shown for a missing, None or NaN value
 
 # Default column order; a row is a dict keyed by these names (extra keys are allowed).
 COLUMNS: tuple[str, ...] = (
-    "name", "acc", "gap", "map", "hit1", "nll", "ece", "cnll", "cece", "brier",
+    "name", "acc", "gap", "map", "hit1", "top5", "nll", "ece", "cnll", "cece", "brier",
     "corr_acc", "corr_nll", "corr_ece", "ood_auroc_maxprob", "ood_auroc_entropy",
     "params", "macs", "flops", "latency_ms", "throughput", "train_time_s",
 )  # fmt: skip
