@@ -16,6 +16,8 @@ from ensemble_kd.models import (
 )
 from ensemble_kd.models import registry
 
+from _zoo import zoo_models  # noqa: E402
+
 # Too slow to run at every input size on a CPU: checked at one size only. The generic "wrn"
 # (default WRN-28-10) is covered by its aliases and the spec round-trip.
 ONE_SIZE = {
@@ -29,14 +31,9 @@ SHAPES = [(1, 8), (3, 8), (1, 28), (3, 32)]
 OWN_TESTS = {"multihead", "batchensemble", "dbof"}
 
 
-def _ours(name: str) -> bool:
-    """The package's own zoo: other test files register throw-away models in the same registry."""
-    return getattr(registry._MODELS.get(name), "__module__", "").startswith("ensemble_kd.")
-
-
 def _cases():
-    for name in list_models():
-        if name != "wrn" and name not in OWN_TESTS and _ours(name):
+    for name in zoo_models():
+        if name != "wrn" and name not in OWN_TESTS:
             for c, h in [ONE_SIZE[name]] if name in ONE_SIZE else SHAPES:
                 yield name, c, h
 
