@@ -135,10 +135,10 @@ def main(argv=None) -> int:
     parser.add_argument("--spread-warn", type=float, default=0.15,
                         help="warn when a ratio's (max - min) / median over the rounds exceeds this")
     parser.add_argument("--quick", action="store_true", help="CPU sizes: small_cnn teachers, batch 128, 16x16")
+    if parser.parse_known_args(argv)[0].quick:  # CPU sizes as defaults: flags given beside --quick still win
+        parser.set_defaults(teacher_arch="small_cnn", student_arch="small_cnn", batch=128, image=16,
+                            teachers="1,5", iters=5, warmup=2)
     args = parser.parse_args(argv)
-    if args.quick:
-        args.teacher_arch, args.student_arch, args.batch, args.image = "small_cnn", "small_cnn", 128, 16
-        args.teachers, args.iters, args.warmup = "1,5", 5, 2
 
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if args.device == "auto" else args.device))
