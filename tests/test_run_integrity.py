@@ -114,6 +114,23 @@ def test_a_sweep_refuses_runs_whose_teachers_were_retrained(teachers, tmp_path, 
     assert "teachers.source (its manifest.json changed" in _error(capsys)
 
 
+def test_a_sweep_refuses_runs_whose_weights_files_were_replaced(teachers, tmp_path, capsys):
+    import shutil
+    files = sorted(teachers.glob("members/*/model.safetensors"))
+    for i, f in enumerate(files):
+        shutil.copy(f, tmp_path / f"t{i}.safetensors")
+    members = ", ".join(f"{{arch: small_cnn, kwargs: {{width: 0.25}}, seed: {i}, weights: {tmp_path}/t{i}.safetensors}}"
+                        for i in range(len(files)))
+    config = tmp_path / "sweep.yaml"
+    config.write_text(f"teachers:\n  members: [{members}]\nsweep:\n  variants:\n    aver: {{method.name: aver}}\n")
+    argv = ["sweep", str(config), f"run.dir={tmp_path}", "run.name=x", *TINY]
+    assert main(argv) == 0
+    shutil.copy(files[1], tmp_path / "t0.safetensors")  # another teacher under the same file name
+    capsys.readouterr()
+    assert main(argv) == 2
+    assert "teachers.members.0.weights (its t0.safetensors changed" in _error(capsys)
+
+
 def test_sweep_variants_sharing_a_folder_are_refused(tmp_path, capsys):
     config = tmp_path / "sweep.yaml"
     config.write_text("sweep:\n  variants:\n    lr 0.05: {student.train.optim.lr: 0.05}\n"

@@ -46,14 +46,33 @@ def flat(tree: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix.rstrip("."): tree}
 
 
-def teachers_fingerprint(config: Config) -> dict[str, str]:
-    """sha256 of the files that say which teachers a run reads (a retrained source changes them)."""
+def _weight_files(config: Config) -> dict[str, Path]:
+    """The files whose bytes decide the weights a run starts from or reads, by the config key naming them:
+    a retrained source changes its manifest, a rebuilt cache its cache.json, a replaced weights file itself."""
     files = {}
     if config.teachers.source:
         files["teachers.source"] = Path(config.teachers.source) / "manifest.json"
+    elif config.teachers.members:  # a teacher set loaded from weights files
+        files.update({f"teachers.members.{i}.weights": Path(m.weights)
+                      for i, m in enumerate(config.teachers.members) if m.weights})
     if config.teachers.cache:
         files["teachers.cache"] = Path(config.teachers.cache) / "cache.json"
-    return {key: hashlib.sha256(path.read_bytes()).hexdigest() for key, path in files.items() if path.is_file()}
+    if config.student.weights:
+        files["student.weights"] = Path(config.student.weights)
+    return {key: path for key, path in files.items() if path.is_file()}
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):  # weights files can be gigabytes
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def teachers_fingerprint(config: Config) -> dict[str, str]:
+    """sha256 of each file in _weight_files, by its config key."""
+    return {key: _sha256(path) for key, path in _weight_files(config).items()}
 
 
 def saved_config(run_dir: Path, overrides=()) -> Config:
@@ -73,9 +92,9 @@ def run_changes(run_dir: Path, now: Config, allowed: tuple[str, ...] = RESUME_SA
                and not any(fnmatch.fnmatchcase(key, pattern) for pattern in allowed)]
     path = Path(run_dir) / FINGERPRINT
     made = read_json(path, "delete it (the teachers then go unchecked) or start a new run") if path.is_file() else {}
-    current = teachers_fingerprint(now)
-    changes += [f"{key} (its {'cache.json' if key.endswith('cache') else 'manifest.json'} changed since the run "
-                f"was made)" for key in sorted(set(made) & set(current)) if made[key] != current[key]]
+    current, files = teachers_fingerprint(now), _weight_files(now)
+    changes += [f"{key} (its {files[key].name} changed since the run was made)"
+                for key in sorted(set(made) & set(current)) if made[key] != current[key]]
     return changes
 
 
