@@ -191,18 +191,21 @@ def test_bias_free_linear_collapse_is_the_member_mean_when_the_input_factor_is_s
     fc = be.net.fc
     with torch.no_grad():
         fc.bias.zero_()  # a zero shared bias: b ∘ s̄ = 0, the layer acts bias-free
-    x = torch.randn(5, 2, 3, 3, dtype=torch.float64)
+    _assert_collapse_is_the_member_mean(be, fc, torch.randn(5, 2, 3, 3, dtype=torch.float64))
+    assert all(collapse(be, mode).fc.weight.dtype == torch.float64 for mode in MODES)
+
+
+def _assert_collapse_is_the_member_mean(be, layer, x):
+    """For a network linear in the BE layer's weight: the mean of products is the mean of the member maps
+    for any factors, the product of means differs, and both are exact once the input factor is shared."""
     differing = be.forward_members(x).mean(0)
-    # The mean of products is the mean of the member maps for any factors (a linear layer is linear in W).
     torch.testing.assert_close(collapse(be, "mean_of_products")(x), differing, rtol=0, atol=1e-12)
     assert not torch.allclose(collapse(be, "product_of_means")(x), differing, atol=1e-6)
     with torch.no_grad():
-        fc.r.copy_(fc.r[:1].expand_as(fc.r))  # one shared input factor
+        layer.r.copy_(layer.r[:1].expand_as(layer.r))  # one shared input factor
     mean = be.forward_members(x).mean(0)
     for mode in MODES:
-        collapsed = collapse(be, mode)
-        assert collapsed.fc.weight.dtype == torch.float64
-        torch.testing.assert_close(collapsed(x), mean, rtol=0, atol=1e-12)
+        torch.testing.assert_close(collapse(be, mode)(x), mean, rtol=0, atol=1e-12)
 
 
 @register_model("test_grouped_conv")
@@ -217,15 +220,7 @@ def test_grouped_conv_collapse_is_the_member_mean_when_the_input_factor_is_share
     be = create("batchensemble", num_classes=6, in_channels=6, base="test_grouped_conv", members=4,
                 init="normal", base_kwargs={"groups": groups}).double().eval()
     (_, conv), = be.be_layers()
-    x = torch.randn(3, 6, 5, 5, dtype=torch.float64)
-    differing = be.forward_members(x).mean(0)
-    torch.testing.assert_close(collapse(be, "mean_of_products")(x), differing, rtol=0, atol=1e-12)
-    assert not torch.allclose(collapse(be, "product_of_means")(x), differing, atol=1e-6)
-    with torch.no_grad():
-        conv.r.copy_(conv.r[:1].expand_as(conv.r))  # one shared input factor
-    mean = be.forward_members(x).mean(0)
-    for mode in MODES:
-        torch.testing.assert_close(collapse(be, mode)(x), mean, rtol=0, atol=1e-12)
+    _assert_collapse_is_the_member_mean(be, conv, torch.randn(3, 6, 5, 5, dtype=torch.float64))
 
 
 # --------------------------------------------------------------------------- (d) networks
