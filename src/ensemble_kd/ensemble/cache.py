@@ -56,8 +56,8 @@ from .. import distributed
 from ..engine.checkpoint import atomic_write_text, read_json
 from ..methods import Needs, TeacherOutput
 from ..models.inputs import input_description
-from .cache_store import (EpochReader, class_dtype, consolidate, describe_size, read_progress, remove_built_files,
-                          remove_rank_files, write_progress, write_shard)
+from .cache_store import (EpochReader, class_dtype, consolidate, describe_size, read_progress, read_record,
+                          remove_built_files, remove_rank_files, write_progress, write_shard)
 from .teacher_set import TeacherSet
 
 __all__ = ["CACHE_MANIFEST", "CacheMismatchError", "CachedTeachers", "build_cache", "fingerprint",
@@ -165,13 +165,6 @@ def _rank_batches(loader, epoch: int, rank: int, world_size: int, batch_size: in
     return len(loader), loader.batches(epoch, start=first, view_epoch=epoch)
 
 
-def _read_json(path: Path) -> dict | None:
-    try:
-        return json.loads(path.read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
-        return None
-
-
 def build_cache(teachers: TeacherSet, loader, out_dir: str | Path, *, epochs: int, dtype: str = "float16",
                 top_k: int | None = None, batch_size: int | None = None, shard_size: int = 65536,
                 progress=None, rank: int = 0, world_size: int = 1, dataset: str | None = None,
@@ -208,7 +201,7 @@ def build_cache(teachers: TeacherSet, loader, out_dir: str | Path, *, epochs: in
     storage = {"epochs": epochs, "dtype": dtype, "top_k": top_k, "world_size": world_size,
                "batch_size": batch_size, "batches_per_shard": per_shard, "order": "index" if by_index else "training"}
     key = hashlib.blake2b(json.dumps([made, storage], sort_keys=True).encode(), digest_size=16).hexdigest()
-    manifest = _read_json(out_dir / CACHE_MANIFEST)
+    manifest = read_record(out_dir / CACHE_MANIFEST)
     if manifest is not None and manifest.get("key") == key and manifest.get("complete"):
         report(f"cache: {out_dir} is already built for these teachers, data and settings")
         return out_dir

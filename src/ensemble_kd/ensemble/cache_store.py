@@ -27,7 +27,7 @@ import numpy as np
 
 from ..engine.checkpoint import atomic_write, atomic_write_text
 
-__all__ = ["cache_bytes", "class_dtype", "consolidate", "describe_size", "EpochReader", "read_progress",
+__all__ = ["cache_bytes", "class_dtype", "consolidate", "describe_size", "EpochReader", "read_progress", "read_record",
            "remove_built_files", "remove_rank_files", "shard_file", "write_progress", "write_shard"]
 
 ITEM_BYTES = {"float16": 2, "float32": 4}
@@ -86,12 +86,16 @@ def write_shard(cache_dir: Path, epoch: int, rank: int, shard: int, arrays: dict
         _save_npy(cache_dir / shard_file(epoch, rank, shard, key), array)
 
 
-def read_progress(cache_dir: Path, rank: int) -> dict | None:
-    path = cache_dir / _progress_file(rank)
+def read_record(path: Path) -> dict | None:
+    """A JSON record, or None when it is missing or was torn by a kill (the build then redoes its part)."""
     try:
         return json.loads(path.read_text())
     except (FileNotFoundError, json.JSONDecodeError):
         return None
+
+
+def read_progress(cache_dir: Path, rank: int) -> dict | None:
+    return read_record(cache_dir / _progress_file(rank))
 
 
 def write_progress(cache_dir: Path, rank: int, record: dict) -> None:
