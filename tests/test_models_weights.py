@@ -14,7 +14,10 @@ from ensemble_kd import pipeline
 from ensemble_kd.config import ConfigError, ModelConfig, load_config
 from ensemble_kd.engine import save_model
 from ensemble_kd.ensemble.cache import teacher_fingerprint
+from ensemble_kd.methods.latentbe import LatentBE
 from ensemble_kd.models import create, forward_with_taps
+from ensemble_kd.models.batchensemble import collapse
+from ensemble_kd.models.stages import forward_stem, run_stages
 from ensemble_kd.models.inputs import InputAdapter, adapt_input
 from ensemble_kd.models.weights import read_state_dict
 
@@ -78,6 +81,74 @@ def test_mismatched_weights_are_refused_naming_the_keys(tmp_path):
 def test_weights_and_pretrained_together_are_refused():
     with pytest.raises(ConfigError, match="set weights .* or pretrained .*, not both"):
         load_config(None, ["student.weights=/x.pth", "student.pretrained=true"])
+
+
+# ---------------------------------------------------------------------------- students over a plain base
+
+def saved_base(arch: str, path, num_classes=5) -> torch.nn.Module:
+    torch.manual_seed(3)
+    base = create(arch, num_classes=num_classes).eval()
+    save_file({k: v.contiguous() for k, v in base.state_dict().items()}, path)
+    return base
+
+
+@pytest.mark.parametrize("arch", ["timm/resnet10t", "torchvision/resnet18"])
+def test_a_batchensemble_student_starts_from_its_plain_base_weights(arch, tmp_path):
+    base = saved_base(arch, tmp_path / "base.safetensors")
+    x = torch.randn(2, 3, 32, 32)
+    config = ModelConfig(arch="batchensemble", weights=str(tmp_path / "base.safetensors"),
+                         kwargs={"base": arch, "members": 3, "init": "ones", "bias": "member"})
+    be = pipeline.build_model(config, fake_data()).eval()
+    for member in be.forward_members(x):  # factors 1: every member is the base network
+        torch.testing.assert_close(member, base(x), rtol=1e-5, atol=1e-5)
+    collapsed = collapse(be).state_dict()
+    for key, value in base.state_dict().items():
+        torch.testing.assert_close(collapsed[key], value, rtol=0, atol=0)
+    signs = pipeline.build_model(config.model_copy(update={"kwargs": {**config.kwargs, "init": "sign"}}),
+                                 fake_data()).eval()
+    layers = dict(signs.be_layers())
+    torch.testing.assert_close(layers["fc"].weight, base.fc.weight, rtol=0, atol=0)  # the shared weights
+    assert not torch.allclose(signs.forward_members(x)[0], signs.forward_members(x)[1])  # members differ by r, s
+    # LatentBE's own rewrite of the configured student (student.arch: <the base>) takes the same file
+    arch_, kwargs = LatentBE(members=2).student_spec(arch, {})
+    rewritten = pipeline.build_model(ModelConfig(arch=arch_, kwargs=kwargs, weights=config.weights), fake_data())
+    torch.testing.assert_close(dict(rewritten.be_layers())["fc"].weight, base.fc.weight, rtol=0, atol=0)
+
+
+def test_a_multihead_student_starts_from_its_base_weights_in_the_shared_part(tmp_path):
+    base = saved_base("timm/resnet10t", tmp_path / "base.safetensors")
+    net = pipeline.build_model(ModelConfig(arch="multihead", weights=str(tmp_path / "base.safetensors"),
+                                           kwargs={"base": "timm/resnet10t", "branches": 2, "fork": "layer3"}),
+                               fake_data()).eval()
+    own = base.state_dict()
+    trunk = net.trunk.state_dict()
+    assert trunk and any(k.startswith("layer2.") for k in trunk) and not any(k.startswith("layer3.") for k in trunk)
+    for key, value in trunk.items():
+        torch.testing.assert_close(value, own[key], rtol=0, atol=0)
+    x = torch.randn(2, 3, 32, 32)
+    _, taps = forward_with_taps(base, x, ("layer2",))
+    torch.testing.assert_close(run_stages(net.trunk, forward_stem(net.trunk, x), net.shared_points), taps["layer2"],
+                               rtol=0, atol=0)
+
+
+def test_a_file_fitting_neither_the_student_nor_its_base_is_refused_naming_both(tmp_path):
+    saved_base("timm/resnet14t", tmp_path / "other.safetensors")
+    config = ModelConfig(arch="batchensemble", weights=str(tmp_path / "other.safetensors"),
+                         kwargs={"base": "timm/resnet10t", "members": 2})
+    with pytest.raises(ValueError, match=r"fits neither architecture 'batchensemble' \(\d+ missing keys .*\) nor "
+                                         r"its base 'timm/resnet10t' \(30 unexpected keys \('layer1.0.bn3.bias'"):
+        pipeline.build_model(config, fake_data())
+
+
+def test_a_whole_batchensemble_file_still_loads_as_itself(tmp_path):
+    torch.manual_seed(0)
+    be = create("batchensemble", num_classes=5, base="timm/resnet10t", members=2, init="sign").eval()
+    torch.save(be.state_dict(), tmp_path / "be.pth")
+    loaded = pipeline.build_model(ModelConfig(arch="batchensemble", seed=9, weights=str(tmp_path / "be.pth"),
+                                              kwargs={"base": "timm/resnet10t", "members": 2, "init": "sign"}),
+                                  fake_data()).eval()
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(loaded(x), be(x), rtol=0, atol=0)
 
 
 # ---------------------------------------------------------------------------- per-teacher input

@@ -238,6 +238,23 @@ class BatchEnsembleNet(nn.Module):
         self.multilabel = bool(getattr(net, "multilabel", False))
         self.members_out = nn.Identity()  # its output is the (M, B, K) member logits: a tap for the method
 
+    def plain_base(self) -> nn.Module:
+        """The plain architecture on the meta device (shapes only): what a base's weights file must fit."""
+        with torch.device("meta"):
+            return create(**self.base_spec)
+
+    @torch.no_grad()
+    def load_base_state(self, state: dict[str, torch.Tensor]) -> None:
+        """A plain base network's weights as the shared ones, as `pretrained: true` puts the library's
+        there: the factors keep their initialisation (with init "ones" every member is that network)."""
+        state = dict(state)
+        for path, layer in self.be_layers():
+            key = f"{path}.bias" if path else "bias"
+            if layer.bias_mode == "member" and layer.bias is not None:
+                state[key] = state[key].unsqueeze(0).expand_as(layer.bias)  # every member's bias starts as it
+        factors = {k: v for k, v in self.net.state_dict().items() if k not in state}
+        self.net.load_state_dict({**state, **factors}, strict=True)
+
     def be_layers(self) -> list[tuple[str, _BELayer]]:
         """(path below `net`, layer) of every BatchEnsemble layer."""
         return [(n, m) for n, m in self.net.named_modules() if isinstance(m, _BELayer)]

@@ -78,6 +78,7 @@ class MultiHeadNet(nn.Module):
         kwargs = dict(base_kwargs or {})
         # pretrained: the library's weights in the shared stem and stages; the narrower branches start fresh
         trunk = create(base, num_classes=num_classes, in_channels=in_channels, pretrained=pretrained, **kwargs)
+        self.base_spec: dict = dict(trunk.spec)  # create(**base_spec) builds the plain base network
         library = library_resnets.expose_stages(trunk)
         if not has_stages(trunk):
             raise ValueError(f"model {base!r} does not expose its stages (stem_points, tap_points, head_points, "
@@ -117,6 +118,19 @@ class MultiHeadNet(nn.Module):
         self.branches = nn.ModuleList(members)
         self.heads = nn.Identity()  # its output is the (N, B, K) branch logits: a tap for the method
         self.ensembler = Gate(base_widths[at - 1], branches) if ensembler == "gate" else None
+
+    def plain_base(self) -> nn.Module:
+        """The base network on the meta device (shapes only): what a base's weights file must fit."""
+        with torch.device("meta"):
+            return create(**self.base_spec)
+
+    @torch.no_grad()
+    def load_base_state(self, state: dict[str, torch.Tensor]) -> None:
+        """A base network's weights (a file fitting `plain_base()`) into the shared stem and stages, as
+        `pretrained: true` puts the library's there; the narrower branches and the gate keep their
+        initialisation."""
+        own = self.trunk.state_dict()  # the base's keys minus the branches' stages and the head
+        self.trunk.load_state_dict({**own, **{k: v for k, v in state.items() if k in own}}, strict=True)
 
     def forward_branches(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(N, B, K) branch logits and the gate's (B, N) weights (None for the mean)."""

@@ -77,17 +77,14 @@ def _strip_prefixes(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return state
 
 
-def check_fits(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
-    """Raise one ValueError naming what differs between `state` and the model's own state_dict."""
+def mismatch(model: nn.Module, state: dict[str, torch.Tensor]) -> str | None:
+    """What differs between `state` and the model's own state_dict, in a clause; None when it fits."""
     own = model.state_dict()
     # Old checkpoints lack BatchNorm's step counter; load_state_dict fills it in.
-    missing = [k for k in own if k not in state and not k.endswith("num_batches_tracked")]
-    unexpected = [k for k in state if k not in own]
+    missing = [k for k in own if k not in state and not _is_counter(k)]
+    unexpected = sorted((k for k in state if k not in own), key=_is_counter)  # counters last: weights tell more
     shapes = [(k, tuple(state[k].shape), tuple(v.shape)) for k, v in own.items()
               if k in state and tuple(state[k].shape) != tuple(v.shape)]
-    if not (missing or unexpected or shapes):
-        return
-    name = getattr(model, "spec", {}).get("name", type(model).__name__)
     parts = []
     if missing:
         parts.append(f"{len(missing)} missing keys ({_first(missing)})")
@@ -97,8 +94,23 @@ def check_fits(model: nn.Module, state: dict[str, torch.Tensor], source: str) ->
         key, got, want = shapes[0]
         parts.append(f"{len(shapes)} shape mismatches (first '{key}': {list(got)} in the file, "
                      f"{list(want)} in the model)")
-    raise ValueError(f"{source} does not fit architecture {name!r}: {'; '.join(parts)}; check `arch` and its "
-                     f"kwargs against the network the weights were saved from")
+    return "; ".join(parts) or None
+
+
+def _is_counter(key: str) -> bool:
+    return key.endswith("num_batches_tracked")
+
+
+def arch_name(model: nn.Module) -> str:
+    return getattr(model, "spec", {}).get("name", type(model).__name__)
+
+
+def check_fits(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """Raise one ValueError naming what differs between `state` and the model's own state_dict."""
+    why = mismatch(model, state)
+    if why is not None:
+        raise ValueError(f"{source} does not fit architecture {arch_name(model)!r}: {why}; check `arch` and its "
+                         f"kwargs against the network the weights were saved from")
 
 
 def _first(keys: list[str]) -> str:
@@ -107,8 +119,23 @@ def _first(keys: list[str]) -> str:
 
 
 def load_weights(model: nn.Module, path: str | Path) -> nn.Module:
-    """Copy the weights in `path` into `model` (all of them, every key matched), returning it."""
+    """Copy the weights in `path` into `model` (all of them, every key matched), returning it.
+
+    A model built over a plain base network (a BatchEnsemble or multi-headed student: it has
+    `plain_base()` and `load_base_state()`) also takes that base's weights, e.g. a timm ResNet-50's,
+    the way `pretrained: true` gives it the library's.
+    """
     state = read_state_dict(path)
-    check_fits(model, state, f"weights file '{path}'")
+    source = f"weights file '{path}'"
+    if not hasattr(model, "load_base_state"):
+        check_fits(model, state, source)
+    elif (own := mismatch(model, state)) is not None:
+        base = model.plain_base()
+        if (of_base := mismatch(base, state)) is not None:
+            raise ValueError(f"{source} fits neither architecture {arch_name(model)!r} ({own}) nor its base "
+                             f"{arch_name(base)!r} ({of_base}); check `arch` and its kwargs against the network "
+                             f"the weights were saved from")
+        model.load_base_state(state)
+        return model
     model.load_state_dict(state, strict=True)
     return model
