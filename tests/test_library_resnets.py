@@ -95,7 +95,10 @@ def test_networks_without_resnet_stages_are_refused_in_one_sentence():
 
 
 # --------------------------------------------------------------------------- LatentBE's BatchEnsemble and collapse
-GROUPED = [("torchvision/mobilenet_v2", {"width_mult": 0.25})]  # depthwise convs
+GROUPED = [("torchvision/mobilenet_v2", {"width_mult": 0.25}),  # depthwise convs
+           ("timm/mobilenetv3_small_050", {}),  # depthwise convs, squeeze-excite, timm's Linear head
+           ("timm/convnext_atto", {}),  # 7x7 depthwise convs, Linear layers on channels-last maps
+           ("timm/vit_tiny_patch16_224", {"img_size": 32, "depth": 2})]  # Linear layers on tokens
 
 
 @pytest.mark.parametrize("name,kwargs", [(n, {}) for n in RESNETS] + GROUPED)

@@ -184,8 +184,15 @@ class BEConv2d(_BELayer):
                 + groups + super().extra_repr())
 
 
+# Subclasses whose forward is the plain layer's outside TorchScript: timm's Linear only casts the
+# weight to the input's dtype when scripted (timm's MobileNetV3, EfficientNet heads use it).
+PLAIN_EQUIVALENTS = frozenset({"timm.layers.linear.Linear"})
+
+
 def _own_forward(layer: nn.Module) -> bool:
     """A Conv2d/Linear subclass computing something else (timm's Conv2dSame, StdConv2d): no plain layer."""
+    if f"{type(layer).__module__}.{type(layer).__qualname__}" in PLAIN_EQUIVALENTS:
+        return False
     plain = nn.Conv2d if isinstance(layer, nn.Conv2d) else nn.Linear
     return type(layer).forward is not plain.forward or getattr(type(layer), "_conv_forward", None) not in (
         None, nn.Conv2d._conv_forward)
