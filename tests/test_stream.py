@@ -261,3 +261,31 @@ def test_memory_of_a_pass_does_not_grow_with_the_number_of_images(tmp_path):
     grown_main = peaks["large"][1] - peaks["small"][1]
     grown_workers = peaks["large"][2] - peaks["small"][2]
     assert grown_main < 40_000 and grown_workers < 40_000, peaks
+
+
+def test_streamed_test_data_gets_corruption_and_ood_rows(folder, tmp_path):
+    """Robustness at ImageNet scale: the eval views of the first test images, read once, are what
+    the corruptions and the OOD comparison use; the OOD set is another folder through the same views."""
+    from ensemble_kd.evaluation.robustness import robustness_fields
+
+    data = pipeline.prepare_data(_config(folder, "data.storage=stream", "data.views.train=none"))
+    test = data.test
+    views, labels = test.eval_views(5)
+    streamed = torch.cat([b.x for b in test.batches(0)])[:5]
+    mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in (test.mean, test.std))
+    assert views.dtype == torch.uint8 and views.shape == (5, 3, 16, 16)
+    torch.testing.assert_close((views.float() / 255 - mean) / std, streamed)  # the very inputs the model sees
+    assert torch.equal(labels, test.labels[:5])
+    other = make_image_folder(tmp_path / "other", classes=("x", "y"), seed=5)
+    eval_cfg = load_config(None, ["eval.corruptions=true", "eval.ood=image-folder", f"eval.ood_root={other}",
+                                  "eval.corruption_samples=6"]).eval
+    seen = []
+
+    def log_probs(x):
+        seen.append(x.shape)
+        return torch.log_softmax(x.mean((2, 3)), dim=1)  # a 3-class "model": the channel means
+
+    fields = robustness_fields(log_probs, test, eval_cfg)
+    assert {"corr_acc", "corr_nll", "corr_ece", "ood_auroc_maxprob"} <= set(fields)
+    assert all(s[1:] == (3, 16, 16) for s in seen)
+    assert 0.0 <= fields["ood_auroc_maxprob"] <= 1.0 and 0.0 <= fields["corr_acc"] <= 1.0

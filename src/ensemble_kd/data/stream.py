@@ -121,6 +121,24 @@ class StreamLoader(ShardedLoader):
     def batches_at(self, index_batches: Iterable[torch.Tensor], view_epoch: int | None) -> Iterator[Batch]:
         """The batches of the views (seed, view_epoch, index) of each chunk of dataset indices, in order."""
         view_epoch = view_epoch if self.train else None
+        for item in self._decoded(index_batches, view_epoch):
+            yield self._to_batch(item, view_epoch)
+
+    def eval_views(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The eval views of the first n samples as uint8 (n, C, H, W), and their labels, on the
+        device: what robustness metrics corrupt. Read once and kept (a few hundred MB at 224 px)."""
+        n = min(int(n), self.size)
+        held = getattr(self, "_eval_views", None)
+        if held is None or len(held[0]) < n:
+            chunks = torch.arange(n).split(self.batch_size)
+            items = list(self._decoded(chunks, None))
+            held = (torch.cat([i["x"] for i in items]).to(self.device), torch.cat([i["y"] for i in items]).to(self.device))
+            self._eval_views = held
+        return held[0][:n], held[1][:n]
+
+    def _decoded(self, index_batches: Iterable[torch.Tensor], view_epoch: int | None) -> Iterator[dict]:
+        """The workers' decoded uint8 views of each chunk of indices, in order; a bad image stops
+        (or, with on_decode_error=skip, is replaced and named at the end)."""
         dataset = _ViewBatches(self.samples, self.spec, self.mix, train=self.train, seed=self.seed,
                                policy=self.on_decode_error)
         keys = [(-1 if view_epoch is None else int(view_epoch), idx.cpu().tolist()) for idx in index_batches]
@@ -134,7 +152,7 @@ class StreamLoader(ShardedLoader):
                 raise DecodeError(f"{item['error']}; remove or replace the file, or set "
                                   f"data.on_decode_error=skip to train on without it.")
             self.skipped.extend(item["skipped"])
-            yield self._to_batch(item, view_epoch)
+            yield item
         if self.skipped:
             print(f"data: {len(self.skipped)} image(s) could not be decoded and were replaced by the next "
                   f"sample (data.on_decode_error=skip), first {self.skipped[0]}", file=sys.stderr, flush=True)
