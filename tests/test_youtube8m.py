@@ -1,40 +1,25 @@
-"""YouTube-8M frame-level TFRecords, written here with the tfrecord package's writer: round trip,
+"""YouTube-8M frame-level TFRecords, written with the tfrecord package's writer (_tfrecords.py): round trip,
 dequantization, streaming batches, DBoF training on them, and the sentences for broken files."""
 
 import struct
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from tfrecord import TFRecordWriter
 
 from ensemble_kd import pipeline
 from ensemble_kd.config import load_config
-from ensemble_kd.data.youtube8m import (FEATURE_DIM, TFRecordFile, YouTube8M, YouTube8MLoader, dequantize,
-                                        masked_crc32c)
+from ensemble_kd.data.youtube8m import TFRecordFile, YouTube8M, YouTube8MLoader, dequantize, masked_crc32c
 from ensemble_kd.ensemble import TeacherSet
 from ensemble_kd.ensemble.cache import CacheMismatchError, build_cache, open_cache
 from ensemble_kd.methods import Needs
 from ensemble_kd.models import create
 from ensemble_kd.models.video import frame_mask
 
-CLASSES = 8
-
-
-def make_videos(n: int, seed: int, max_len: int = 12):
-    rng = np.random.default_rng(seed)
-    return [(f"v{seed}-{i}".encode(), rng.integers(0, 256, (rng.integers(1, max_len + 1), FEATURE_DIM), dtype=np.uint8),
-             np.unique(rng.integers(0, CLASSES, rng.integers(1, 4)))) for i in range(n)]
-
-
-def write_tfrecord(path, videos) -> None:
-    """YouTube-8M's layout: context id and labels, feature lists rgb (1024 bytes) and audio (128 bytes) per frame."""
-    writer = TFRecordWriter(str(path))
-    for video_id, frames, labels in videos:
-        writer.write({"id": (video_id, "byte"), "labels": (labels.tolist(), "int")},
-                     {"rgb": ([f[:1024].tobytes() for f in frames], "byte"),
-                      "audio": ([f[1024:].tobytes() for f in frames], "byte")})
-    writer.close()
+sys.path.insert(0, str(Path(__file__).parent))
+from _tfrecords import CLASSES, make_videos, write_tfrecord  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -6,10 +6,12 @@ workers forked from the main process never copy Python objects page by page. Lis
 directory entries and tar headers only; images are decoded later, in loader workers.
 
 Tar shards follow the WebDataset layout: `root/<split>/*.tar`, members `<key>.<image ext>` and
-`<key>.cls` (the class index as text) side by side. Each shard's member offsets are read once, by
-walking its headers with `tarfile` (no data is read but the small .cls members), and kept in
-memory; a sample's bytes are then one seek and one read, so any index can be read at any time,
-which is what seeded views need (a sequential tar stream, as webdataset's, cannot replay a view).
+`<key>.cls` (the class index as text) side by side. Each shard's member offsets are read when it
+is listed, by walking its headers with `tarfile` (no data is read but the small .cls members), and
+kept in memory; they are also stored in the index cache (index_cache.py), so a later process or
+rank listing the unchanged shard (same size and mtime) reads them back instead of walking it. A
+sample's bytes are then one seek and one read, so any index can be read at any time, which is
+what seeded views need (a sequential tar stream, as webdataset's, cannot replay a view).
 """
 
 from __future__ import annotations
@@ -19,12 +21,14 @@ import io
 import os
 import sys
 import tarfile
+from functools import partial
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
 from .formats import IMAGE_EXTENSIONS
+from .index_cache import cached_index
 
 __all__ = ["DecodeError", "ImageFiles", "TarSamples", "list_image_folder", "list_tar_shards", "Samples"]
 
@@ -220,8 +224,12 @@ def list_image_folder(root: str | Path, image_size: int) -> tuple[ImageFiles, Im
 
 # ----------------------------------------------------------------------------- tar shards
 
-def _index_shard(path: Path, shard: int, out: dict) -> None:
-    """Append the shard's samples (name, label, offset, size) to `out`, reading headers and .cls members."""
+SHARD_INDEX_FIELDS = {"names": np.uint8, "name_offsets": np.int64, "labels": np.int64, "offsets": np.int64,
+                      "sizes": np.int64}  # one shard's samples, names as a blob: what the index cache stores
+
+
+def _index_shard(path: Path) -> dict[str, np.ndarray]:
+    """The shard's samples (names blob, labels, data offsets and sizes), from its headers and .cls members."""
     images: dict[str, tuple[str, int, int]] = {}
     labels: dict[str, int] = {}
     try:
@@ -247,37 +255,43 @@ def _index_shard(path: Path, shard: int, out: dict) -> None:
         raise ValueError(f"{path} is not an uncompressed tar file ({err}); tar shards must be plain .tar.") from None
     if not images:
         raise ValueError(f"tar shard {path} holds no images ({', '.join(IMAGE_EXTENSIONS)}); remove it.")
-    for key in sorted(images):
+    keys = sorted(images)
+    for key in keys:
         if key not in labels:
             raise ValueError(f"{images[key][0]} in tar shard {path} has no label: add {key}.cls (its class "
                              f"index) beside it; every sample needs one.")
-        name, offset, size = images[key]
-        out["names"].append(name)
-        out["labels"].append(labels[key])
-        out["shard"].append(shard)
-        out["offset"].append(offset)
-        out["nbytes"].append(size)
+    names, name_offsets = _blob([images[k][0] for k in keys])
+    return {"names": names, "name_offsets": name_offsets, "labels": [labels[k] for k in keys],
+            "offsets": [images[k][1] for k in keys], "sizes": [images[k][2] for k in keys]}
 
 
 def _list_shards(split_dir: Path, image_size: int, classes: tuple[str, ...] | None) -> TarSamples:
     shards = sorted(p for p in split_dir.iterdir() if p.suffix == ".tar" and p.is_file())
     if not shards:
         raise FileNotFoundError(f"{split_dir} holds no .tar shards; tar-shards needs {split_dir}/000000.tar ...")
-    out = {k: [] for k in ("names", "labels", "shard", "offset", "nbytes")}
+    parts = []
     for i, shard in enumerate(shards):
-        _index_shard(shard, i, out)
+        parts.append(cached_index(shard, "tar", partial(_index_shard, shard), SHARD_INDEX_FIELDS))
         if len(shards) > 20 and (i + 1) % 100 == 0:
             print(f"indexing {split_dir}: {i + 1} of {len(shards)} shards", file=sys.stderr, flush=True)
-    labels = np.asarray(out["labels"], np.int64)
+    # the shards' name blobs end to end; each shard's name offsets move by the bytes before it
+    name_starts = np.cumsum([0] + [len(p["names"]) for p in parts])
+    name_ends = [p["name_offsets"][1:] + start for p, start in zip(parts, name_starts)]
+    names = np.concatenate([p["names"] for p in parts]), np.concatenate([np.zeros(1, np.int64), *name_ends])
+    labels = np.concatenate([p["labels"] for p in parts])
+    shard = np.concatenate([np.full(len(p["labels"]), i, np.int64) for i, p in enumerate(parts)])
+    samples = TarSamples(shards, names, labels, (), image_size, shard,
+                         np.concatenate([p["offsets"] for p in parts]), np.concatenate([p["sizes"] for p in parts]))
     if int(labels.min()) < 0:
         raise ValueError(f"{split_dir} has a sample with class {int(labels.min())}; classes are 0, 1, 2, ...")
     if classes is None:
         classes = tuple(str(k) for k in range(int(labels.max()) + 1))
     elif int(labels.max()) >= len(classes):
-        where = out["names"][int(labels.argmax())]
+        where = samples.name(int(labels.argmax()))
         raise ValueError(f"{where} in {split_dir} has class {int(labels.max())}, which the training shards lack "
                          f"(they have classes 0..{len(classes) - 1}); every class needs training samples.")
-    return TarSamples(shards, out["names"], labels, classes, image_size, out["shard"], out["offset"], out["nbytes"])
+    samples.classes = tuple(classes)
+    return samples
 
 
 def list_tar_shards(root: str | Path, image_size: int) -> tuple[TarSamples, TarSamples]:

@@ -5,7 +5,10 @@ lists `rgb` (1024 uint8 bytes per frame) and `audio` (128 per frame). The protob
 those the `tfrecord` package ships (tensorflow.SequenceExample); the framing (u64 length,
 masked crc32c of it, the data, masked crc32c of the data) is read here, so that every file gets
 an offset index when it is opened (any record is then one seek away: random access keeps the
-training order seeded) and every checksum is verified, a corrupt record named with its file.
+training order seeded) and every checksum is verified, a corrupt record named with its file (the
+length checksums as the index is built, each record's data checksum as it is read). The index is
+built by scanning the framing once per file and kept in the index cache (index_cache.py): later
+openings of the unchanged file (same size and mtime), in any process, read it from there.
 
 Frames are dequantized as YouTube-8M's starter code does (`Dequantize(feat, max_quantized_value=2,
 min_quantized_value=-2)`: feat * (max - min) / 255 + (max - min) / 510 + min), rgb then audio,
@@ -29,6 +32,7 @@ import torch
 from google.protobuf.message import DecodeError
 from tfrecord import example_pb2
 
+from .index_cache import cached_index
 from .loader import Batch, ShardedLoader
 
 __all__ = ["FEATURE_DIM", "TFRecordFile", "YouTube8M", "YouTube8MLoader", "dequantize", "list_splits",
@@ -60,6 +64,13 @@ class TFRecordFile:
 
     def __init__(self, path: str | os.PathLike):
         self.path = os.fspath(path)
+        index = cached_index(self.path, "tfrecord", self._scan, {"offsets": np.int64, "lengths": np.int64})
+        self.offsets, self.lengths = index["offsets"], index["lengths"]
+        self._handle = None
+        self._pid = None
+
+    def _scan(self) -> dict[str, np.ndarray]:
+        """Every record's data offset and length, from the framing; the length checksums verified."""
         offsets, lengths = [], []
         size = os.path.getsize(self.path)
         with open(self.path, "rb") as f:
@@ -78,10 +89,7 @@ class TFRecordFile:
                 lengths.append(length)
                 position += 12 + length + 4
                 f.seek(position)
-        self.offsets = np.asarray(offsets, dtype=np.int64)
-        self.lengths = np.asarray(lengths, dtype=np.int64)
-        self._handle = None
-        self._pid = None
+        return {"offsets": np.asarray(offsets, dtype=np.int64), "lengths": np.asarray(lengths, dtype=np.int64)}
 
     def _truncated(self, record: int, position: int, size: int) -> str:
         return (f"'{self.path}' is truncated: record {record} starts at byte {position} and the file ends at "
