@@ -55,3 +55,13 @@ def test_bad_files(tmp_path):
     scalar.write_text("3\n")
     with pytest.raises(ConfigError, match="mapping"):
         load_config(scalar)
+
+
+def test_the_default_students_kwargs_go_only_with_its_arch(tmp_path):
+    """`student: {arch: timm/resnet18}` must not inherit small_cnn's width (a first-use trial hit this)."""
+    assert load_config(None, []).student.kwargs == {"width": 0.5}
+    assert load_config(None, ["student.arch=timm/resnet18"]).student.kwargs == {}
+    assert load_config(None, ["student.arch=wrn", "student.kwargs.depth=16"]).student.kwargs == {"depth": 16}
+    path = tmp_path / "c.yaml"
+    path.write_text("student: {arch: small_cnn}\n")
+    assert load_config(path, []).student.kwargs == {"width": 0.5}

@@ -282,3 +282,10 @@ def test_library_input_config_and_overrides(weight_files):
     assert prints[0]["input"]["size"] is None  # size: null keeps the digits' 8x8
     assert prints[0]["input"]["mean"] == pytest.approx([grey_mean]) and prints[0]["input"]["std"] == pytest.approx([grey_std])
     assert prints[1]["input"]["size"] == [224, 224]  # torchvision's resnet18 weights: 224 px crops
+
+
+def test_kwargs_the_library_refuses_are_named_with_the_key_to_fix():
+    config = load_config(None, ["student.arch=timm/resnet10t", "student.kwargs.width=0.25"])
+    with pytest.raises(ConfigError, match=r"config key 'student': .*'width'; student.kwargs is \{'width': 0.25\}: "
+                                          r"give the arguments of timm/resnet10t there \(\{\} for none\)"):
+        pipeline.check_models(config, fake_data(), teachers=False)

@@ -156,10 +156,21 @@ class TeachersConfig(_Section):
         return self
 
 
+DEFAULT_STUDENT_KWARGS = {"width": 0.5}  # of the default student, small_cnn
+
+
 class StudentConfig(ModelConfig):
     arch: str = "small_cnn"
-    kwargs: dict[str, Any] = Field(default_factory=lambda: {"width": 0.5})
+    kwargs: dict[str, Any] = Field(default_factory=lambda: dict(DEFAULT_STUDENT_KWARGS))
     train: TrainConfig = Field(default_factory=TrainConfig)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_kwargs_go_with_the_default_arch(cls, data: Any) -> Any:
+        """`student: {arch: timm/resnet18}` builds resnet18 with no kwargs, not with small_cnn's width."""
+        if isinstance(data, dict) and data.get("arch", "small_cnn") != "small_cnn" and "kwargs" not in data:
+            return {**data, "kwargs": {}}
+        return data
 
 
 class MethodConfig(_Section):

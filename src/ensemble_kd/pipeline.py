@@ -415,8 +415,11 @@ def check_models(config: Config, data: Data, teachers: bool = True, student: boo
         try:
             with torch.device("meta"):
                 create(m.arch, num_classes=data.splits.num_classes, in_channels=data.splits.in_channels, **m.kwargs)
-        except (ValueError, TypeError) as err:
+        except ValueError as err:
             raise ConfigError(f"config key '{key}': {err}") from None
+        except TypeError as err:  # the library's constructor refused a keyword
+            raise ConfigError(f"config key '{key}': {err}; {key}.kwargs is {m.kwargs}: give the arguments of "
+                              f"{m.arch} there ({{}} for none)") from None
 
 
 def student_row_name(config: Config) -> str:
