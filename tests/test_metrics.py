@@ -21,6 +21,7 @@ from ensemble_kd.metrics import (
     negative_log_likelihood,
     probs_to_logits,
     reliability_bins,
+    temperature_at_bound,
     top_k_accuracy,
 )
 
@@ -204,7 +205,21 @@ def test_fit_temperature_handles_log_of_zero_probabilities():
 
 def test_fit_temperature_hits_lower_bound_when_everything_is_right():
     logits = torch.tensor([[2.0, 0.0], [0.0, 3.0]])
-    assert fit_temperature(logits, torch.tensor([0, 1])) == pytest.approx(0.01)
+    t = fit_temperature(logits, torch.tensor([0, 1]))
+    assert t == pytest.approx(0.01) and temperature_at_bound(t)
+
+
+def test_fit_temperature_inside_the_range_is_not_at_a_bound():
+    # Sample 2 is wrong by 1: NLL(b) = [log(1 + e^-2b) + log(1 + e^-3b) + log(1 + e^b)] / 3 (b = 1/T)
+    # has slope (-2/(1 + e^2b) - 3/(1 + e^3b) + 1/(1 + e^-b)) / 3: (-0.538 - 0.547 + 0.622) / 3 = -0.154
+    # at b = 1/2, (-0.238 - 0.142 + 0.731) / 3 = +0.117 at b = 1, so the optimum lies between T = 1
+    # and T = 2, well inside [0.01, 100].
+    logits = torch.tensor([[2.0, 0.0], [0.0, 3.0], [1.0, 0.0]])
+    t = fit_temperature(logits, torch.tensor([0, 1, 1]))
+    assert 1 < t < 2 and not temperature_at_bound(t)
+    # All wrong: the NLL falls as T grows, the fit stops at the upper bound, which is flagged too.
+    t = fit_temperature(logits, torch.tensor([1, 0, 1]))
+    assert t == pytest.approx(100) and temperature_at_bound(t)
 
 
 def test_classification_metrics_with_temperature_scaling():
@@ -213,9 +228,9 @@ def test_classification_metrics_with_temperature_scaling():
     test_logits, test_labels = _synthetic(2.5, n=5000, seed=2)
     probs = torch.softmax(test_logits, dim=1)
     m = classification_metrics(probs, test_labels, val_logits=val_logits, val_labels=val_labels)
-    assert set(m) == {"acc", "top5", "nll", "ece", "brier", "temperature", "cnll", "cece"}
-    assert all(isinstance(v, float) for v in m.values())
-    assert m["temperature"] == pytest.approx(2.5, rel=0.1)
+    assert set(m) == {"acc", "top5", "nll", "ece", "brier", "temperature", "temperature_at_bound", "cnll", "cece"}
+    assert all(isinstance(v, float) for k, v in m.items() if k != "temperature_at_bound")
+    assert m["temperature"] == pytest.approx(2.5, rel=0.1) and m["temperature_at_bound"] is False
     assert m["cnll"] < m["nll"] - 0.1
     assert m["cece"] < m["ece"] / 3
     # Passing the logits explicitly gives the same calibrated numbers as log(probs).
@@ -225,6 +240,20 @@ def test_classification_metrics_with_temperature_scaling():
     assert m2["cnll"] == pytest.approx(m["cnll"], rel=1e-6)
     with pytest.raises(ValueError, match="val_labels"):
         classification_metrics(probs, test_labels, val_logits=val_logits)
+
+
+def test_classification_metrics_flag_a_separable_validation_split():
+    # Validation: both samples right with a margin, so the fit stops at T = 0.01. Test: one sample
+    # wrong by 1, which at T = 0.01 gets p(label) = 1 / (1 + e^100), clamped at 1e-12: it costs
+    # log(1e12) = 27.6 nats, so cNLL = 13.8 against NLL = 0.72, a figure set by the bound (and the
+    # clamp) alone. It is kept, and flagged.
+    val_logits, val_labels = torch.tensor([[2.0, 0.0], [0.0, 3.0]]), torch.tensor([0, 1])
+    test_logits, test_labels = torch.tensor([[2.0, 0.0], [1.0, 0.0]]), torch.tensor([0, 1])
+    m = classification_metrics(torch.softmax(test_logits, 1), test_labels, val_logits=val_logits,
+                               val_labels=val_labels, test_logits=test_logits)
+    assert m["temperature"] == pytest.approx(0.01) and m["temperature_at_bound"] is True
+    assert m["nll"] == pytest.approx((math.log(1 + math.exp(-2)) + math.log(1 + math.exp(1))) / 2)
+    assert m["cnll"] == pytest.approx(math.log(1e12) / 2)
 
 
 def test_classification_metrics_without_validation_and_few_classes():

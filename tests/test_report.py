@@ -14,6 +14,8 @@ from rich.console import Console
 from ensemble_kd.metrics import reliability_bins
 from ensemble_kd.report import (
     COLUMNS,
+    MARK,
+    TEMPERATURE_NOTE,
     accuracy_vs_cost,
     load_results,
     markdown_table,
@@ -21,6 +23,7 @@ from ensemble_kd.report import (
     reliability_diagram,
     write_results,
 )
+from ensemble_kd.sweep import summarise
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -169,3 +172,62 @@ def test_latency_cell_shows_median_and_half_the_interquartile_range():
     # A sweep's spread over seeds, where there is one, is what the table shows.
     row["latency_ms_std"] = 0.5
     assert _cells(markdown_table([row], ["name", "latency_ms"]).splitlines()[2]) == ["m", "1.104 ± 0.500"]
+
+
+# Two rows whose temperature fit stopped at a bound (one with a sweep's spread), two whose did not.
+CALIBRATION_ROWS = [
+    {"name": "teacher", "acc": 0.98, "cnll": 0.0612, "cece": 0.0101, "temperature": 1.3,
+     "temperature_at_bound": False},
+    {"name": "student aver", "acc": 0.97, "cnll": 0.6021, "cece": 0.0233, "temperature": 0.01,
+     "temperature_at_bound": True},
+    {"name": "student aekd", "acc": 0.96, "cnll": 0.5, "cnll_std": 0.1, "cece": 0.02, "temperature_at_bound": True},
+    {"name": "no validation", "acc": 0.95},
+]
+
+
+def test_calibrated_cells_at_a_temperature_bound_are_marked_with_one_footnote():
+    lines = markdown_table(CALIBRATION_ROWS, ["name", "acc", "cnll", "cece", "temperature"]).splitlines()
+    assert _cells(lines[2]) == ["teacher", "98.00", "0.0612", "0.0101", "1.300"]
+    assert _cells(lines[3]) == ["student aver", "97.00", f"0.6021{MARK}", f"0.0233{MARK}", "0.010"]
+    assert _cells(lines[4]) == ["student aekd", "96.00", f"0.5000 ± 0.1000{MARK}", f"0.0200{MARK}", "–"]
+    assert _cells(lines[5]) == ["no validation", "95.00", "–", "–", "–"]
+    # After a blank line (a text line right under a table would be one of its rows), once.
+    assert lines[6:] == ["", f"{MARK} {TEMPERATURE_NOTE}"]
+    assert "T=0.01" in TEMPERATURE_NOTE and "data.val_fraction" in TEMPERATURE_NOTE
+    assert sum(line.count(MARK) for line in lines) == 5
+
+
+def test_tables_without_a_marked_cell_have_no_footnote():
+    unflagged = [CALIBRATION_ROWS[0], CALIBRATION_ROWS[3]]
+    assert MARK not in markdown_table(unflagged) and TEMPERATURE_NOTE not in markdown_table(unflagged)
+    # A flagged row whose calibrated figures are not shown marks nothing.
+    assert MARK not in markdown_table(CALIBRATION_ROWS, ["name", "acc", "temperature"])
+    buf = io.StringIO()
+    print_table(unflagged, ["name", "cnll"], console=Console(file=buf, width=120))
+    assert MARK not in buf.getvalue()
+
+
+def test_printed_table_marks_the_same_cells_and_prints_the_footnote_once():
+    buf = io.StringIO()
+    print_table(CALIBRATION_ROWS, ["name", "cnll", "cece"], console=Console(file=buf, width=120))
+    out = buf.getvalue()
+    assert f"0.6021{MARK}" in out and f"0.0233{MARK}" in out and f"0.0612{MARK}" not in out
+    assert out.count(TEMPERATURE_NOTE) == 1 and out.rstrip().endswith(TEMPERATURE_NOTE)
+
+
+def test_results_keep_the_flag_and_old_results_get_it_from_their_temperature(tmp_path):
+    md_path, _ = write_results(tmp_path / "run", CALIBRATION_ROWS[:2])
+    assert TEMPERATURE_NOTE in md_path.read_text()
+    assert [r["temperature_at_bound"] for r in load_results(tmp_path / "run")] == [False, True]
+    # results.json written before the flag existed: a temperature at a bound is one
+    (tmp_path / "results.json").write_text(json.dumps([{"name": "a", "cnll": 0.6, "temperature": 0.01},
+                                                       {"name": "b", "cnll": 0.1, "temperature": 0.7},
+                                                       {"name": "c", "acc": 0.9}]))
+    assert [r.get("temperature_at_bound") for r in load_results(tmp_path)] == [True, False, None]
+
+
+def test_a_sweep_row_is_flagged_when_any_seed_is():
+    seeds = [{"name": "x", "cnll": 0.1, "temperature_at_bound": False},
+             {"name": "x", "cnll": 0.7, "temperature_at_bound": True}]
+    assert summarise("aver", seeds)["temperature_at_bound"] is True
+    assert summarise("aver", [seeds[0], seeds[0]])["temperature_at_bound"] is False

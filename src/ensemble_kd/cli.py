@@ -28,7 +28,7 @@ from .engine.run_dir import RESUME_SAFE, check_resumable, claim_run_dir, saved_c
 from .engine.runs import MetricsLog, write_config
 from .ensemble import MANIFEST, TeacherSet
 from .ensemble.cache import open_cache
-from .report import (accuracy_vs_cost, load_results, print_table, reliability_diagram,
+from .report import (MARK, TEMPERATURE_NOTE, accuracy_vs_cost, load_results, print_table, reliability_diagram,
                      teacher_weights_over_training, write_results)
 
 DEMO_COLUMNS = ["name", "acc", "nll", "ece", "cnll", "cece", "params", "macs", "train_time_s"]
@@ -365,6 +365,10 @@ def _finish(run_dir: Path, rows: list[dict], title: str, columns: list[str]) -> 
     if busy:  # a busy machine: one forward pass waits for a descheduled thread now and then
         err.print(f"latency varies widely between repeats (interquartile range over half the median) for "
                   f"{', '.join(busy)}: the machine is busy; measure latency on a quiet one", highlight=False)
+    bounded = [r["name"] for r in rows if r.get("temperature_at_bound") is True]
+    if bounded:  # the table marks their cells; said here too, where a log reader sees it
+        err.print(f"{', '.join(bounded)}: {TEMPERATURE_NOTE} (marked {MARK} in the table)", highlight=False,
+                  markup=False, soft_wrap=True)
     write_results(run_dir, rows)
     bins = {r["name"]: r["reliability"] for r in rows if r.get("reliability")}
     if bins:

@@ -141,11 +141,14 @@ def _train_or_evaluate(run: PlannedRun, data, progress) -> None:
 
 
 def summarise(name: str, rows: list[dict]) -> dict:
-    """Mean of every number over seeds; `<key>_std` the spread where a metric varies."""
+    """Mean of every number over seeds; `<key>_std` the spread where a metric varies; a flag
+    (temperature_at_bound) is set when any seed's is, since it taints the mean."""
     out = {"name": f"{name} ({len(rows)} seeds)" if len(rows) > 1 else name, "seeds": len(rows)}
     for key in rows[0]:
         values = [r.get(key) for r in rows]
-        if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+        if all(isinstance(v, bool) for v in values):
+            out[key] = any(values)
+        elif all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
             out[key] = statistics.fmean(values)
             if len(values) > 1 and key in SPREAD_KEYS:
                 out[f"{key}_std"] = statistics.stdev(values)

@@ -1,7 +1,8 @@
 """Evaluation as the papers do it: test metrics, temperature fitted on validation, cost.
 
-A row is a plain dict (name, acc, nll, ece, cnll, cece, brier, params, macs, flops = 2·macs, ...)
-plus the reliability bins, so `compare` can redraw diagrams from results.json.
+A row is a plain dict (name, acc, nll, ece, cnll, cece, temperature, temperature_at_bound, brier,
+params, macs, flops = 2·macs, ...) plus the reliability bins, so `compare` can redraw diagrams
+from results.json.
 """
 
 from __future__ import annotations

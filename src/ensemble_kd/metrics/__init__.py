@@ -8,7 +8,7 @@ from .corruptions import CORRUPTIONS, corrupt, corruption_suite
 from .cost import count_flops, count_macs, count_parameters, eval_mode, measure_latency, measure_throughput
 from .multilabel import global_average_precision, mean_average_precision
 from .ood import auroc, max_probability, negative_entropy, ood_metrics
-from .temperature import finite_logits, fit_temperature, probs_to_logits
+from .temperature import finite_logits, fit_temperature, probs_to_logits, temperature_at_bound
 
 __all__ = [
     "CORRUPTIONS",
@@ -35,5 +35,6 @@ __all__ = [
     "ood_metrics",
     "probs_to_logits",
     "reliability_bins",
+    "temperature_at_bound",
     "top_k_accuracy",
 ]

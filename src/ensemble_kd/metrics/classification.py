@@ -6,7 +6,7 @@ import torch
 
 from ._checks import EPS, check_logits_labels, check_probs_labels
 from .calibration import expected_calibration_error
-from .temperature import finite_logits, fit_temperature, probs_to_logits
+from .temperature import finite_logits, fit_temperature, probs_to_logits, temperature_at_bound
 
 
 def top_k_accuracy(probs, labels, k: int = 1) -> float:
@@ -45,18 +45,20 @@ def classification_metrics(
     val_labels=None,
     test_logits=None,
     n_bins: int = 15,
-) -> dict[str, float]:
-    """All test-set metrics of one model (or ensemble) as a dict of floats.
+) -> dict[str, float | bool]:
+    """All test-set metrics of one model (or ensemble) as a dict of floats (and one flag).
 
     Keys: acc, top5 (only when there are at least 5 classes: with fewer it is
     trivially 1), nll, ece, brier. With val_logits/val_labels also: temperature
     (fitted on the validation split), cnll and cece (NLL and ECE of
-    softmax(test_logits / T)). test_logits defaults to log(probs), which is the
+    softmax(test_logits / T)), and the flag temperature_at_bound: True when T is a
+    bound of the fit's range, so cnll and cece are not identifiable (they depend on
+    the bound; see temperature_at_bound). test_logits defaults to log(probs), which is the
     right choice for an ensemble (log of the mean probabilities); test_logits is
     ignored without validation data.
     """
     probs, labels = check_probs_labels(probs, labels)
-    out: dict[str, float] = {"acc": top_k_accuracy(probs, labels, 1)}
+    out: dict[str, float | bool] = {"acc": top_k_accuracy(probs, labels, 1)}
     if probs.shape[1] >= 5:
         out["top5"] = top_k_accuracy(probs, labels, 5)
     out["nll"] = negative_log_likelihood(probs, labels)
@@ -77,6 +79,7 @@ def classification_metrics(
         )
     scaled = torch.softmax(finite_logits(test_logits.double()) / temperature, dim=1)
     out["temperature"] = temperature
+    out["temperature_at_bound"] = temperature_at_bound(temperature)
     out["cnll"] = negative_log_likelihood(scaled, labels)
     out["cece"] = expected_calibration_error(scaled, labels, n_bins=n_bins)
     return out

@@ -45,6 +45,18 @@ def _nll_slope(z: torch.Tensor, z_true: torch.Tensor, b: float) -> tuple[float, 
     return float((mean_z - z_true).mean()), float(var_z.mean())
 
 
+def temperature_at_bound(temperature: float) -> bool:
+    """True when fit_temperature returned a bound of its range: the optimum lies outside it.
+
+    Then temperature scaling is not identifiable and the calibrated test figures depend on
+    the bound: at T_MIN the validation NLL keeps falling as T -> 0 (every validation sample
+    right with a margin), at T_MAX as T grows (predictions no better than uniform).
+    fit_temperature returns a bound only then: its Newton iterates stay strictly inside
+    the bracket.
+    """
+    return temperature in (T_MIN, T_MAX)
+
+
 def fit_temperature(logits, labels) -> float:
     """The temperature T in [0.01, 100] minimising mean NLL of softmax(logits / T), in float64.
 
@@ -53,7 +65,7 @@ def fit_temperature(logits, labels) -> float:
     relative precision of about 1e-10; usually under ten passes over the logits. -inf
     logits (log of a zero probability) are replaced by a finite floor (see finite_logits).
     If the optimum lies outside the range the nearest bound is returned, e.g. 0.01 when
-    every validation sample is classified correctly with a margin.
+    every validation sample is classified correctly with a margin (see temperature_at_bound).
     """
     logits, labels = check_logits_labels(logits, labels)
     z = finite_logits(logits.double())

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 from .plots import (accuracy_vs_cost, accuracy_vs_cost_figure, reliability_diagram, reliability_figure,
                     teacher_weights_over_training)
-from .tables import COLUMNS, HEADERS, format_value, load_results, markdown_table, print_table, write_results
+from .tables import (COLUMNS, HEADERS, MARK, TEMPERATURE_NOTE, format_value, load_results, markdown_table, print_table,
+                     write_results)
 
 __all__ = [
     "COLUMNS",
     "HEADERS",
+    "MARK",
+    "TEMPERATURE_NOTE",
     "accuracy_vs_cost",
     "accuracy_vs_cost_figure",
     "format_value",

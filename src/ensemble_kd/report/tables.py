@@ -8,7 +8,18 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from ..metrics.temperature import T_MAX, T_MIN, temperature_at_bound
+
 MISSING = "–"  # shown for a missing, None or NaN value
+
+# Calibrated figures of a row whose temperature fit stopped at a bound (temperature_at_bound)
+# carry this mark, explained once under the table. A dagger, not '*': a line starting with
+# '* ' is a list item in markdown, which would hide the mark of the footnote in results.md.
+MARK = "†"
+CALIBRATED = ("cnll", "cece")
+TEMPERATURE_NOTE = (f"temperature scaling hit a bound of its range (T={T_MIN:g} or {T_MAX:g}): the validation NLL "
+                    f"still falls beyond it, so cNLL and cECE are not identifiable; at T={T_MIN:g} the validation "
+                    f"split is classified perfectly: raise data.val_fraction for calibrated figures")
 
 # Default column order; a row is a dict keyed by these names (extra keys are allowed).
 COLUMNS: tuple[str, ...] = (
@@ -99,14 +110,26 @@ def format_value(column: str, value: Any) -> str:
 
 def format_cell(row: Mapping[str, Any], column: str) -> str:
     """A row's cell; a numeric `<column>_std` entry (spread over seeds) is appended as '± std', and
-    a timing's `<column>_iqr` (spread over repeats around the median) as '± iqr/2'."""
+    a timing's `<column>_iqr` (spread over repeats around the median) as '± iqr/2'; a calibrated
+    figure whose temperature is at a bound ends in MARK."""
     text = format_value(column, row.get(column))
     std, iqr = row.get(f"{column}_std"), row.get(f"{column}_iqr")
     if text != MISSING and _is_number(std):
         text += " ± " + format_value(column, std)
     elif text != MISSING and _is_number(iqr):
         text += " ± " + format_value(column, iqr / 2)
-    return text
+    return text + MARK if _marked(row, column) else text
+
+
+def _marked(row: Mapping[str, Any], column: str) -> bool:
+    return column in CALIBRATED and row.get("temperature_at_bound") is True and not _is_missing(row.get(column))
+
+
+def footnotes(rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> list[str]:
+    """The lines under a table: the meaning of MARK, once, when some shown cell carries it."""
+    if any(_marked(r, c) for r in rows for c in columns):
+        return [f"{MARK} {TEMPERATURE_NOTE}"]
+    return []
 
 
 def _is_number(value: Any) -> bool:
@@ -132,13 +155,15 @@ def _check_rows(rows: Iterable[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
 
 
 def markdown_table(rows: Iterable[Mapping[str, Any]], columns: Sequence[str] | None = None) -> str:
-    """A GitHub markdown table of the rows (numbers right-aligned), ending with a newline."""
+    """A GitHub markdown table of the rows (numbers right-aligned), ending with a newline; its
+    footnotes follow after a blank line (a text line right under a table would be one of its rows)."""
     rows = _check_rows(rows)
     cols = _columns(rows, columns)
     header = "| " + " | ".join(HEADERS.get(c, c) for c in cols) + " |"
     rule = "|" + "|".join(":---" if c == "name" else "---:" for c in cols) + "|"
     body = ["| " + " | ".join(format_cell(r, c).replace("|", "\\|") for c in cols) + " |" for r in rows]
-    return "\n".join([header, rule, *body]) + "\n"
+    notes = footnotes(rows, cols)
+    return "\n".join([header, rule, *body, *([""] + notes if notes else [])]) + "\n"
 
 
 def print_table(
@@ -147,7 +172,8 @@ def print_table(
     title: str | None = None,
     console=None,
 ) -> None:
-    """Print the rows as a rich Table on `console` (a new rich Console on stdout if None)."""
+    """Print the rows as a rich Table on `console` (a new rich Console on stdout if None), then
+    its footnotes."""
     from rich.console import Console
     from rich.table import Table
 
@@ -158,7 +184,10 @@ def print_table(
         table.add_column(HEADERS.get(c, c), justify="left" if c == "name" else "right")
     for r in rows:
         table.add_row(*(format_cell(r, c) for c in cols))
-    (console or Console()).print(table)
+    console = console or Console()
+    console.print(table)
+    for note in footnotes(rows, cols):
+        console.print(note, markup=False, highlight=False, soft_wrap=True)
 
 
 def _jsonable(value: Any, where: str) -> Any:
@@ -211,4 +240,6 @@ def load_results(run_dir: str | Path) -> list[dict[str, Any]]:
     for row in data:  # results written before MACs were reported: FLOPs were 2 per multiply-accumulate
         if isinstance(row.get("flops"), (int, float)) and "macs" not in row:
             row["macs"] = row["flops"] / 2
+        if isinstance(row.get("temperature"), (int, float)) and "temperature_at_bound" not in row:
+            row["temperature_at_bound"] = temperature_at_bound(row["temperature"])  # written before the flag
     return data
