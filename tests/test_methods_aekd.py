@@ -23,6 +23,7 @@ from ensemble_kd.solvers.capped_simplex import (capped_simplex_projection, gram_
                                                 weights_from_gram)
 from ensemble_kd.methods.kd import teacher_kd_losses
 from ensemble_kd.models import create, forward_with_taps
+from ensemble_kd.models.tokens import tokens_to_map
 
 
 # --------------------------------------------------------------------------- references
@@ -409,6 +410,40 @@ def test_features_variant_needs_a_tap_every_teacher_has():
                            create("mlp", num_classes=5, in_channels=1)])
     with pytest.raises(ValueError, match="teacher 1 has no module 'layer3'"):
         create_method("aekd", variant="features").bind(student, teachers)
+
+
+
+def test_tokens_become_the_map_of_the_patch_tokens_in_row_major_order():
+    B, h, w, C = 2, 2, 3, 4
+    tokens = torch.randn(B, 1 + h * w, C)  # a class token, then the patches row by row
+    got = tokens_to_map(tokens, (1, (h, w)))
+    assert got.shape == (B, C, h, w)
+    for i, j in itertools.product(range(h), range(w)):
+        torch.testing.assert_close(got[:, :, i, j], tokens[:, 1 + i * w + j], rtol=0, atol=0)
+    square = torch.randn(B, 2 + 9, C)  # 2 prefix tokens at another input size than the 2x3 grid: 3x3
+    torch.testing.assert_close(tokens_to_map(square, (2, (h, w))), square[:, 2:].reshape(B, 3, 3, C).permute(0, 3, 1, 2))
+    with pytest.raises(ValueError, match=r"8 tokens fit neither the model's 1 prefix tokens \+ 2x3 patch grid"):
+        tokens_to_map(torch.randn(B, 8, C), (1, (h, w)))
+
+
+class _TokenNet(torch.nn.Module):
+    """A model whose `block` outputs tokens (B, N, C) but that has no known token layout."""
+
+    def __init__(self, num_classes=5):
+        super().__init__()
+        self.embed, self.block, self.head = torch.nn.Linear(1, 6), torch.nn.Identity(), torch.nn.Linear(6, num_classes)
+
+    def forward(self, x):
+        return self.head(self.block(self.embed(x.flatten(2).transpose(1, 2))).mean(1))
+
+
+def test_features_variant_refuses_tokens_of_a_model_without_a_known_layout():
+    _, teachers, x, _ = _feature_setup()
+    method = create_method("aekd", variant="features", student_tap="block", teacher_tap="layer3")
+    with pytest.raises(ValueError, match=r"^aekd \(features\): the student's tap 'block' gives shape \(2, 64, 6\); "
+                                         r"a hint feature must be a map \(B, C, H, W\), a vector \(B, C\), or the "
+                                         r"tokens \(B, N, C\) of a timm or torchvision VisionTransformer"):
+        method.bind(_TokenNet(), teachers, x)
 
 
 # --------------------------------------------------------------------------- in the engine

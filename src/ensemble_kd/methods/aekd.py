@@ -35,6 +35,9 @@ the loss in the first epoch (ours is in from the first step). Set `student_tap`/
 Feature variant (FitNets hints): one regressor per teacher, conv 1x1 (or 3x3) + BN, maps
 the student's feature f_s to teacher m's channels, average-pooled to teacher m's spatial
 size; h_m = ½·mean((f_m - r_m(f_s))²) over all elements (batch, channels, positions).
+A feature is a map (B, C, H, W), a vector (B, C) (a 1x1 map), or a vision transformer's
+tokens (B, N, C), read as the map (B, C, h, w) of its patch tokens (models/tokens.py: the
+prefix tokens dropped), so ViT and CNN teachers and students hint each other in any mix.
 Its weights α' come from the gradients of h_m at the shared f_s, read in one autograd
 call through the regressors only (the student's backbone is not traversed).
 
@@ -54,6 +57,7 @@ from torch import nn
 from ..distributed import all_reduce_mean
 from ..metrics import eval_mode
 from ..models import default_taps, forward_with_taps, resolve_module, unwrap
+from ..models.tokens import TokenLayout, token_layout, tokens_to_map
 from ..solvers.capped_simplex import SOLVERS, gram_matrix, teacher_weights
 from .base import STAGE_TAPS, Method, MethodLoss, Needs, register_method, class_targets
 from .kd import check_temperature, teacher_kd_losses, teacher_logits_of
@@ -108,12 +112,20 @@ class Regressor(nn.Module):
         return out if tuple(out.shape[-2:]) == tuple(size) else F.adaptive_avg_pool2d(out, size)
 
 
-def _as_map(x: torch.Tensor) -> torch.Tensor:
+def _as_map(x: torch.Tensor, layout: TokenLayout | None = None, where: str = "a hint feature") -> torch.Tensor:
+    """A hint feature as (B, C, H, W): a map as is, a vector as 1x1, ViT tokens by their model's layout."""
     if x.dim() == 4:
         return x
     if x.dim() == 2:
         return x[:, :, None, None]
-    raise ValueError(f"a hint feature must be (B, C, H, W) or (B, C), got shape {tuple(x.shape)}")
+    if x.dim() == 3 and layout is not None:
+        try:
+            return tokens_to_map(x, layout)
+        except ValueError as err:
+            raise ValueError(f"aekd (features): {where} gives tokens of shape {tuple(x.shape)}, but {err}") from None
+    raise ValueError(f"aekd (features): {where} gives shape {tuple(x.shape)}; a hint feature must be a map "
+                     f"(B, C, H, W), a vector (B, C), or the tokens (B, N, C) of a timm or torchvision "
+                     f"VisionTransformer, whose token layout bind() reads from the model")
 
 
 def _last_stage(model: nn.Module, who: str, option: str) -> str:
@@ -131,12 +143,12 @@ def _channels(model: nn.Module, path: str, example_x, who: str) -> int:
     if example_x is not None:
         with eval_mode(model), torch.no_grad():  # the module inside DDP: its forward would be a collective
             _, taps = forward_with_taps(unwrap(model), example_x[:2], (path,))
-        return int(_as_map(taps[path]).shape[1])
+        return int(_as_map(taps[path], token_layout(model), f"{who}'s tap '{path}'").shape[1])
     inner = unwrap(model)
     points, channels = getattr(inner, "tap_points", None), getattr(inner, "stage_channels", None)
     if points is not None and channels is not None and path in points:
         return int(channels[list(points).index(path)])
-    raise ValueError(f"aekd (features): cannot tell the channels of the {who}'s '{path}'; pass "
+    raise ValueError(f"aekd (features): cannot tell the channels of {who}'s '{path}'; pass "
                      f"example_x to bind(), or the options student_channels and teacher_channels")
 
 
@@ -187,6 +199,9 @@ class AEKD(Method):
         self.variant, self.kernel = variant, regressor_kernel
         self.student_tap, self.teacher_tap = student_tap, teacher_tap
         self.regressors = nn.ModuleList()
+        # ViT taps' token layouts (models/tokens.py), read from the models at bind; None: not a ViT.
+        self.student_layout: TokenLayout | None = None
+        self.teacher_layouts: list[TokenLayout | None] = []
         self.needs = Needs(teacher_logits=True)
         if variant == "features" and student_channels is not None:
             if isinstance(teacher_channels, int) or not all(isinstance(c, int) and c > 0 for c in teacher_channels):
@@ -223,7 +238,9 @@ class AEKD(Method):
             except ValueError as err:
                 raise ValueError(f"aekd (features): teacher {i} has no module '{self.teacher_tap}'; "
                                  f"every teacher needs it: set teacher_tap to a path they share ({err})") from None
-        c_s = _channels(student, self.student_tap, example_x, "student")
+        self.student_layout = token_layout(student)
+        self.teacher_layouts = [token_layout(m) for m in members]
+        c_s = _channels(student, self.student_tap, example_x, "the student")
         c_t = [_channels(m, self.teacher_tap, example_x, f"teacher {i}") for i, m in enumerate(members)]
         built = [(r.conv.in_channels, r.conv.out_channels) for r in self.regressors]
         if built != [(c_s, c) for c in c_t]:
@@ -282,8 +299,10 @@ class AEKD(Method):
         if self.student_tap not in student.taps or self.teacher_tap not in teachers.taps:
             raise ValueError(f"aekd (features) needs the student tap '{self.student_tap}' and the teacher "
                              f"tap '{self.teacher_tap}' in the outputs it was given")
-        f_s = student.taps[self.student_tap]
-        targets = [_as_map(f).detach() for f in teachers.taps[self.teacher_tap]]
+        f_s = _as_map(student.taps[self.student_tap], self.student_layout, f"the student's tap '{self.student_tap}'")
+        layouts = self.teacher_layouts or [None] * M  # regressors given as options, never bound: no ViT layouts
+        targets = [_as_map(f, layout, f"teacher {i}'s tap '{self.teacher_tap}'").detach()
+                   for i, (f, layout) in enumerate(zip(teachers.taps[self.teacher_tap], layouts))]
         with torch.enable_grad():
             src = f_s if f_s.requires_grad else f_s.detach().requires_grad_()
             # One view of f_s per regressor: the gradient at view m is the gradient of h_m at f_s.
