@@ -183,6 +183,113 @@ def test_meal_and_aekd_features_tap_library_resnets_at_their_stage_ends(arch, me
     assert all(p.grad is not None for p in method.parameters())
 
 
+
+# --------------------------------------------------------------------------- vision transformers
+VIT = ("timm/vit_tiny_patch16_224", {"img_size": 32})  # 2x2 patches of 16 px, 192 wide
+
+
+def _small_torchvision_vit(num_classes=4):
+    """torchvision's ViT at a test's size, with the tap_points build_torchvision gives every ViT
+    (`torchvision/vit_b_16` takes image_size: 32 but not its 12 layers' width or depth)."""
+    import torchvision
+
+    from ensemble_kd.models.external import torchvision_stage_ends
+
+    model = torchvision.models.VisionTransformer(image_size=32, patch_size=16, num_layers=1, num_heads=2,
+                                                 hidden_dim=32, mlp_dim=64, num_classes=num_classes)
+    model.tap_points = torchvision_stage_ends(model)
+    return model
+
+
+def test_vit_token_layouts_give_the_maps_of_timms_forward_intermediates():
+    from ensemble_kd.models.tokens import token_layout, tokens_to_map
+
+    torch.manual_seed(0)
+    vit = create(VIT[0], num_classes=4, **VIT[1]).eval()
+    assert token_layout(vit) == (1, (2, 2)) and default_taps(vit) == ("blocks.11", "logits")
+    assert token_layout(create("timm/deit_tiny_distilled_patch16_224", num_classes=4, img_size=32)) == (2, (2, 2))
+    assert token_layout(create("timm/resnet10t", num_classes=4)) is None
+    # dynamic_img_size at 48 px: 3x3 patches where the grid says 2x2, read from the token count
+    dynamic = create(VIT[0], num_classes=4, img_size=32, dynamic_img_size=True).eval()
+    for model, side in ((vit, 32), (dynamic, 48)):
+        x = torch.randn(2, 3, side, side)
+        _, taps = forward_with_taps(model, x, ("blocks.5",))
+        official = model.forward_intermediates(x, indices=[5], output_fmt="NCHW", intermediates_only=True)[0]
+        torch.testing.assert_close(tokens_to_map(taps["blocks.5"], token_layout(model)), official, rtol=0, atol=0)
+    tv = _small_torchvision_vit()
+    assert token_layout(tv) == (1, (2, 2)) and default_taps(tv) == ("encoder.layers.encoder_layer_0", "logits")
+    x = torch.randn(2, 3, 32, 32)
+    _, taps = forward_with_taps(tv.eval(), x, ("conv_proj", "encoder.layers.encoder_layer_0"))
+    patches = taps["conv_proj"]  # (B, C, 2, 2), which torchvision flattens row by row after its class token
+    assert tokens_to_map(taps["encoder.layers.encoder_layer_0"], token_layout(tv)).shape == patches.shape
+    tokens = torch.cat([torch.zeros(2, 1, 32), patches.flatten(2).transpose(1, 2)], 1)
+    torch.testing.assert_close(tokens_to_map(tokens, token_layout(tv)), patches, rtol=0, atol=0)
+
+
+def _aekd_features_step(teachers, student, x):
+    """bind, then one step of aekd (features) as the engine takes it: (method, loss)."""
+    from ensemble_kd.data.loader import Batch
+    from ensemble_kd.ensemble import TeacherSet
+    from ensemble_kd.methods import StudentOutput
+
+    teachers = TeacherSet(teachers)
+    teachers.prepare_for_inference(fold_bn=True)
+    method = create_method("aekd", variant="features")
+    method.bind(student, teachers, x)
+    logits, taps = forward_with_taps(student, x, method.needs.student_taps)
+    y = torch.randint(0, 4, (len(x),))
+    out = method.loss(Batch(x, y, torch.arange(len(x))), StudentOutput(logits, taps),
+                      teachers.outputs(x, method.needs))
+    out.loss.backward()
+    assert torch.isfinite(out.loss) and out.logs["hint"] > 0
+    assert all(p.grad is not None for p in student.parameters() if p.requires_grad)
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in method.parameters())
+    return method
+
+
+def test_aekd_features_hint_a_resnet_student_from_vit_teachers():
+    torch.manual_seed(0)
+    vits = [create(VIT[0], num_classes=4, **VIT[1]) for _ in range(2)]
+    method = _aekd_features_step(vits, create("timm/resnet10t", num_classes=4), torch.randn(4, 3, 32, 32))
+    assert (method.student_tap, method.teacher_tap) == ("layer4", "blocks.11")
+    assert [(r.conv.in_channels, r.conv.out_channels) for r in method.regressors] == [(512, 192)] * 2
+
+
+def test_aekd_features_hint_a_vit_student_from_resnet_and_torchvision_vit_teachers():
+    torch.manual_seed(0)
+    x = torch.randn(4, 3, 32, 32)
+    method = _aekd_features_step([create("timm/resnet10t", num_classes=4) for _ in range(2)],
+                                 create(VIT[0], num_classes=4, **VIT[1]), x)
+    assert (method.student_tap, method.teacher_tap) == ("blocks.11", "layer4")
+    assert [(r.conv.in_channels, r.conv.out_channels) for r in method.regressors] == [(192, 512)] * 2
+    method = _aekd_features_step([_small_torchvision_vit() for _ in range(2)], create(VIT[0], num_classes=4, **VIT[1]), x)
+    assert (method.teacher_tap, method.teacher_layouts) == ("encoder.layers.encoder_layer_0", [(1, (2, 2))] * 2)
+    assert [(r.conv.in_channels, r.conv.out_channels) for r in method.regressors] == [(192, 32)] * 2
+
+
+def test_meal_aligns_vit_tokens_over_their_patches():
+    from ensemble_kd.data.loader import Batch
+    from ensemble_kd.ensemble import TeacherSet
+    from ensemble_kd.methods import StudentOutput
+    from ensemble_kd.methods.meal import align, spatial
+
+    torch.manual_seed(0)
+    teachers = TeacherSet([create(VIT[0], num_classes=4, **VIT[1]) for _ in range(2)])
+    student, x = create(VIT[0], num_classes=4, **VIT[1]), torch.randn(4, 3, 32, 32)
+    method = create_method("meal")
+    method.bind(student, teachers, x)
+    assert method.teacher_taps == ("blocks.11", "logits") and method.lengths == [4, 4]  # 2x2 patches, K = 4
+    tokens = teachers.outputs(x, method.needs).taps["blocks.11"][0]
+    # the class token left out; positions are the patches, the channels reduced, as for a CNN's map
+    torch.testing.assert_close(align(spatial(tokens, method.teacher_layouts, "teachers", "blocks.11"), 4),
+                               tokens[:, 1:].mean(-1))
+    logits, taps = forward_with_taps(student, x, method.needs.student_taps)
+    out = method.loss(Batch(x, torch.randint(0, 4, (4,)), torch.arange(4)), StudentOutput(logits, taps),
+                      teachers.outputs(x, method.needs, members=method.teacher_indices(0, 2, 0)))
+    out.loss.backward()
+    assert torch.isfinite(out.loss) and all(p.grad is not None for p in method.parameters())
+
+
 def test_ecosystem_methods_script_prints_a_row_per_family(capsys):
     import importlib.util
     from pathlib import Path
