@@ -281,13 +281,41 @@ def test_meal_aligns_vit_tokens_over_their_patches():
     assert method.teacher_taps == ("blocks.11", "logits") and method.lengths == [4, 4]  # 2x2 patches, K = 4
     tokens = teachers.outputs(x, method.needs).taps["blocks.11"][0]
     # the class token left out; positions are the patches, the channels reduced, as for a CNN's map
-    torch.testing.assert_close(align(spatial(tokens, method.teacher_layouts, "teachers", "blocks.11"), 4),
+    torch.testing.assert_close(align(spatial(tokens, method.teacher_layouts["blocks.11"], "teachers", "blocks.11"), 4),
                                tokens[:, 1:].mean(-1))
     logits, taps = forward_with_taps(student, x, method.needs.student_taps)
     out = method.loss(Batch(x, torch.randint(0, 4, (4,)), torch.arange(4)), StudentOutput(logits, taps),
                       teachers.outputs(x, method.needs, members=method.teacher_indices(0, 2, 0)))
     out.loss.backward()
     assert torch.isfinite(out.loss) and all(p.grad is not None for p in method.parameters())
+
+
+SWIN = ("timm/swin_tiny_patch4_window7_224",  # shrunk: 32 px, window 2, one block of width 24 per stage
+        {"img_size": 32, "window_size": 2, "depths": (1, 1, 1, 1), "embed_dim": 24, "num_heads": (1, 1, 1, 1)})
+
+
+def test_channels_last_taps_of_swin_models_are_read_channels_first():
+    """timm's and torchvision's Swin keep their maps (B, H, W, C): read as (B, C, H, W) they would
+    hint and align height for channels, silently."""
+    from ensemble_kd.models.tokens import NHWC, tap_layout, to_map
+
+    swin = create(SWIN[0], num_classes=4, **SWIN[1]).eval()
+    assert tap_layout(swin, "layers.2") == NHWC and tap_layout(create("timm/resnet10t", num_classes=4), "layer3") is None
+    tv = create("torchvision/swin_t", num_classes=4)
+    assert (tap_layout(tv, "features.7"), tap_layout(tv, "avgpool")) == (NHWC, None)  # permuted after features
+    x = torch.randn(2, 3, 32, 32)
+    _, taps = forward_with_taps(swin, x, ("layers.2",))
+    assert taps["layers.2"].shape == (2, 2, 2, 96)
+    torch.testing.assert_close(to_map(taps["layers.2"], NHWC), taps["layers.2"].permute(0, 3, 1, 2), rtol=0, atol=0)
+    method = _aekd_features_step([create(SWIN[0], num_classes=4, **SWIN[1]) for _ in range(2)],
+                                 create("timm/resnet10t", num_classes=4), x)
+    assert method.teacher_tap == "layers.3"  # (B, 1, 1, 192): read channels-first, 192 channels, not 1
+    assert [(r.conv.in_channels, r.conv.out_channels) for r in method.regressors] == [(512, 192)] * 2
+    from ensemble_kd.ensemble import TeacherSet
+
+    meal = create_method("meal", taps=["layers.2", "logits"])
+    meal.bind(create(SWIN[0], num_classes=4, **SWIN[1]), TeacherSet([swin]), x)
+    assert meal.lengths == [4, 4]  # 2x2 positions of a 96-channel map, not 2x96
 
 
 def test_ecosystem_methods_script_prints_a_row_per_family(capsys):

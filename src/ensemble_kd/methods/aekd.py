@@ -57,7 +57,7 @@ from torch import nn
 from ..distributed import all_reduce_mean
 from ..metrics import eval_mode
 from ..models import default_taps, forward_with_taps, resolve_module, unwrap
-from ..models.tokens import TokenLayout, token_layout, tokens_to_map
+from ..models.tokens import TapLayout, tap_layout, to_map
 from ..solvers.capped_simplex import SOLVERS, gram_matrix, teacher_weights
 from .base import STAGE_TAPS, Method, MethodLoss, Needs, register_method, class_targets
 from .kd import check_temperature, teacher_kd_losses, teacher_logits_of
@@ -112,17 +112,17 @@ class Regressor(nn.Module):
         return out if tuple(out.shape[-2:]) == tuple(size) else F.adaptive_avg_pool2d(out, size)
 
 
-def _as_map(x: torch.Tensor, layout: TokenLayout | None = None, where: str = "a hint feature") -> torch.Tensor:
-    """A hint feature as (B, C, H, W): a map as is, a vector as 1x1, ViT tokens by their model's layout."""
+def _as_map(x: torch.Tensor, layout: TapLayout = None, where: str = "a hint feature") -> torch.Tensor:
+    """A hint feature as (B, C, H, W): a map (channels-last ones permuted), a vector as 1x1, ViT
+    tokens by their model's layout."""
+    try:
+        x = to_map(x, layout)
+    except ValueError as err:
+        raise ValueError(f"aekd (features): {where} gives tokens of shape {tuple(x.shape)}, but {err}") from None
     if x.dim() == 4:
         return x
     if x.dim() == 2:
         return x[:, :, None, None]
-    if x.dim() == 3 and layout is not None:
-        try:
-            return tokens_to_map(x, layout)
-        except ValueError as err:
-            raise ValueError(f"aekd (features): {where} gives tokens of shape {tuple(x.shape)}, but {err}") from None
     raise ValueError(f"aekd (features): {where} gives shape {tuple(x.shape)}; a hint feature must be a map "
                      f"(B, C, H, W), a vector (B, C), or the tokens (B, N, C) of a timm or torchvision "
                      f"VisionTransformer, whose token layout bind() reads from the model")
@@ -143,7 +143,7 @@ def _channels(model: nn.Module, path: str, example_x, who: str) -> int:
     if example_x is not None:
         with eval_mode(model), torch.no_grad():  # the module inside DDP: its forward would be a collective
             _, taps = forward_with_taps(unwrap(model), example_x[:2], (path,))
-        return int(_as_map(taps[path], token_layout(model), f"{who}'s tap '{path}'").shape[1])
+        return int(_as_map(taps[path], tap_layout(model, path), f"{who}'s tap '{path}'").shape[1])
     inner = unwrap(model)
     points, channels = getattr(inner, "tap_points", None), getattr(inner, "stage_channels", None)
     if points is not None and channels is not None and path in points:
@@ -199,9 +199,9 @@ class AEKD(Method):
         self.variant, self.kernel = variant, regressor_kernel
         self.student_tap, self.teacher_tap = student_tap, teacher_tap
         self.regressors = nn.ModuleList()
-        # ViT taps' token layouts (models/tokens.py), read from the models at bind; None: not a ViT.
-        self.student_layout: TokenLayout | None = None
-        self.teacher_layouts: list[TokenLayout | None] = []
+        # The taps' layouts (models/tokens.py: ViT tokens, channels-last maps), read at bind.
+        self.student_layout: TapLayout = None
+        self.teacher_layouts: list[TapLayout] = []
         self.needs = Needs(teacher_logits=True)
         if variant == "features" and student_channels is not None:
             if isinstance(teacher_channels, int) or not all(isinstance(c, int) and c > 0 for c in teacher_channels):
@@ -238,8 +238,8 @@ class AEKD(Method):
             except ValueError as err:
                 raise ValueError(f"aekd (features): teacher {i} has no module '{self.teacher_tap}'; "
                                  f"every teacher needs it: set teacher_tap to a path they share ({err})") from None
-        self.student_layout = token_layout(student)
-        self.teacher_layouts = [token_layout(m) for m in members]
+        self.student_layout = tap_layout(student, self.student_tap)
+        self.teacher_layouts = [tap_layout(m, self.teacher_tap) for m in members]
         c_s = _channels(student, self.student_tap, example_x, "the student")
         c_t = [_channels(m, self.teacher_tap, example_x, f"teacher {i}") for i, m in enumerate(members)]
         built = [(r.conv.in_channels, r.conv.out_channels) for r in self.regressors]
@@ -300,7 +300,7 @@ class AEKD(Method):
             raise ValueError(f"aekd (features) needs the student tap '{self.student_tap}' and the teacher "
                              f"tap '{self.teacher_tap}' in the outputs it was given")
         f_s = _as_map(student.taps[self.student_tap], self.student_layout, f"the student's tap '{self.student_tap}'")
-        layouts = self.teacher_layouts or [None] * M  # regressors given as options, never bound: no ViT layouts
+        layouts = self.teacher_layouts or [None] * M  # regressors given as options, never bound: plain maps
         targets = [_as_map(f, layout, f"teacher {i}'s tap '{self.teacher_tap}'").detach()
                    for i, (f, layout) in enumerate(zip(teachers.taps[self.teacher_tap], layouts))]
         with torch.enable_grad():

@@ -13,7 +13,8 @@ Both reductions commute with the pooling, so the channels are reduced first: the
 at 1/C of the pooling work. L_j defaults to the teacher tap's number of positions (1024, 256,
 64 and K for a CIFAR ResNet's three stages and logits on 32x32 inputs). A vision transformer's
 tokens (B, N, C) are first read as the map (B, C, h, w) of its patch tokens (models/tokens.py:
-the prefix tokens dropped), so its positions are patches and its channels are reduced, as a CNN's.
+the prefix tokens dropped), so its positions are patches and its channels are reduced, as a CNN's;
+a channels-last map (Swin's) is permuted to channels-first.
 
 Discriminators: a 3-layer MLP d → d/k → d/k² → 2 (k = 2), ReLU after every layer, the last
 included, as in the authors' code; BCE-with-logits against 2-class targets (student: [1, 0],
@@ -41,7 +42,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..models import LOGITS, default_taps, forward_with_taps, resolve_module, unwrap
-from ..models.tokens import TokenLayout, token_layout, tokens_to_map
+from ..models.tokens import TapLayout, tap_layout, to_map
 from .base import STAGE_TAPS, Method, MethodLoss, Needs, register_method, class_targets
 from .gradients import scale_gradient
 from .kd import teacher_logits_of
@@ -72,16 +73,17 @@ def align(tap: torch.Tensor, length: int, pool: str = "avg") -> torch.Tensor:
     raise ValueError(f"pool must be one of {', '.join(POOLS)}, got {pool!r}")
 
 
-def spatial(tap: torch.Tensor, layouts: set[TokenLayout | None], who: str, path: str) -> torch.Tensor:
-    """A ViT's tokens as the (B, C, h, w) map of its patches, given the token layouts of the models
-    the tap may come from; any other tap as it is ((B, C, L) of a model without a token layout too)."""
-    if tap.dim() != 3 or layouts <= {None}:
+def spatial(tap: torch.Tensor, layouts: set[TapLayout], who: str, path: str) -> torch.Tensor:
+    """The tap as a channels-first map, given the layouts of the models it may come from
+    (models/tokens.py: a ViT's tokens as the map of its patches, a channels-last map permuted);
+    any other tap as it is ((B, C, L) of a model without a token layout too)."""
+    if layouts <= {None} or tap.dim() not in (3, 4):
         return tap
     if len(layouts) > 1:
-        raise ValueError(f"meal: tap '{path}' of the {who} gives tokens, but the {who} differ in their token "
-                         f"layout (prefix tokens, patch grid): {sorted(layouts, key=str)}; tap other modules")
+        raise ValueError(f"meal: tap '{path}' of the {who} is laid out differently in different models "
+                         f"(token layouts, channels-last maps): {sorted(layouts, key=str)}; tap other modules")
     try:
-        return tokens_to_map(tap, next(iter(layouts)))
+        return to_map(tap, next(iter(layouts)))
     except ValueError as err:
         raise ValueError(f"meal: tap '{path}' of the {who} gives tokens of shape {tuple(tap.shape)}, but {err}") from None
 
@@ -228,9 +230,9 @@ class MEAL(Method):
         self.lengths = list(lengths) if lengths is not None else None
         self.tap_weights = [float(w) for w in tap_weights] if tap_weights is not None else None
         self.discriminators = nn.ModuleList()
-        # ViT taps' token layouts (models/tokens.py), read from the models at bind; {None}: no ViT.
-        self.student_layouts: set[TokenLayout | None] = {None}
-        self.teacher_layouts: set[TokenLayout | None] = {None}
+        # Per tap path, the layouts of the models it comes from (models/tokens.py), read at bind.
+        self.student_layouts: dict[str, set[TapLayout]] = {}
+        self.teacher_layouts: dict[str, set[TapLayout]] = {}
         self._set_needs()
 
     # ------------------------------------------------------------------ setup
@@ -271,8 +273,8 @@ class MEAL(Method):
                     except ValueError as err:
                         raise ValueError(f"meal: teacher {i} has no module '{path}'; every teacher needs the "
                                          f"teacher_taps ({err})") from None
-        self.student_layouts = {token_layout(student)}
-        self.teacher_layouts = {token_layout(m) for m in members or ()} or {None}
+        self.student_layouts = {p: {tap_layout(student, p)} for p in self.student_taps}
+        self.teacher_layouts = {p: {tap_layout(m, p) for m in members or ()} or {None} for p in self.teacher_taps}
         if self.lengths is None:
             self.lengths = self._default_lengths(members, teachers, example_x)
         if len(self.lengths) != n:
@@ -303,7 +305,7 @@ class MEAL(Method):
         inner = [p for p in self.teacher_taps if p != LOGITS]
         with torch.no_grad():
             logits, taps = forward_with_taps(model, example_x[:2].to(next(model.parameters()).device), inner)
-        return [positions(logits if p == LOGITS else spatial(taps[p], self.teacher_layouts, "teachers", p))
+        return [positions(logits if p == LOGITS else spatial(taps[p], self.teacher_layouts[p], "teachers", p))
                 for p in self.teacher_taps]
 
     def param_groups(self) -> list[dict]:
@@ -323,10 +325,10 @@ class MEAL(Method):
         sim_total, gan_total = 0.0, 0.0
         logs = {}
         for j, (s_path, t_path) in enumerate(zip(self.student_taps, self.teacher_taps)):
-            s_tap = student.logits if s_path == LOGITS else spatial(student.taps[s_path], self.student_layouts,
-                                                                    "student", s_path)
-            t_taps = list(z_t) if t_path == LOGITS else [spatial(t, self.teacher_layouts, "teachers", t_path)
-                                                         for t in teachers.taps[t_path]]
+            s_tap = student.logits if s_path == LOGITS else spatial(
+                student.taps[s_path], self.student_layouts.get(s_path, {None}), "student", s_path)
+            t_taps = list(z_t) if t_path == LOGITS else [
+                spatial(t, self.teacher_layouts.get(t_path, {None}), "teachers", t_path) for t in teachers.taps[t_path]]
             a_s = align(s_tap, self.lengths[j], self.pool)
             a_t = torch.stack([align(t, self.lengths[j], self.pool) for t in t_taps])  # (m, B, L)
             sim = similarity(a_s, F.softmax(a_t, dim=-1).mean(0), self.similarity)

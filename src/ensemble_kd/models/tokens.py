@@ -1,4 +1,8 @@
-"""Vision-transformer taps as maps: a block's tokens (B, N, C) -> (B, C, h, w).
+"""Taps read as (B, C, H, W) maps whatever layout a network keeps them in.
+
+A tap's layout (`tap_layout(model, path)`): None, a map (B, C, H, W) or vector (B, C) as it is;
+NHWC, a channels-last map (B, H, W, C), as timm's Swin-family models (output_fmt "NHWC") and
+torchvision's Swin `features` keep theirs; or a vision transformer's TokenLayout.
 
 A ViT block outputs N = prefix + h·w tokens: the prefix tokens first (class, distillation,
 register tokens), then the patches in row-major order. timm's
@@ -18,6 +22,32 @@ from torch import nn
 from .taps import unwrap
 
 TokenLayout = tuple[int, tuple[int, int]]  # (prefix tokens, (h, w) patch grid)
+NHWC = "NHWC"
+TapLayout = TokenLayout | str | None
+
+
+def tap_layout(model: nn.Module, path: str) -> TapLayout:
+    """How the output at `path` of `model` is laid out (see the module docstring)."""
+    tokens = token_layout(model)
+    if tokens is not None:
+        return tokens
+    inner = unwrap(model)
+    if getattr(inner, "output_fmt", None) == NHWC:  # timm: every map inside the model is channels-last
+        return NHWC
+    swin = sys.modules.get("torchvision.models.swin_transformer")
+    if swin is not None and isinstance(inner, swin.SwinTransformer) and (path == "features" or path.startswith("features.")):
+        return NHWC  # torchvision's Swin permutes to channels-first only after `features` and `norm`
+    return None
+
+
+def to_map(x: torch.Tensor, layout: TapLayout) -> torch.Tensor:
+    """`x` as a channels-first map (B, C, H, W), or the vector (B, C) it is; a 3-D tap without a
+    token layout is returned as it is (the caller decides what it means)."""
+    if layout == NHWC and x.dim() == 4:
+        return x.permute(0, 3, 1, 2)
+    if isinstance(layout, tuple) and x.dim() == 3:
+        return tokens_to_map(x, layout)
+    return x
 
 
 def token_layout(model: nn.Module) -> TokenLayout | None:
