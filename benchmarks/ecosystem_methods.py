@@ -24,8 +24,10 @@ from ensemble_kd.models import create, forward_with_taps
 FAMILIES = {
     "timm/resnet10t": {}, "timm/resnext26ts": {}, "timm/mobilenetv3_small_050": {}, "timm/efficientnet_b0": {},
     "timm/convnext_atto": {}, "timm/vit_tiny_patch16_224": {"img_size": 32},
+    "timm/swin_tiny_patch4_window7_224": {"img_size": 32, "window_size": 2},
     "torchvision/resnet18": {}, "torchvision/resnext50_32x4d": {}, "torchvision/mobilenet_v2": {},
     "torchvision/mobilenet_v3_small": {}, "torchvision/efficientnet_b0": {}, "torchvision/convnext_tiny": {},
+    "torchvision/swin_t": {},
 }
 METHODS = {"kd": {}, "aver": {}, "aekd": {}, "aekd features": {"variant": "features"}, "meal": {},
            "ensemblenet": {}, "latentbe": {}}
@@ -51,6 +53,9 @@ def one_step(arch: str, kwargs: dict, method_name: str, options: dict, size: int
     loss.backward()
     if not torch.isfinite(loss):
         return f"non-finite loss {loss.item()}"
+    unreached = [n for n, p in student.named_parameters() if p.requires_grad and p.grad is None]
+    if unreached:  # e.g. a layer whose parent reads its weight itself: trained as if it were not there
+        return f"BROKEN: no gradient reaches {len(unreached)} parameters ({unreached[0]}, ...)"
     shipped = method.deployable(student)  # LatentBE's collapse back into the plain architecture
     if shipped is not None:
         shipped.eval()(x)

@@ -98,7 +98,9 @@ def test_networks_without_resnet_stages_are_refused_in_one_sentence():
 GROUPED = [("torchvision/mobilenet_v2", {"width_mult": 0.25}),  # depthwise convs
            ("timm/mobilenetv3_small_050", {}),  # depthwise convs, squeeze-excite, timm's Linear head
            ("timm/convnext_atto", {}),  # 7x7 depthwise convs, Linear layers on channels-last maps
-           ("timm/vit_tiny_patch16_224", {"img_size": 32, "depth": 2})]  # Linear layers on tokens
+           ("timm/vit_tiny_patch16_224", {"img_size": 32, "depth": 2}),  # Linear layers on tokens
+           ("timm/swin_tiny_patch4_window7_224", {"img_size": 32, "window_size": 2, "depths": (1, 1, 1, 1),
+                                                  "embed_dim": 24, "num_heads": (1, 1, 1, 1)})]  # window attention
 
 
 @pytest.mark.parametrize("name,kwargs", [(n, {}) for n in RESNETS] + GROUPED)
@@ -107,7 +109,9 @@ def test_batchensemble_collapses_into_a_state_dict_the_library_loads_unchanged(n
     be = create("batchensemble", num_classes=5, base=name, members=3, init="normal", base_kwargs=kwargs)
     x = torch.randn(2, 3, 32, 32)
     be.train()
-    be(x)  # BatchNorm statistics away from their defaults
+    be(x).logsumexp(-1).sum().backward()  # BatchNorm statistics away from their defaults
+    skipped = [path for path, layer in be.be_layers() if layer.r.grad is None or layer.s.grad is None]
+    assert not skipped, f"factors no forward uses (a parent reading the weight itself?): {skipped[:3]}"
     be.eval()
     members = be.forward_members(x)
     assert members.shape == (3, 2, 5) and not torch.allclose(members[0], members[1])  # the factors differ
@@ -133,6 +137,14 @@ def test_a_fresh_batchensemble_of_a_library_network_collapses_to_that_network(na
 def test_a_conv_with_its_own_forward_is_refused_by_path():
     with pytest.raises(ValueError, match=r"cannot make layer 'conv_stem' a BatchEnsemble layer: it is a Conv2dSame"):
         create("batchensemble", base="timm/tf_mobilenetv3_small_minimal_100", members=2)
+
+
+def test_a_layer_whose_parent_passes_its_weight_on_is_refused_by_path():
+    """torchvision's Swin attention hands qkv.weight to a function: converted, its factors would be
+    silently skipped (every member the same network, r and s without gradients)."""
+    with pytest.raises(ValueError, match=r"layer 'features.1.0.attn.qkv' .*: its ShiftedWindowAttention reads "
+                                         r"its weight directly"):
+        create("batchensemble", base="torchvision/swin_t", members=2)
 
 
 # --------------------------------------------------------------------------- end to end, by name

@@ -22,6 +22,9 @@ W' = mean_i W ∘ (s_i r_iᵀ) ("mean_of_products"); every other parameter and b
 
 from __future__ import annotations
 
+import functools
+import inspect
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -198,6 +201,20 @@ def _own_forward(layer: nn.Module) -> bool:
         None, nn.Conv2d._conv_forward)
 
 
+@functools.lru_cache(maxsize=None)
+def _forward_source(cls: type) -> str:
+    try:
+        return inspect.getsource(cls.forward)
+    except (OSError, TypeError):  # no source (compiled, built in): nothing to read
+        return ""
+
+
+def _reads_weight_directly(parent: nn.Module, name: str) -> bool:
+    """The parent's forward takes `self.<name>.weight` itself (nn.MultiheadAttention's out_proj,
+    torchvision's Swin attention passing qkv.weight to a function) instead of calling the layer."""
+    return f"self.{name}.weight" in _forward_source(type(parent))
+
+
 def _convert(model: nn.Module, members: int, init: str, bias: str) -> None:
     """Replace every nn.Conv2d / nn.Linear below `model` by its BatchEnsemble version, in place."""
     for parent_name, parent in list(model.named_modules()):
@@ -207,7 +224,7 @@ def _convert(model: nn.Module, members: int, init: str, bias: str) -> None:
                 # Its own forward (or the parent's, reading child.weight) would skip the factors.
                 why = (f"it is a {type(child).__name__}, with a forward of its own" if _own_forward(child) else
                        f"its {type(parent).__name__} reads its weight directly"
-                       if isinstance(parent, nn.MultiheadAttention) else None)
+                       if _reads_weight_directly(parent, name) else None)
                 if why:
                     raise ValueError(f"cannot make layer {path!r} a BatchEnsemble layer: {why}; BatchEnsemble "
                                      f"converts plain nn.Conv2d and nn.Linear layers.")
