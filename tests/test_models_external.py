@@ -8,6 +8,8 @@ import urllib.error
 
 import pytest
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 from ensemble_kd import cli
 from ensemble_kd.engine import load_model, save_model
@@ -329,3 +331,38 @@ def test_ecosystem_methods_script_prints_a_row_per_family(capsys):
     assert script.main(["--families", "timm/resnet10t", "--methods", "kd,aver", "--size", "16"]) == 0
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| timm/")]
     assert rows == ["| timm/resnet10t | works | works |"]
+
+
+def test_fast_teachers_fold_timms_batchnorm_act_and_keep_its_activation():
+    """timm's EfficientNet/MobileNetV3/`ts` ResNets put BN, dropout and activation in one module
+    (BatchNormAct2d): folded, its activation must stay; a conv with a forward of its own (weight
+    standardisation) must not be folded into."""
+    from ensemble_kd.ensemble.teacher_set import fold_batchnorm
+
+    x = torch.randn(2, 3, 32, 32)
+    for arch in ("timm/mobilenetv3_small_050", "timm/resnext26ts"):
+        torch.manual_seed(0)
+        model = create(arch, num_classes=4).train()
+        with torch.no_grad():
+            model(x)  # running statistics away from 0 and 1
+        model.eval()
+        folded = fold_batchnorm(model)
+        assert not any(isinstance(m, nn.BatchNorm2d) for m in folded.modules())
+        bn_acts = [(path, m) for path, m in model.named_modules() if type(m).__name__ == "BatchNormAct2d"]
+        assert bn_acts
+        for path, bn in bn_acts:  # what stays at the BN's path: its dropout and activation
+            kept = folded.get_submodule(path)
+            assert isinstance(kept, nn.Sequential) and type(kept[1]) is type(bn.act)
+        with torch.no_grad():
+            torch.testing.assert_close(folded(x), model(x), rtol=1e-4, atol=1e-5)
+
+    class StandardisedConv(nn.Conv2d):
+        def forward(self, x):
+            w = (self.weight - self.weight.mean((1, 2, 3), keepdim=True)) / (self.weight.std((1, 2, 3), keepdim=True) + 1e-5)
+            return F.conv2d(x, w, self.bias, self.stride, self.padding)
+
+    net = nn.Sequential(StandardisedConv(3, 4, 3), nn.BatchNorm2d(4)).eval()
+    net[1].running_mean.fill_(0.5)
+    folded = fold_batchnorm(net)
+    assert isinstance(folded[1], nn.BatchNorm2d)
+    torch.testing.assert_close(folded(x), net(x))

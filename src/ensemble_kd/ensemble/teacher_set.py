@@ -209,22 +209,50 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
 
     Which BN follows which conv is read off a torch.fx trace (data flow, not attribute
     order); a model fx cannot trace falls back to adjacent pairs inside nn.Sequential.
-    The BN becomes an Identity in place, so module paths (and taps) are unchanged.
+    The BN becomes an Identity in place, so module paths (and taps) are unchanged; timm's
+    BatchNormAct2d (BN, dropout, activation in one module: its EfficientNets, MobileNetV3s,
+    `*ts` ResNets) becomes its dropout and activation. A conv or BN with a forward of its own
+    (weight standardisation, an unknown BN subclass) is left as it is.
     """
     model = copy.deepcopy(model).eval()
     for conv_path, bn_path in _conv_bn_pairs(model):
         conv, bn = model.get_submodule(conv_path), model.get_submodule(bn_path)
-        if bn.track_running_stats and conv.weight.shape[0] == bn.num_features:
+        after = _after_fold(bn)
+        if after is not None and _plain_conv(conv) and bn.track_running_stats and conv.weight.shape[0] == bn.num_features:
             _set_submodule(model, conv_path, fuse_conv_bn_eval(conv, bn))
-            _set_submodule(model, bn_path, nn.Identity())
+            _set_submodule(model, bn_path, after)
     for p in model.parameters():
         p.requires_grad_(False)
     return model
 
 
+BN_ACT = "timm.layers.norm_act.BatchNormAct2d"  # forward: batch_norm, then self.drop, then self.act
+
+
+def _after_fold(bn: nn.BatchNorm2d) -> nn.Module | None:
+    """What stays of `bn` once its affine map is in the conv; None: not safe to fold."""
+    if type(bn) is nn.BatchNorm2d:
+        return nn.Identity()
+    if f"{type(bn).__module__}.{type(bn).__qualname__}" == BN_ACT:
+        return nn.Sequential(bn.drop, bn.act)
+    return None
+
+
+def _plain_conv(conv: nn.Module) -> bool:
+    """A conv whose forward uses its weight as it is (fusing into a standardised weight would not)."""
+    return type(conv).forward is nn.Conv2d.forward and type(conv)._conv_forward is nn.Conv2d._conv_forward
+
+
+class _BatchNormLeaves(torch.fx.Tracer):
+    """Keep every BatchNorm2d (timm's BatchNormAct2d too) one module call in the graph."""
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return isinstance(m, nn.BatchNorm2d) or super().is_leaf_module(m, qualname)
+
+
 def _conv_bn_pairs(model: nn.Module) -> list[tuple[str, str]]:
     try:
-        graph = torch.fx.symbolic_trace(model).graph
+        graph = _BatchNormLeaves().trace(model)
     except Exception:  # untraceable control flow: only Sequential adjacency is safe to trust
         return [(f"{p}.{a}" if p else a, f"{p}.{b}" if p else b)
                 for p, parent in model.named_modules() if isinstance(parent, nn.Sequential)
