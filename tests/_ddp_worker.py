@@ -1,5 +1,8 @@
 """Run by tests/test_distributed.py under torchrun: one distill per rank, then each rank's weights."""
 
+import json
+import os
+import signal
 import sys
 from pathlib import Path
 
@@ -10,6 +13,26 @@ from ensemble_kd.config import load_config
 from ensemble_kd import distributed
 
 
+SAVED: list[int] = []  # the steps this rank saved at
+
+
+def stop_at_step_3_on_rank_1(rank: int) -> None:
+    from ensemble_kd.engine.trainer import Trainer
+
+    step, save = Trainer._step, Trainer.save
+
+    def signalled_step(self, batch):
+        if rank == 1 and self.pos.step == 2:  # the third step
+            os.kill(os.getpid(), signal.SIGTERM)
+        return step(self, batch)
+
+    def recorded_save(self):
+        SAVED.append(self.pos.step)
+        return save(self)
+
+    Trainer._step, Trainer.save = signalled_step, recorded_save
+
+
 def main(command: str, out_dir: str, *overrides: str) -> None:
     world = distributed.init_from_env("cpu")
     torch.set_num_threads(1)
@@ -17,6 +40,12 @@ def main(command: str, out_dir: str, *overrides: str) -> None:
     data = pipeline.prepare_data(config)
     if command == "cache":
         pipeline.cache_teachers(config, Path(out_dir) / "cache", data=data)
+    elif command == "distill-signalled":  # rank 1 alone gets SIGTERM during step 3, as from a scheduler
+        stop_at_step_3_on_rank_1(world.rank)
+        try:
+            pipeline.distill(config, Path(out_dir) / "run", data=data)
+        except KeyboardInterrupt:
+            (Path(out_dir) / f"stopped{world.rank}.json").write_text(json.dumps(SAVED))
     else:
         model, _ = pipeline.distill(config, Path(out_dir) / "run", data=data)
         torch.save({k: v.clone() for k, v in model.state_dict().items()}, Path(out_dir) / f"rank{world.rank}.pt")

@@ -26,10 +26,10 @@ def teacher_run(tmp_path_factory):
     return run
 
 
-def torchrun(*args):
+def torchrun(*args, timeout=300):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(WORKER), *args]
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
     assert done.returncode == 0, done.stderr[-3000:]
 
 
@@ -68,3 +68,13 @@ def test_torchrun_cache_is_written_by_rank_and_serves_every_index(teacher_run, t
             got = cached.outputs(batch.x, Needs(teacher_logits=True), index=batch.index, epoch=epoch).logits
             want = online.member_logits(batch.x)
             torch.testing.assert_close(got, want, rtol=1e-2, atol=1e-2)
+
+
+def test_a_signal_to_one_rank_stops_every_rank_at_the_same_step(teacher_run, tmp_path):
+    """SIGTERM reaches rank 1 alone during step 3: both ranks save after step 3 and stop (before,
+    rank 0 went on into step 4's all-reduce and waited for ever)."""
+    common = [*TINY, "method.name=aver", f"teachers.source={teacher_run}", "data.batch_size=32"]
+    torchrun("distill-signalled", str(tmp_path), *common, timeout=240)
+    stopped = [json.loads((tmp_path / f"stopped{r}.json").read_text()) for r in (0, 1)]
+    assert stopped[0] == stopped[1] and stopped[0][-1] == 3, stopped
+    assert torch.load(tmp_path / "run" / "last.pt", weights_only=False)["step"] == 3  # rank 0 wrote it

@@ -45,7 +45,22 @@ def init_from_env(device: str = "auto") -> World:
     if use_cuda:
         torch.cuda.set_device(local_rank)
     dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+    global _control_group
+    _control_group = dist.new_group(backend="gloo") if use_cuda else None  # None: the default gloo group
     return world()
+
+
+_control_group = None  # a gloo group beside nccl: host-side agreement without a GPU sync
+
+
+def any_rank(flag: bool) -> bool:
+    """True on every rank when `flag` is True on any rank (e.g. a stop signal only some ranks
+    received); one small CPU collective over gloo, so no GPU stream is waited on."""
+    if not world().distributed:
+        return flag
+    box = torch.tensor([int(flag)])
+    dist.all_reduce(box, op=dist.ReduceOp.MAX, group=_control_group)
+    return bool(box.item())
 
 
 def device_for(world_: World, device: torch.device) -> torch.device:

@@ -218,7 +218,11 @@ class Trainer:
                 self.save()
             if self.progress is not None:
                 self.progress.update(task, advance=1)  # no loss here: reading it would sync every step
-            if self._stop_requested:
+            # Under torchrun a signal reaches the ranks at different steps, or only some of them:
+            # they agree at every step boundary, so all save and stop at the same step (one that
+            # went on alone would wait in the next gradient all-reduce for ever).
+            if distributed.any_rank(self._stop_requested):
+                self._stop_requested = True
                 self.save()  # at a step boundary, so resuming repeats no work
                 raise KeyboardInterrupt
         self._check_finite()
@@ -301,9 +305,9 @@ class Trainer:
     def _check_finite_state(self) -> None:
         bad = self._non_finite_state()
         flag = torch.tensor(float(bad is not None), device=self.device)
-        # Every rank stops, or none (a rank left waiting would hang); not when stopping on a signal,
-        # which ranks may see at different steps.
-        if self.world.distributed and not self._stop_requested:
+        # Every rank stops, or none (a rank left waiting would hang); ranks save at the same steps,
+        # a signal's stop included (they agree on it first).
+        if self.world.distributed:
             torch.distributed.all_reduce(flag)
         if flag.item():
             raise NonFiniteLossError(
