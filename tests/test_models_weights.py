@@ -289,3 +289,41 @@ def test_kwargs_the_library_refuses_are_named_with_the_key_to_fix():
     with pytest.raises(ConfigError, match=r"config key 'student': .*'width'; student.kwargs is \{'width': 0.25\}: "
                                           r"give the arguments of timm/resnet10t there \(\{\} for none\)"):
         pipeline.check_models(config, fake_data(), teachers=False)
+
+
+@pytest.mark.parametrize("method", ["ce", "latentbe"])
+def test_a_student_weights_file_that_does_not_fit_is_refused_before_anything_is_written(method, tmp_path, capsys):
+    """Found in a first-use trial: the file was read only once training began, after the run
+    directory (config.yaml, fingerprint.json) was written, so the corrected command was refused."""
+    from ensemble_kd.cli import main
+
+    torch.manual_seed(0)
+    teacher = create("timm/resnet10t", num_classes=10, in_channels=1)
+    save_file({k: v.contiguous() for k, v in teacher.state_dict().items()}, tmp_path / "t.safetensors")
+    other = create("torchvision/resnet18", num_classes=10, in_channels=1)
+    save_file({k: v.contiguous() for k, v in other.state_dict().items()}, tmp_path / "other.safetensors")
+    base = ["distill", f"run.dir={tmp_path}", "run.name=r", "device=cpu", f"method.name={method}",
+            f"teachers.members=[{{arch: timm/resnet10t, weights: {tmp_path}/t.safetensors}}]",
+            "student.arch=timm/resnet10t", "student.train.epochs=1"]
+    for weights, words in ((tmp_path / "other.safetensors", "does not fit" if method == "ce" else "fits neither"),
+                           (tmp_path / "absent.pth", "does not exist")):
+        capsys.readouterr()
+        assert main([*base, f"student.weights={weights}"]) == 2
+        said = " ".join(capsys.readouterr().err.split())
+        assert "config key 'student.weights'" in said and words in said, said
+        assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("how", ["safetensors", "state_dict+module."])
+def test_shapes_only_reads_the_keys_and_shapes_of_what_a_load_gives(how, tmp_path):
+    state = create("timm/resnet10t", num_classes=5).state_dict()
+    if how == "safetensors":
+        path = tmp_path / "w.safetensors"
+        save_file({k: v.contiguous() for k, v in state.items()}, path)
+    else:
+        path = tmp_path / "w.pth"
+        torch.save(wrapped(state, how), path)
+    full, shapes = read_state_dict(path), read_state_dict(path, shapes_only=True)
+    assert sorted(shapes) == sorted(full) and all(shapes[k].shape == full[k].shape for k in full)
+    if how == "safetensors":
+        assert all(v.is_meta for v in shapes.values())  # the header alone: no tensor data read

@@ -33,7 +33,7 @@ from .ensemble.cache import CachedTeachers, build_cache, open_cache
 from .methods import create_method, method_class
 from .models import create, unwrap
 from .models.inputs import InputAdapter, adapt_input
-from .models.weights import load_weights
+from .models.weights import check_weights, load_weights
 
 TEACHERS_DIR = "teachers"
 STUDENT_DIR = "student"
@@ -344,6 +344,12 @@ def prepare_distill(config: Config, data: Data, teachers=None):
         # teachers shared between runs (the demo) were folded; this method needs their BatchNorm
         unfolded = TeacherSet([copy.deepcopy(m).to(data.device) for m in teachers.source_members], teachers.names)
         teachers = fast_teachers(config, unfolded, method.needs)
+    if config.student.weights is not None:  # into the network the method builds (LatentBE's, EnsembleNet's)
+        arch, kwargs = method.student_spec(config.student.arch, config.student.kwargs,
+                                           len(teachers) if teachers is not None else None)
+        with torch.device("meta"):
+            student = create(arch, num_classes=data.splits.num_classes, in_channels=data.splits.in_channels, **kwargs)
+        _check_weights_file("student", config.student.weights, student)
     return method, teachers
 
 
@@ -409,17 +415,29 @@ def check_models(config: Config, data: Data, teachers: bool = True, student: boo
     models += [("student", config.student)] if student else []
     seen = set()
     for key, m in models:
-        if (m.arch, repr(m.kwargs)) in seen:
+        if (m.arch, repr(m.kwargs), m.weights) in seen:
             continue
-        seen.add((m.arch, repr(m.kwargs)))
+        seen.add((m.arch, repr(m.kwargs), m.weights))
         try:
             with torch.device("meta"):
-                create(m.arch, num_classes=data.splits.num_classes, in_channels=data.splits.in_channels, **m.kwargs)
+                model = create(m.arch, num_classes=data.splits.num_classes, in_channels=data.splits.in_channels,
+                               **m.kwargs)
         except ValueError as err:
             raise ConfigError(f"config key '{key}': {err}") from None
         except TypeError as err:  # the library's constructor refused a keyword
             raise ConfigError(f"config key '{key}': {err}; {key}.kwargs is {m.kwargs}: give the arguments of "
                               f"{m.arch} there ({{}} for none)") from None
+        rewritten = key == "student" and method_from(config).student_spec(m.arch, m.kwargs, 1)[0] != m.arch
+        if m.weights is not None and not rewritten:  # a rewritten student's is checked in prepare_distill
+            _check_weights_file(key, m.weights, model)
+
+
+def _check_weights_file(key: str, path: str, model) -> None:
+    """The file exists and fits the network it will be loaded into, its shapes read only."""
+    try:
+        check_weights(model, path)
+    except (ValueError, FileNotFoundError) as err:
+        raise ConfigError(f"config key '{key}.weights': {err}") from None
 
 
 def student_row_name(config: Config) -> str:

@@ -21,21 +21,33 @@ PREFIXES = ("module.", "_orig_mod.")
 SHOWN = 3  # keys named per kind of mismatch
 
 
-def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """The tensors of a .safetensors file, or the state_dict inside a .pt/.pth/.bin file."""
+def read_state_dict(path: str | Path, shapes_only: bool = False) -> dict[str, torch.Tensor]:
+    """The tensors of a .safetensors file, or the state_dict inside a .pt/.pth/.bin file.
+
+    shapes_only: tensors with the file's shapes whose values are not read (meta tensors from a
+    safetensors header, memory-mapped ones from a torch file): enough to check a file fits
+    before any work starts, at a fraction of a load."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"weights file '{path}' does not exist")
     if path.suffix == ".safetensors":
-        from safetensors import SafetensorError
+        from safetensors import SafetensorError, safe_open
         from safetensors.torch import load_file
 
         try:
+            if shapes_only:
+                with safe_open(str(path), framework="pt") as f:
+                    return {k: torch.empty(f.get_slice(k).get_shape(), device="meta") for k in f.keys()}
             return load_file(str(path))
         except (SafetensorError, OSError) as err:
             raise ValueError(f"weights file '{path}' is not a readable safetensors file ({err})") from None
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=shapes_only)
+        except RuntimeError:
+            if not shapes_only:
+                raise
+            obj = torch.load(path, map_location="cpu", weights_only=True)  # the legacy format cannot be mapped
     except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ValueError(f"weights file '{path}' is not a state_dict that torch.load(weights_only=True) "
@@ -118,24 +130,39 @@ def _first(keys: list[str]) -> str:
     return shown + (", ..." if len(keys) > SHOWN else "")
 
 
+def _fits_as(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> str:
+    """"whole" when `state` is the model's own, "base" when it is the plain base network's of a
+    model built over one (a BatchEnsemble or multi-headed student: it has `plain_base()` and
+    `load_base_state()`); otherwise one ValueError naming what differs."""
+    if not hasattr(model, "load_base_state"):
+        check_fits(model, state, source)
+        return "whole"
+    own = mismatch(model, state)
+    if own is None:
+        return "whole"
+    base = model.plain_base()
+    if (of_base := mismatch(base, state)) is not None:
+        raise ValueError(f"{source} fits neither architecture {arch_name(model)!r} ({own}) nor its base "
+                         f"{arch_name(base)!r} ({of_base}); check `arch` and its kwargs against the network "
+                         f"the weights were saved from")
+    return "base"
+
+
+def check_weights(model: nn.Module, path: str | Path) -> None:
+    """Refuse, as load_weights would, a file that does not fit `model` (which may live on the meta
+    device), reading only its keys and shapes."""
+    _fits_as(model, read_state_dict(path, shapes_only=True), f"weights file '{path}'")
+
+
 def load_weights(model: nn.Module, path: str | Path) -> nn.Module:
     """Copy the weights in `path` into `model` (all of them, every key matched), returning it.
 
-    A model built over a plain base network (a BatchEnsemble or multi-headed student: it has
-    `plain_base()` and `load_base_state()`) also takes that base's weights, e.g. a timm ResNet-50's,
-    the way `pretrained: true` gives it the library's.
+    A model built over a plain base network (a BatchEnsemble or multi-headed student) also takes
+    that base's weights, e.g. a timm ResNet-50's, the way `pretrained: true` gives it the library's.
     """
     state = read_state_dict(path)
-    source = f"weights file '{path}'"
-    if not hasattr(model, "load_base_state"):
-        check_fits(model, state, source)
-    elif (own := mismatch(model, state)) is not None:
-        base = model.plain_base()
-        if (of_base := mismatch(base, state)) is not None:
-            raise ValueError(f"{source} fits neither architecture {arch_name(model)!r} ({own}) nor its base "
-                             f"{arch_name(base)!r} ({of_base}); check `arch` and its kwargs against the network "
-                             f"the weights were saved from")
+    if _fits_as(model, state, f"weights file '{path}'") == "base":
         model.load_base_state(state)
-        return model
-    model.load_state_dict(state, strict=True)
+    else:
+        model.load_state_dict(state, strict=True)
     return model
