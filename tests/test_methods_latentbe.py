@@ -93,6 +93,27 @@ def test_student_spec_bind_and_collapse_export():
     assert type(net).__name__ == "SmallCNN"
 
 
+def test_recalibrate_bn_gives_the_collapsed_network_its_own_batchnorm_statistics():
+    """The BE's statistics pool every member's activations; re-estimated on k batches of training
+    inputs they are the collapsed network's: in eval mode it then computes what train mode (the
+    batch's own statistics) does on that batch, up to the unbiased variance."""
+    be = _be().train()
+    x = torch.randn(512, 1, 8, 8)
+    with torch.no_grad():
+        be(x)  # the BE's running statistics, over its 3 members' activations
+    kept = create_method("latentbe").deployable(be.eval(), iter([x]))
+    recalibrated = create_method("latentbe", recalibrate_bn=1).deployable(be, iter([x, torch.randn(512, 1, 8, 8)]))
+    with torch.no_grad():
+        own = recalibrated.train()(x)  # batch statistics of x (train mode; running stats already set)
+        recalibrated.eval()
+        gap_recalibrated, gap_kept = (own - recalibrated(x)).abs().max(), (own - kept.eval()(x)).abs().max()
+    assert gap_recalibrated < 1e-2 < gap_kept, (gap_recalibrated, gap_kept)
+    bn = [m for m in recalibrated.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert bn and all(m.momentum == 0.1 for m in bn)  # update_bn restores the momentum it overrode
+    with pytest.raises(ValueError, match="recalibrate_bn must be a number of batches"):
+        create_method("latentbe", recalibrate_bn=-1)
+
+
 # --------------------------------------------------------------------------- perturbations
 def test_ods_direction_is_the_gradient_of_the_stated_objective_with_the_stated_norm():
     torch.manual_seed(0)

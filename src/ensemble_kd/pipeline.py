@@ -365,10 +365,16 @@ def distill(config: Config, run_dir: Path, *, resume=False, progress=None, data:
     info = train_one(model, method, data, config, config.student.train, run_dir, seed=config.student.seed,
                      resume=resume, progress=progress, teachers=teachers, perturbation=perturbation_of(config, data, method),
                      description=f"student ({config.method.name})")
-    shipped = method.deployable(model)  # LatentBE: the collapsed network, a plain checkpoint beside model.pt
+    shipped = method.deployable(model, training_inputs(config, data))  # LatentBE: the collapsed network
     if shipped is not None and distributed.world().is_main:
         save_model(shipped, run_dir / "collapsed.pt", info)
     return model, info
+
+
+def training_inputs(config: Config, data: Data):
+    """The student's first epoch of training views, in order, read lazily (a method takes what it
+    needs: LatentBE's BatchNorm recalibration a few batches); the same on every call and rank."""
+    return (batch.x for batch in data.train_loader(config.data, config.student.seed).batches(0))
 
 
 def perturbation_of(config: Config, data: Data, method=None) -> Perturbation | None:
@@ -454,7 +460,7 @@ def evaluate_student(config: Config, model, data: Data, info: dict | None = None
 
     def row(label, net, **extra):
         return {**evaluate_model(label, net, data.test, data.val, config.eval, data.device), **timing, **extra}
-    shipped = method_from(config).deployable(model)
+    shipped = method_from(config).deployable(model, training_inputs(config, data))
     if shipped is None:
         return [row(name, model)]
     members = getattr(unwrap(model), "members", "")

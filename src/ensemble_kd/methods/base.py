@@ -9,7 +9,7 @@ engine knows nothing else about it, and a user can call `loss` in their own loop
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, NamedTuple
+from typing import Callable, Iterable, NamedTuple
 
 import torch
 from torch import nn
@@ -79,9 +79,10 @@ class Method(nn.Module):
         member per teacher) rewrites it. Default: unchanged."""
         return arch, kwargs
 
-    def deployable(self, model: nn.Module) -> nn.Module | None:
+    def deployable(self, model: nn.Module, inputs: Iterable[torch.Tensor] | None = None) -> nn.Module | None:
         """The plain network to ship when it is not the trained one (LatentBE's collapsed
-        BatchEnsemble), evaluated beside it; None: the trained model is the product."""
+        BatchEnsemble), evaluated beside it; None: the trained model is the product. `inputs`:
+        training inputs (the first epoch's views, in order) a method may run the network on."""
         return None
 
     def teacher_indices(self, step: int, num_teachers: int, seed: int) -> list[int] | None:

@@ -17,8 +17,11 @@ this method; TDiv−SDiv pairs student member i with teacher i.
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 import torch.nn.functional as F
+from torch.optim.swa_utils import update_bn
 
 from ..models import unwrap
 from ..models.batchensemble import MEMBERS_TAP, BatchEnsembleNet, collapse
@@ -34,12 +37,14 @@ class LatentBE(Method):
 
     Options: alpha (1), temperature (4), members (default: the number of teachers), init (ones |
     normal | sign), bias (shared | member), factor_decay (5e-4; 0 turns it off), scale_factor_grads
-    (true: the factors' gradients times M), collapse (product_of_means | mean_of_products).
+    (true: the factors' gradients times M), collapse (product_of_means | mean_of_products),
+    recalibrate_bn (0: the collapsed network keeps the BE's BatchNorm statistics, as the authors'
+    code; k: re-estimated over the first k batches of training views, see deployable).
     """
 
     def __init__(self, alpha: float = 1.0, temperature: float = 4.0, members: int | None = None,
                  init: str = "ones", bias: str = "shared", factor_decay: float = 5e-4,
-                 scale_factor_grads: bool = True, collapse: str = "product_of_means"):
+                 scale_factor_grads: bool = True, collapse: str = "product_of_means", recalibrate_bn: int = 0):
         super().__init__()
         self.alpha, self.temperature = check_fraction("alpha", alpha), check_temperature(temperature)
         if members is not None and (isinstance(members, bool) or not isinstance(members, int) or members < 1):
@@ -51,6 +56,9 @@ class LatentBE(Method):
         self.members, self.init, self.bias = members, init, bias
         self.factor_decay, self.scale_factor_grads = float(factor_decay), bool(scale_factor_grads)
         self.collapse_mode = collapse
+        if isinstance(recalibrate_bn, bool) or not isinstance(recalibrate_bn, int) or recalibrate_bn < 0:
+            raise ValueError(f"latentbe option recalibrate_bn must be a number of batches >= 0, got {recalibrate_bn!r}")
+        self.recalibrate_bn = recalibrate_bn
         self.needs = Needs(teacher_logits=True, student_taps=(MEMBERS_TAP,))
         self._factors: list[torch.nn.Parameter] = []
         self._hooks: list = []
@@ -99,6 +107,17 @@ class LatentBE(Method):
         logs["loss"] = loss.detach()
         return MethodLoss(loss, logs)
 
-    def deployable(self, model):
-        """The network to ship: the BatchEnsemble collapsed into the base architecture."""
-        return collapse(unwrap(model), self.collapse_mode)
+    def deployable(self, model, inputs=None):
+        """The network to ship: the BatchEnsemble collapsed into the base architecture.
+
+        Its BatchNorm statistics are the BE's, gathered over all members' activations; when the
+        factors have spread (a BN after every conv, as in timm/torchvision ResNets, far from the
+        factors' 1), those no longer describe the collapsed network's activations. recalibrate_bn=k
+        re-estimates them over k batches of `inputs` (torch.optim.swa_utils.update_bn, a cumulative
+        average), as SWA does after averaging weights."""
+        shipped = collapse(unwrap(model), self.collapse_mode)
+        if self.recalibrate_bn and inputs is not None:
+            device = next(shipped.parameters()).device
+            with torch.no_grad():
+                update_bn(itertools.islice(inputs, self.recalibrate_bn), shipped, device=device)  # keeps the mode
+        return shipped
