@@ -372,9 +372,10 @@ def distill(config: Config, run_dir: Path, *, resume=False, progress=None, data:
 
 
 def training_inputs(config: Config, data: Data):
-    """The student's first epoch of training views, in order, read lazily (a method takes what it
-    needs: LatentBE's BatchNorm recalibration a few batches); the same on every call and rank."""
-    return (batch.x for batch in data.train_loader(config.data, config.student.seed).batches(0))
+    """The student's first epoch of training views, in order, made only when read (a method takes
+    what it needs: LatentBE's BatchNorm recalibration a few batches); the same on every call and rank."""
+    for batch in data.train_loader(config.data, config.student.seed).batches(0):
+        yield batch.x
 
 
 def perturbation_of(config: Config, data: Data, method=None) -> Perturbation | None:
