@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -43,18 +44,24 @@ def wrapped(state: dict, how: str):
     raise ValueError(how)
 
 
+def saved(state: dict, how: str, folder) -> Path:
+    """`state` written as a user's file: safetensors, or a torch file wrapped as `how` says."""
+    if how == "safetensors":
+        path = folder / "w.safetensors"
+        save_file({k: v.contiguous() for k, v in state.items()}, path)
+    else:
+        path = folder / "w.pth"
+        torch.save(wrapped(state, how), path)
+    return path
+
+
 @pytest.mark.parametrize("arch", ["timm/resnet10t", "torchvision/resnet18"])
 @pytest.mark.parametrize("how", ["safetensors", "plain", "state_dict+module.", "model+_orig_mod.", "model_ema"])
 def test_weights_file_loads_back_through_config(arch, how, tmp_path):
     torch.manual_seed(1)
     original = create(arch, num_classes=5).eval()
     state = original.state_dict()
-    if how == "safetensors":
-        path = tmp_path / "w.safetensors"
-        save_file({k: v.contiguous() for k, v in state.items()}, path)
-    else:
-        path = tmp_path / "w.pth"
-        torch.save(wrapped(state, how), path)
+    path = saved(state, how, tmp_path)
     loaded = pipeline.build_model(ModelConfig(arch=arch, seed=7, weights=str(path)), fake_data()).eval()
     x = torch.randn(2, 3, 32, 32)
     torch.testing.assert_close(loaded(x), original(x), rtol=0, atol=0)
@@ -317,12 +324,7 @@ def test_a_student_weights_file_that_does_not_fit_is_refused_before_anything_is_
 @pytest.mark.parametrize("how", ["safetensors", "state_dict+module."])
 def test_shapes_only_reads_the_keys_and_shapes_of_what_a_load_gives(how, tmp_path):
     state = create("timm/resnet10t", num_classes=5).state_dict()
-    if how == "safetensors":
-        path = tmp_path / "w.safetensors"
-        save_file({k: v.contiguous() for k, v in state.items()}, path)
-    else:
-        path = tmp_path / "w.pth"
-        torch.save(wrapped(state, how), path)
+    path = saved(state, how, tmp_path)
     full, shapes = read_state_dict(path), read_state_dict(path, shapes_only=True)
     assert sorted(shapes) == sorted(full) and all(shapes[k].shape == full[k].shape for k in full)
     if how == "safetensors":
