@@ -37,17 +37,24 @@ def main(command: str, out_dir: str, *overrides: str) -> None:
     world = distributed.init_from_env("cpu")
     torch.set_num_threads(1)
     config = load_config(None, ["device=cpu", *overrides])
-    data = pipeline.prepare_data(config)
-    if command == "cache":
-        pipeline.cache_teachers(config, Path(out_dir) / "cache", data=data)
+    if command == "prepare":  # which rank indexed which tar shard, and what each rank listed
+        from ensemble_kd.data import samples
+
+        built, index = [], samples._index_shard
+        samples._index_shard = lambda path: built.append(str(path)) or index(path)
+        data = pipeline.prepare_data(config)
+        listed = {"built": built, "digest": data.splits.train.digest()}
+        (Path(out_dir) / f"prepared{world.rank}.json").write_text(json.dumps(listed))
+    elif command == "cache":
+        pipeline.cache_teachers(config, Path(out_dir) / "cache", data=pipeline.prepare_data(config))
     elif command == "distill-signalled":  # rank 1 alone gets SIGTERM during step 3, as from a scheduler
         stop_at_step_3_on_rank_1(world.rank)
         try:
-            pipeline.distill(config, Path(out_dir) / "run", data=data)
+            pipeline.distill(config, Path(out_dir) / "run", data=pipeline.prepare_data(config))
         except KeyboardInterrupt:
             (Path(out_dir) / f"stopped{world.rank}.json").write_text(json.dumps(SAVED))
     else:
-        model, _ = pipeline.distill(config, Path(out_dir) / "run", data=data)
+        model, _ = pipeline.distill(config, Path(out_dir) / "run", data=pipeline.prepare_data(config))
         torch.save({k: v.clone() for k, v in model.state_dict().items()}, Path(out_dir) / f"rank{world.rank}.pt")
     distributed.shutdown()
 

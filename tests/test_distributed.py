@@ -78,3 +78,16 @@ def test_a_signal_to_one_rank_stops_every_rank_at_the_same_step(teacher_run, tmp
     stopped = [json.loads((tmp_path / f"stopped{r}.json").read_text()) for r in (0, 1)]
     assert stopped[0] == stopped[1] and stopped[0][-1] == 3, stopped
     assert torch.load(tmp_path / "run" / "last.pt", weights_only=False)["step"] == 3  # rank 0 wrote it
+
+
+def test_rank_0_indexes_the_tar_shards_and_the_other_ranks_read_its_index(tmp_path):
+    """On a cold index cache every rank used to walk every shard at once; now rank 0 alone does."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    from _images import make_tar_shards
+
+    root = make_tar_shards(tmp_path / "shards", num_classes=3, per_shard=6, shards=3)  # new files: a cold cache
+    torchrun("prepare", str(tmp_path), "data.name=tar-shards", f"data.root={root}", "data.views.size=16",
+             "data.workers=0")
+    prepared = [json.loads((tmp_path / f"prepared{r}.json").read_text()) for r in (0, 1)]
+    assert len(prepared[0]["built"]) == 4 and prepared[1]["built"] == []  # 3 train shards + 1 test shard
+    assert prepared[0]["digest"] == prepared[1]["digest"]

@@ -7,6 +7,7 @@ Single-process runs never touch torch.distributed.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 
@@ -91,6 +92,25 @@ def broadcast_object(value, src: int = 0):
 def barrier() -> None:
     if world().distributed:
         dist.barrier()
+
+
+@contextlib.contextmanager
+def main_rank_first():
+    """Rank 0 runs the block first and the other ranks after it, so they find what it wrote (the
+    offset indices of tar shards and TFRecords, which every rank would otherwise build at once
+    from the same files). Rank 0 lets them go even when its block raises: they then meet the
+    same problem on their own rather than wait for ever. One process: just the block."""
+    if not world().distributed:
+        yield
+        return
+    main = world().is_main
+    if not main:
+        dist.barrier(group=_control_group)  # gloo: a wait of minutes is no GPU timeout
+    try:
+        yield
+    finally:
+        if main:
+            dist.barrier(group=_control_group)
 
 
 def shutdown() -> None:

@@ -88,13 +88,15 @@ def prepare_data(config: Config, device: torch.device | None = None) -> Data:
     """Load the dataset named by the config and put its eval splits on the device."""
     device = device or distributed.device_for(distributed.world(), resolve_device(config.device))
     cfg = config.data
-    if cfg.name in VIDEO_DATASETS:
-        splits = load_video_splits(cfg.name, root=cfg.root, val_fraction=cfg.val_fraction, split_seed=cfg.split_seed,
-                                   num_classes=cfg.num_classes, max_frames=cfg.max_frames)
-    else:
-        splits = load_splits(cfg.name, cfg.root, storage=cfg.storage, views=view_spec(cfg), train_view=cfg.views.train,
-                             val_fraction=cfg.val_fraction, split_seed=cfg.split_seed, mean=cfg.mean, std=cfg.std,
-                             workers=cfg.workers, on_decode_error=cfg.on_decode_error)
+    with distributed.main_rank_first():  # the ranks after it read the indices it built
+        if cfg.name in VIDEO_DATASETS:
+            splits = load_video_splits(cfg.name, root=cfg.root, val_fraction=cfg.val_fraction,
+                                       split_seed=cfg.split_seed, num_classes=cfg.num_classes,
+                                       max_frames=cfg.max_frames)
+        else:
+            splits = load_splits(cfg.name, cfg.root, storage=cfg.storage, views=view_spec(cfg),
+                                 train_view=cfg.views.train, val_fraction=cfg.val_fraction, split_seed=cfg.split_seed,
+                                 mean=cfg.mean, std=cfg.std, workers=cfg.workers, on_decode_error=cfg.on_decode_error)
 
     def eval_loader(dataset):
         if isinstance(splits, VideoSplits):
