@@ -86,6 +86,31 @@ def test_multihead_forks_a_torchvision_resnet_earlier_with_the_gate():
     assert taps["heads"].shape == (3, 2, 5) and taps["ensembler"].shape == (2, 3)
 
 
+def test_multihead_over_timms_convnext_narrows_its_last_stage_within_the_base():
+    """ConvNeXt's stages live in a container (stages.0..3): the trunk keeps 0..2, each branch is timm's
+    own ConvNeXt with narrower dims for stages.3 and its head, within the base's parameters."""
+    torch.manual_seed(0)
+    base = create("timm/convnext_atto", num_classes=5)
+    net = create("multihead", num_classes=5, base="timm/convnext_atto", branches=2)
+    assert net.shared_points == ("stages.0", "stages.1", "stages.2") and net.branch_points == ("stages.3",)
+    assert net.branch_widths[:3] == (40, 80, 160) and net.branch_widths[3] < 320
+    assert 0.9 * count_parameters(base) < count_parameters(net) <= count_parameters(base)
+    assert not any(k.startswith(("stages.3.", "head.")) for k in net.trunk.state_dict())
+    assert not any(k.startswith(("stem.", "stages.0.")) for k in net.branches[0].state_dict())
+    method = create_method("ensemblenet")
+    method.bind(net)
+    x, y = torch.randn(4, 3, 32, 32), torch.randint(0, 5, (4,))
+    logits, taps = forward_with_taps(net, x, method.needs.student_taps)
+    method.loss(Batch(x, y, torch.arange(4)), StudentOutput(logits, taps), None).loss.backward()
+    assert all(p.grad is not None for p in net.parameters())
+    one = create("multihead", num_classes=5, base="timm/convnext_atto", branches=1, width_factor=1.0).eval()
+    library = _library_model("timm/convnext_atto", 5).eval()
+    upper = ("stages.3.", "head.")
+    one.load_state_dict({(f"branches.0.{k}" if k.startswith(upper) else f"trunk.{k}"): v
+                         for k, v in library.state_dict().items()})  # strict: the same modules, split
+    torch.testing.assert_close(one(x), library(x).log_softmax(-1))
+
+
 def test_networks_without_resnet_stages_are_refused_in_one_sentence():
     with pytest.raises(ValueError, match=r"'torchvision/mobilenet_v2' does not expose its stages .* ResNets have them"):
         create("multihead", base="torchvision/mobilenet_v2")

@@ -52,12 +52,12 @@ def _planes(model: nn.Module, widths) -> list[int]:
 
 
 def at_widths(base_model: nn.Module, base: str, num_classes: int, in_channels: int, kwargs: dict, widths,
-              at: int) -> nn.Module:
+              at: int) -> nn.Module | None:
     """A new `create(base, ...)` like `base_model` (a library ResNet built from those arguments) with
-    stages `at`.. at `widths[at:]` and its fc to match."""
+    stages `at`.. at `widths[at:]` and its fc to match, or None when `base_model` is no library ResNet."""
     kind = resnet_kind(base_model)
     if kind is None:
-        raise ValueError(f"model {base!r} is not a timm or torchvision ResNet; it cannot be rebuilt at other widths.")
+        return None
     planes = _planes(base_model, widths)
     if kind == "timm":
         # timm's own constructor takes the planes per stage; the stages below `at` keep the base's.

@@ -3,7 +3,8 @@
     net = create("multihead", base="resnet20", branches=2, fork="layer3")
 
 Any model that keeps the stage contract (models/stages.py) can be the base, and any timm or
-torchvision ResNet/ResNeXt (`timm/resnet50`, `torchvision/resnet50`: models/library_resnets.py): the
+torchvision ResNet/ResNeXt (`timm/resnet50`, `torchvision/resnet50`: models/library_resnets.py) or
+timm ConvNeXt (`timm/convnext_tiny`: models/library_convnext.py): the
 stem and the stages before `fork` are built once and shared; the stages from `fork` on and the
 head are built N times, as branches, at the base's widths divided by `width_factor` and with
 `branch_kwargs` over the base's keyword arguments (e.g. {num_experts: 3} for a DBoF whose base has
@@ -27,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .registry import create, register_model
-from . import library_resnets
+from . import library_convnext, library_resnets
 from .stages import forward_head, forward_stem, has_stages, run_stages
 
 ENSEMBLERS = ("mean", "gate")
@@ -79,11 +80,11 @@ class MultiHeadNet(nn.Module):
         # pretrained: the library's weights in the shared stem and stages; the narrower branches start fresh
         trunk = create(base, num_classes=num_classes, in_channels=in_channels, pretrained=pretrained, **kwargs)
         self.base_spec: dict = dict(trunk.spec)  # create(**base_spec) builds the plain base network
-        library = library_resnets.expose_stages(trunk)
+        library = expose_library_stages(trunk)
         if not has_stages(trunk):
             raise ValueError(f"model {base!r} does not expose its stages (stem_points, tap_points, head_points, "
                              f"stage_channels); the multi-head builder needs them (timm and torchvision ResNets "
-                             f"have them).")
+                             f"have them, and timm's ConvNeXt).")
         points = list(trunk.tap_points)
         fork = fork or points[-1]
         if fork not in points:
@@ -148,12 +149,25 @@ def branch_widths(widths, at: int, factor: float) -> list[int]:
     return list(widths[:at]) + [max(1, round(w / factor)) for w in widths[at:]]
 
 
+# Library networks given the stage contract, each: expose_stages(model) -> bool (the names set in
+# place) and at_widths(model, ...) -> the network rebuilt narrower from stage `at` on (None: not its).
+LIBRARY_FAMILIES = (library_resnets, library_convnext)
+
+
+def expose_library_stages(model: nn.Module) -> bool:
+    return any(family.expose_stages(model) for family in LIBRARY_FAMILIES)
+
+
 def _member(library_base: nn.Module | None, base: str, num_classes: int, in_channels: int, kwargs: dict,
             widths, at: int) -> nn.Module:
     """`base` with stages `at`.. at `widths`: our models through their `widths` argument, a library
-    ResNet (given as `library_base`, the base built) rebuilt with the library's blocks."""
+    network (given as `library_base`, the base built) rebuilt by its family's at_widths."""
     if library_base is not None:
-        return library_resnets.at_widths(library_base, base, num_classes, in_channels, kwargs, widths, at)
+        for family in LIBRARY_FAMILIES:
+            member = family.at_widths(library_base, base, num_classes, in_channels, kwargs, widths, at)
+            if member is not None:
+                return member
+        raise ValueError(f"model {base!r} cannot be rebuilt at other widths")
     return create(base, num_classes=num_classes, in_channels=in_channels, widths=widths, **kwargs)
 
 
@@ -163,17 +177,18 @@ def fitting_width_factor(base: str, num_classes: int, in_channels: int, branches
     parameters (the gate's) are no more than the base network's (counted on the meta device)."""
     with torch.device("meta"):
         reference = create(base, num_classes=num_classes, in_channels=in_channels, **kwargs)
-        library = library_resnets.expose_stages(reference)
+        library = expose_library_stages(reference)
         budget = _count(reference)
         widths = list(reference.stage_channels)
         rest = {**{k: v for k, v in kwargs.items() if k != "widths"}, **(branch_kwargs or {})}
-        head_and_upper = sum(_count(getattr(reference, n)) for n in (*reference.tap_points[at:], *reference.head_points))
+        head_and_upper = sum(_count(reference.get_submodule(n)) for n in (*reference.tap_points[at:],
+                                                                         *reference.head_points))
         shared = budget - head_and_upper
         for step in range(0, 20 * (branches + 1)):
             factor = 1.0 + 0.05 * step
             member = _member(reference if library else None, base, num_classes, in_channels, rest,
                              branch_widths(widths, at, factor), at)
-            per_branch = sum(_count(getattr(member, n)) for n in (*member.tap_points[at:], *member.head_points))
+            per_branch = sum(_count(member.get_submodule(n)) for n in (*member.tap_points[at:], *member.head_points))
             if shared + branches * per_branch + extra <= budget:
                 return round(factor, 2)
     raise ValueError(f"no width factor keeps {branches} branches of {base} within the base's parameters; "
@@ -185,10 +200,18 @@ def _count(module: nn.Module) -> int:
 
 
 def _drop(model: nn.Module, names) -> None:
-    """Remove the named direct submodules (they live in another part of the multi-headed net)."""
+    """Remove the named submodules (they live in another part of the multi-headed net): a direct
+    one is deleted, one inside a container (ConvNeXt's `stages.3`) becomes an Identity, so the
+    container's other entries keep their names (and their state_dict keys)."""
     for name in names:
-        if name in model._modules:
-            delattr(model, name)
+        parent_path, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_path) if parent_path else model
+        if child not in parent._modules:
+            continue
+        if parent is model:
+            delattr(model, child)
+        else:
+            parent._modules[child] = nn.Identity()
 
 
 @register_model("multihead")

@@ -1,14 +1,16 @@
 """The stage contract: a model as stem -> stages -> head, so that builders can cut it.
 
 A model that keeps it has
-- `stem_points`, `tap_points`, `head_points`: the names of its direct submodules that make
-  the stem, each stage (in order), and the head;
+- `stem_points`, `tap_points`, `head_points`: the paths of its submodules (direct ones, or
+  entries of a container such as ConvNeXt's `stages.0`) that make the stem, each stage (in order),
+  and the head;
 - optionally `forward_stem(x)` and `forward_head(h)` (else the stem's and the head's modules run
   in order, flattened before a Linear), with forward(x) = head(stages(stem(x)));
 - `stage_channels`: each stage's output channels, and a `widths` constructor argument that
   sets them (the multi-head builder shrinks the branches through it).
 small_cnn, the CIFAR ResNets, the WRNs and dbof keep it; timm's and torchvision's ResNets are
-given it by models/library_resnets.py (their widths rebuilt there, not by an argument).
+given it by models/library_resnets.py (their widths rebuilt there, not by an argument), timm's
+ConvNeXt by models/library_convnext.py (through its `dims` argument).
 """
 
 from __future__ import annotations
@@ -35,8 +37,8 @@ def has_stages(model: nn.Module) -> bool:
 
 
 def run_stages(model: nn.Module, x: torch.Tensor, names: Sequence[str]) -> torch.Tensor:
-    for name in names:
-        x = getattr(model, name)(x)
+    for name in names:  # a direct submodule, or a path into a container (ConvNeXt's stages.2)
+        x = model.get_submodule(name)(x)
     return x
 
 
@@ -50,6 +52,6 @@ def forward_head(model: nn.Module, h: torch.Tensor) -> torch.Tensor:
     if own is not None:
         return own(h)
     for name in model.head_points:
-        module = getattr(model, name)
+        module = model.get_submodule(name)
         h = module(h.flatten(1) if isinstance(module, nn.Linear) and h.dim() > 2 else h)
     return h
