@@ -228,6 +228,19 @@ def test_vit_token_layouts_give_the_maps_of_timms_forward_intermediates():
     torch.testing.assert_close(tokens_to_map(tokens, token_layout(tv)), patches, rtol=0, atol=0)
 
 
+def test_a_vit_that_drops_patches_is_refused_where_its_tokens_would_be_read_as_maps():
+    """Patch dropout keeps a random subset of the patches in training: no grid to read them on."""
+    from ensemble_kd.ensemble import TeacherSet
+    from ensemble_kd.models.tokens import tap_layout
+
+    dropping = create(VIT[0], num_classes=4, patch_drop_rate=0.5, **VIT[1])
+    with pytest.raises(ValueError, match=r"drops patches in training \(patch_drop_rate > 0\)"):
+        tap_layout(dropping, "blocks.11")
+    assert tap_layout(dropping, "logits") is None  # logits need no layout: MEAL on logits alone still works
+    meal = create_method("meal", taps=["logits"])
+    meal.bind(dropping, TeacherSet([create(VIT[0], num_classes=4, **VIT[1])]), torch.randn(2, 3, 32, 32))
+
+
 def _aekd_features_step(teachers, student, x):
     """bind, then one step of aekd (features) as the engine takes it: (method, loss)."""
     from ensemble_kd.data.loader import Batch

@@ -19,7 +19,7 @@ import sys
 import torch
 from torch import nn
 
-from .taps import unwrap
+from .taps import LOGITS, unwrap
 
 TokenLayout = tuple[int, tuple[int, int]]  # (prefix tokens, (h, w) patch grid)
 NHWC = "NHWC"
@@ -28,6 +28,8 @@ TapLayout = TokenLayout | str | None
 
 def tap_layout(model: nn.Module, path: str) -> TapLayout:
     """How the output at `path` of `model` is laid out (see the module docstring)."""
+    if path == LOGITS:
+        return None
     tokens = token_layout(model)
     if tokens is not None:
         return tokens
@@ -63,6 +65,10 @@ def token_layout(model: nn.Module) -> TokenLayout | None:
     prefix = getattr(inner, "num_prefix_tokens", None)
     grid = getattr(getattr(inner, "patch_embed", None), "grid_size", None)
     if isinstance(prefix, int) and grid is not None and len(grid) == 2:
+        if float(getattr(getattr(inner, "patch_drop", None), "prob", 0.0) or 0.0) > 0:
+            raise ValueError("this ViT drops patches in training (patch_drop_rate > 0): its block tokens are a "
+                             "random subset, no patch grid, so they cannot be read as maps; build it with "
+                             "patch_drop_rate=0 to tap its blocks")
         return prefix, (int(grid[0]), int(grid[1]))
     return None
 
