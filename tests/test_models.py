@@ -75,8 +75,9 @@ def test_output_and_tap_shapes(name, channels, size):
         assert 3 <= len(model.tap_points) <= 5
         sides = [taps[p].shape[-1] for p in model.tap_points]
         assert sides == sorted(sides, reverse=True)  # stages never upsample
-        # every stem keeps full resolution; a VGG's taps are its pools' outputs (where MEAL's authors tap)
-        assert sides[0] == (-(-size // 2) if name.startswith("vgg") else size)
+        # a stem keeps full resolution but AE-KD's MobileNetV2's (stride 2); a VGG's taps are its
+        # pools' outputs (where MEAL's authors tap)
+        assert sides[0] == (-(-size // 2) if name.startswith("vgg") or name == "mobilenetv2_aekd" else size)
     assert _no_hooks(model)
 
 
