@@ -61,11 +61,9 @@ class ShiftedSkip(nn.Module):
 
     def __init__(self, in_planes: int, planes: int, stride: int):
         super().__init__()
-        if planes % 2:
-            raise ValueError(f"shake-shake stage widths must be even (the skip splits them in two), got {planes}.")
         self.stride = stride
         self.conv1 = nn.Conv2d(in_planes, planes // 2, 1)
-        self.conv2 = nn.Conv2d(in_planes, planes // 2, 1)
+        self.conv2 = nn.Conv2d(in_planes, planes - planes // 2, 1)  # odd widths (narrowed branches) round here
         self.bn = nn.BatchNorm2d(planes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
