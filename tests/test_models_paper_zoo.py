@@ -111,12 +111,17 @@ def ref_wrn(k: int, depth: int, width: int) -> int:
     return total + bn(c) + fc(c, k)
 
 
-def ref_vgg13_bn_aekd(k: int) -> int:
+def ref_vgg_bn(k: int, widths: tuple[int, ...]) -> int:
+    """AE-KD's (RepDistiller's) and MEAL's (kuangliu's) VGG-BN: convs with biases, BN, one fc on 512."""
     total, c = 0, 3
-    for w in (64, 64, 128, 128, 256, 256, 512, 512, 512, 512):
+    for w in widths:
         total += conv(c, w, 3, True) + bn(w)
         c = w
     return total + fc(512, k)
+
+
+VGG13 = (64, 64, 128, 128, 256, 256, 512, 512, 512, 512)
+VGG19 = (64, 64, 128, 128, 256, 256, 256, 256, 512, 512, 512, 512, 512, 512, 512, 512)
 
 
 REFERENCE = {  # (name, kwargs): count at K classes, from the authors' code
@@ -135,6 +140,7 @@ REFERENCE = {  # (name, kwargs): count at K classes, from the authors' code
     # He et al.'s option A (our default): no shortcut parameters
     ("resnet56", ()): lambda k: ref_resnet(k, [9] * 3, [16, 32, 64], False),
     ("wrn40_2", ()): lambda k: ref_wrn(k, 40, 2),
+    ("vgg13_bn_aekd", ()): lambda k: ref_vgg_bn(k, VGG13),
     ("wrn_latentbe", ()): lambda k: ref_wrn(k, 28, 4),
 }
 
@@ -163,9 +169,18 @@ def test_parameter_count_rounds_to_the_published_figure(name, kwargs, published)
     assert round(n_params(name, 10, **kwargs) / 1e6, 1) == published
 
 
-def test_vgg13_bn_differs_from_aekd_only_by_the_conv_biases_batch_norm_cancels():
-    """AE-KD's vgg13 has conv biases before its BNs (64+64+128+128+256+256+4*512 = 2944); ours has none."""
-    assert n_params("vgg13_bn", 100) == ref_vgg13_bn_aekd(100) - 2944
+def test_our_vggs_lack_only_the_conv_biases_batch_norm_cancels():
+    """The authors' VGGs have conv biases before their BNs; ours have none (vgg13: 2*64 + 2*128 + 2*256 + 4*512)."""
+    assert n_params("vgg13_bn", 100) == ref_vgg_bn(100, VGG13) - 2944
+    assert n_params("vgg19_bn", 10) == ref_vgg_bn(10, VGG19) - 5504  # MEAL's VGG-19-BN
+
+
+def test_vgg13_bn_aekd_pools_three_times_on_cifar():
+    model = create("vgg13_bn_aekd", num_classes=100).eval()
+    with torch.no_grad():
+        _, taps = forward_with_taps(model, torch.randn(1, 3, 32, 32))
+    assert [taps[p].shape[-1] for p in model.tap_points] == [32, 16, 8, 4, 4]
+    assert model.stage_channels == (64, 128, 256, 512, 512)
 
 
 def test_mobilenetv2_aekd_is_a_different_variant_from_ours():
