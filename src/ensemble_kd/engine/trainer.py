@@ -209,11 +209,7 @@ class Trainer:
             self.pos.step += 1
             self._pending.append((self.pos.step, loss, logs))
             if self.pos.step % self.cfg.log_every == 0:
-                self._check_finite()
-                if self.progress is not None:
-                    self.progress.update(task, status=f"loss {loss.item():.3f}")
-                self.log.write({"kind": "step", "step": self.pos.step, "epoch": self.pos.step / self.steps_per_epoch,
-                                **self._learning_rates(), **{k: v.item() for k, v in logs.items()}})
+                self._log_step(task, loss, logs)
             if self.cfg.checkpoint_every and self.pos.step % self.cfg.checkpoint_every == 0:
                 self.save()
             if self.progress is not None:
@@ -225,6 +221,18 @@ class Trainer:
                 self._stop_requested = True
                 self.save()  # at a step boundary, so resuming repeats no work
                 raise KeyboardInterrupt
+        self._end_epoch(epoch, sums, ran)
+
+    def _log_step(self, task, loss: torch.Tensor, logs: dict) -> None:
+        """Every log_every steps: the one place a step reads values back from the device."""
+        self._check_finite()
+        if self.progress is not None:
+            self.progress.update(task, status=f"loss {loss.item():.3f}")
+        self.log.write({"kind": "step", "step": self.pos.step, "epoch": self.pos.step / self.steps_per_epoch,
+                        **self._learning_rates(), **{k: v.item() for k, v in logs.items()}})
+
+    def _end_epoch(self, epoch: int, sums: dict[str, torch.Tensor], ran: int) -> None:
+        """The epoch's record (its mean logs, read from the device once), validation, checkpoint."""
         self._check_finite()
         self._sync_buffers()
         n = max(1, ran)
