@@ -64,6 +64,11 @@ class Trainer:
         self.teachers, self.val_loader = teachers, val_loader
         # A teacher cache holds E epochs of views; epoch e then trains on the views of view_epoch(e) = e % E.
         self.view_epoch = getattr(teachers, "view_epoch", None) if method.needs.teachers else None
+        # Its rows then come with each batch, gathered by the loader's workers (or its thread) from the
+        # batch's host indices: the step neither waits for the indices nor reads the memory maps.
+        self.cache_rows = (teachers.row_source() if method.needs.teacher_logits and self.perturbation is None
+                           and hasattr(teachers, "row_source") and getattr(loader, "ships_teacher_rows", False)
+                           else None)
         self.world = distributed.world()
         self.device, self.seed = device, seed
         self.dataset = dataset  # data.dataset_record of the training data: saved with every checkpoint
@@ -200,7 +205,8 @@ class Trainer:
         sums: dict[str, torch.Tensor] = {}
         ran = 0  # batches run by this call (a resumed epoch starts part-way)
         view_epoch = self.view_epoch(epoch) if self.view_epoch is not None else epoch
-        for batch in self.loader.batches(epoch, start=self.pos.batch, view_epoch=view_epoch):
+        rows = {"rows": self.cache_rows} if self.cache_rows is not None else {}
+        for batch in self.loader.batches(epoch, start=self.pos.batch, view_epoch=view_epoch, **rows):
             loss, logs = self._step(batch)
             for k, v in logs.items():
                 sums[k] = sums.get(k, 0.0) + v
@@ -257,8 +263,9 @@ class Trainer:
             needs = dataclasses.replace(needs, perturbs_inputs=True)
         if needs.teachers:
             members = self.method.teacher_indices(self.pos.step, len(self.teachers), self.seed)
+            rows = getattr(batch, "teacher_rows", None)
             teacher_out = self.teachers.outputs(batch.x, needs, index=batch.index, epoch=self.pos.epoch,
-                                                members=members)
+                                                members=members, **({"rows": rows} if rows is not None else {}))
         with self._autocast():
             if needs.student_taps:
                 logits, taps = forward_with_taps(self.forward_model, batch.x, needs.student_taps)
