@@ -13,6 +13,7 @@ an epoch (the epoch's order and workers are set up there, once).
 
 from __future__ import annotations
 
+import pickle
 import sys
 import threading
 from pathlib import Path
@@ -29,8 +30,9 @@ from ensemble_kd.data.views import AugmentSpec
 from ensemble_kd.engine import Trainer
 from ensemble_kd.ensemble import TeacherSet
 from ensemble_kd.ensemble.cache import build_cache, open_cache
-from ensemble_kd.methods import create_method
+from ensemble_kd.methods import Needs, create_method
 from ensemble_kd.models import create
+from ensemble_kd.solvers import capped_simplex
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _images import make_image_folder  # noqa: E402
@@ -211,3 +213,49 @@ def test_no_forced_sync_outside_logging_steps(method, source, data, images, teac
     calls = count_syncs(trainer, monkeypatch)
     assert trainer.pos.step == 2 * len(loader) > 3  # steps outside logging ones ran
     assert not calls, "forced syncs:\n" + "\n".join(sorted(set(calls)))
+
+
+# ---------------------------------------------------------------------------- rows shipped with the batch
+
+@pytest.mark.parametrize("data", ["device", "stream"])
+def test_rows_shipped_with_a_batch_give_the_logits_of_a_lookup(data, images, stream, teachers, caches):
+    loader = _device_loader(images) if data == "device" else stream()
+    cached = open_cache(caches[data], teachers, loader)
+    needs = Needs(teacher_logits=True)
+    seen = 0
+    for epoch in (0, 1):  # epoch 1 wraps onto the views of epoch 0
+        for batch in loader.batches(epoch, view_epoch=cached.view_epoch(epoch), rows=cached.row_source()):
+            for members in (None, [1, 0], [1]):
+                shipped = cached.outputs(batch.x, needs, rows=batch.teacher_rows, members=members).logits
+                looked_up = cached.outputs(batch.x, needs, index=batch.index, epoch=epoch, members=members).logits
+                assert torch.equal(shipped, looked_up)
+            seen += len(batch.index)
+    assert seen == 2 * len(loader) * loader.batch_size
+
+
+def test_training_on_shipped_rows_ends_with_the_weights_of_lookups(images, teachers, caches, tmp_path):
+    def run(ships: bool, out):
+        loader = _device_loader(images)
+        loader.ships_teacher_rows = ships
+        trainer = _trainer("aver", loader, open_cache(caches["device"], teachers, loader), out)
+        assert (trainer.cache_rows is not None) == ships
+        return trainer.fit()
+    shipped, looked_up = run(True, tmp_path / "a").state_dict(), run(False, tmp_path / "b").state_dict()
+    assert all(torch.equal(shipped[k], looked_up[k]) for k in shipped)
+
+
+def test_a_row_source_pickles_without_the_cache_arrays(images, teachers, caches):
+    cached = open_cache(caches["device"], teachers, _device_loader(images))
+    source = cached.row_source()
+    cached.rows(torch.arange(4), 0)  # the maps are open
+    received = pickle.loads(pickle.dumps(source))
+    assert all(not hasattr(reader, "arrays") for reader in received.readers)  # reopened where it lands, on use
+    index = torch.tensor([5, 0, 47, 5])
+    for key, rows in received(index, 0).items():
+        assert torch.equal(rows, cached.rows(index, 0)[key])
+
+
+def test_auto_solver_solves_on_the_device_off_the_cpu():
+    assert capped_simplex._resolve("auto", torch.eye(2)) == "host"
+    assert capped_simplex._resolve("auto", torch.empty(2, 2, device="meta")) == "device"
+    assert capped_simplex._resolve("host", torch.empty(2, 2, device="meta")) == "host"
