@@ -259,3 +259,27 @@ def test_auto_solver_solves_on_the_device_off_the_cpu():
     assert capped_simplex._resolve("auto", torch.eye(2)) == "host"
     assert capped_simplex._resolve("auto", torch.empty(2, 2, device="meta")) == "device"
     assert capped_simplex._resolve("host", torch.empty(2, 2, device="meta")) == "host"
+
+
+def test_a_run_on_shipped_rows_killed_mid_epoch_resumes_to_the_same_weights(images, teachers, caches, tmp_path):
+    def trainer(out):
+        loader = _device_loader(images)
+        return _trainer("aver", loader, open_cache(caches["device"], teachers, loader), out)
+    reference = trainer(tmp_path / "ref").fit().state_dict()
+    killed = trainer(tmp_path / "run")
+    killed.cfg = killed.cfg.model_copy(update={"checkpoint_every": 2})
+    loss = killed.method.loss
+    calls = []
+
+    def dying(*args):
+        calls.append(1)
+        if len(calls) == 9:  # step 9 of 12: epoch 2, after the checkpoint of step 8
+            raise RuntimeError("killed")
+        return loss(*args)
+    killed.method.loss = dying
+    with pytest.raises(RuntimeError, match="killed"):
+        killed.fit()
+    resumed = trainer(tmp_path / "run")
+    assert resumed.fit(resume=True) is resumed.model and resumed.pos.step == 12
+    got = resumed.model.state_dict()
+    assert all(torch.equal(got[k], reference[k]) for k in reference)
