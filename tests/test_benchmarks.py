@@ -53,3 +53,12 @@ def test_loader_benchmark_prints_our_row_beside_torchvisions(capsys, tmp_path):
     rows = [line.split("|") for line in capsys.readouterr().out.splitlines() if line.startswith("| 24 |")]
     assert [r[2].strip() for r in rows] == ["ours", "torchvision"]
     assert float(rows[0][5].split("±")[0]) > 0  # the ratio of images/s
+
+
+def test_step_host_benchmark_prints_the_lookup_beside_the_shipped_rows_per_loader(capsys):
+    step_host = _load("step_host")
+    assert step_host.main(["--samples", "64", "--classes", "10", "--batch", "8", "--steps", "2", "--warmup", "1",
+                           "--rounds", "1", "--workers", "0", "--size", "8", "--device-step-ms", "0"]) == 0
+    rows = [line.split() for line in capsys.readouterr().out.splitlines() if line.startswith(("in-memory", "streamed"))]
+    assert [r[:2] for r in rows if len(r) > 3 and r[1] in ("lookup", "shipped")] == [
+        ["in-memory", "lookup"], ["in-memory", "shipped"], ["streamed", "lookup"], ["streamed", "shipped"]]

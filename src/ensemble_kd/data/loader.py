@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import math
-from typing import Iterable, Iterator, NamedTuple, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable, Iterable, Iterator, NamedTuple, Sequence
 
 import torch
 
@@ -21,12 +22,15 @@ class Batch(NamedTuple):
 
     `target`: the soft targets (B, K) float32 of mixed views (mixup, CutMix), else None; y then
     stays each sample's own label. Losses against the labels read `targets`.
+    `teacher_rows`: the teacher cache's rows of these views ({key: tensor}, on the device), when
+    the loader was given a cache's row source; the trainer hands them to the cache.
     """
 
     x: torch.Tensor
     y: torch.Tensor
     index: torch.Tensor
     target: torch.Tensor | None = None
+    teacher_rows: dict[str, torch.Tensor] | None = None
 
     @property
     def targets(self) -> torch.Tensor:
@@ -56,7 +60,6 @@ class ShardedLoader:
             raise ValueError("the dataset is empty; a loader needs at least one sample.")
         self.size = size
         self.device = torch.device(device)
-        self.order_device = self.device  # where indices() puts the order (a streaming loader keeps it on the CPU)
         self.train, self.seed, self.batch_size = train, seed, batch_size
         self.drop_last = train if drop_last is None else drop_last
         self.rank, self.world_size = rank, world_size
@@ -73,10 +76,11 @@ class ShardedLoader:
         return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
 
     def indices(self, epoch: int | None) -> torch.Tensor:
-        """This rank's dataset indices for `epoch`, in iteration order (int64, on the loader's device)."""
+        """This rank's dataset indices for `epoch`, in iteration order (int64, on the host, where the order is
+        drawn: a teacher cache reads its rows by them, and the device gets each batch's without waiting)."""
         n = self.size
         if not self.train:
-            return torch.arange(self.rank, n, self.world_size, device=self.order_device)
+            return torch.arange(self.rank, n, self.world_size)
         if epoch is None:
             raise ValueError("a training loader needs an integer epoch: the order (and the views) depend on it.")
         gen = torch.Generator().manual_seed(hash_ints(self.seed, epoch, _STREAM_ORDER))
@@ -84,7 +88,7 @@ class ShardedLoader:
         total = math.ceil(n / self.world_size) * self.world_size
         if total > n:  # pad by repeating the start, as DistributedSampler does
             order = torch.cat([order, order.repeat(math.ceil((total - n) / n))[: total - n]])
-        return order[self.rank :: self.world_size].to(self.order_device)
+        return order[self.rank :: self.world_size]
 
     def batch_indices(self, epoch: int | None, start: int = 0) -> Iterator[torch.Tensor]:
         """The indices of each of the epoch's batches, skipping the first `start` (to resume mid-epoch)."""
@@ -96,8 +100,40 @@ class ShardedLoader:
             yield order[b * self.batch_size : (b + 1) * self.batch_size]
 
 
+RowSource = Callable[[torch.Tensor, int], dict]  # (host indices, view epoch) -> {key: host rows}
+
+
+def rows_ahead(index_batches: Iterable[torch.Tensor], rows: RowSource | None, view_epoch: int | None,
+               *, pin: bool) -> Iterator[tuple[torch.Tensor, dict | None]]:
+    """(indices, their rows or None) for each batch of host indices: a thread gathers the rows of the
+    next batch while the caller works on this one (pinned when `pin`, so they reach the device while
+    the host goes on). Without `rows`, the indices alone."""
+    if rows is None:
+        yield from ((idx, None) for idx in index_batches)
+        return
+
+    def gather(idx: torch.Tensor) -> dict:
+        got = rows(idx, view_epoch)
+        return {k: v.pin_memory() for k, v in got.items()} if pin else got
+
+    pool = ThreadPoolExecutor(1, thread_name_prefix="cache-rows")
+    try:
+        waiting = None
+        for idx in index_batches:
+            ahead = (idx, pool.submit(gather, idx))
+            if waiting is not None:
+                yield waiting[0], waiting[1].result()
+            waiting = ahead
+        if waiting is not None:
+            yield waiting[0], waiting[1].result()
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
+
+
 class DeviceLoader(ShardedLoader):
     """Iterates seeded, augmented (train) or sequential (eval) batches of a dataset held on `device`."""
+
+    ships_teacher_rows = True  # batches(..., rows=) carries each batch's teacher-cache rows
 
     def __init__(
         self,
@@ -133,31 +169,37 @@ class DeviceLoader(ShardedLoader):
     def input_shape(self) -> tuple[int, ...]:
         return tuple(self.images.shape[1:])
 
-    def batches(self, epoch: int | None, start: int = 0, view_epoch: int | None = None) -> Iterator[Batch]:
+    def batches(self, epoch: int | None, start: int = 0, view_epoch: int | None = None,
+                rows: RowSource | None = None) -> Iterator[Batch]:
         """Yield the epoch's batches, skipping the first `start` (to resume mid-epoch).
 
         `view_epoch` (default: `epoch`) picks the augmented views apart from the order, so a
         run served by a teacher cache of E epochs can reuse views e % E in a fresh order.
+        `rows` (a teacher cache's `row_source()`): each batch carries its views' cache rows.
         """
         view_epoch = epoch if view_epoch is None else view_epoch
-        return self.batches_at(self.batch_indices(epoch, start), view_epoch)
+        return self.batches_at(self.batch_indices(epoch, start), view_epoch, rows=rows)
 
-    def batches_at(self, index_batches: Iterable[torch.Tensor], view_epoch: int | None) -> Iterator[Batch]:
+    def batches_at(self, index_batches: Iterable[torch.Tensor], view_epoch: int | None,
+                   rows: RowSource | None = None) -> Iterator[Batch]:
         """The batches of the views (seed, view_epoch, index) of each chunk of dataset indices, in order:
         what training sees, for any chunking (the teacher cache makes its batches this way)."""
         view_epoch = view_epoch if self.train else None
-        for idx in index_batches:
-            idx = idx.to(self.device)
+        rows = rows if view_epoch is not None else None
+        for idx, teacher_rows in rows_ahead(index_batches, rows, view_epoch, pin=self.device.type == "cuda"):
+            idx = idx.to(self.device, non_blocking=True)
+            if teacher_rows is not None:
+                teacher_rows = {k: v.to(self.device, non_blocking=True) for k, v in teacher_rows.items()}
             x = self._views(idx, view_epoch)
             y = self.labels.index_select(0, idx)
             if view_epoch is None or not self.mix.enabled:
-                yield Batch(x, y, idx)
+                yield Batch(x, y, idx, teacher_rows=teacher_rows)
                 continue
             params = mix_params(idx, epoch=view_epoch, seed=self.seed, num_samples=self.size,
                                 height=x.shape[2], width=x.shape[3], spec=self.mix)
             x, target = mix_views(x, self._views(params.partner, view_epoch), y,
                                   self.labels.index_select(0, params.partner), params, self.num_classes)
-            yield Batch(x, y, idx, target)
+            yield Batch(x, y, idx, target, teacher_rows)
 
     def views_fingerprint(self) -> dict:
         """Everything the training pixels depend on besides the data: the teacher cache compares it."""

@@ -67,8 +67,14 @@ def _uniform(h: torch.Tensor, stream: int) -> torch.Tensor:
     return hash_ints(h, stream).to(torch.float64) / 4294967296.0
 
 
+@lru_cache(maxsize=8)
+def _beta_quantiles_on(alpha: float, device: torch.device) -> torch.Tensor:
+    """The table on `device`, copied there once: a blocking copy every batch would stall the host."""
+    return _beta_quantiles(alpha).to(device, non_blocking=True)  # a pageable source: staged before returning
+
+
 def _beta(alpha: float, u: torch.Tensor) -> torch.Tensor:
-    table = _beta_quantiles(float(alpha)).to(u.device)
+    table = _beta_quantiles_on(float(alpha), u.device)
     pos = u * (_QUANTILE_POINTS - 1)
     lo = pos.floor().long().clamp_(max=_QUANTILE_POINTS - 2)
     frac = pos - lo
@@ -115,13 +121,14 @@ def mix_views(x: torch.Tensor, partner_x: torch.Tensor, y: torch.Tensor, partner
               params: MixParams, num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(mixed inputs, soft targets (B, K) float32) from the samples' views x, their partners' views and labels."""
     b, _, height, width = x.shape
-    lam = params.lam.to(device=x.device, dtype=torch.float32)
+    # The parameters are made where the indices are (non_blocking: no wait should they be on the host).
+    lam = params.lam.to(device=x.device, dtype=torch.float32, non_blocking=True)
     rows = torch.arange(height, device=x.device).view(1, height, 1)
     cols = torch.arange(width, device=x.device).view(1, 1, width)
-    y0, y1, x0, x1 = (params.box[:, k].to(x.device).view(b, 1, 1) for k in range(4))
+    y0, y1, x0, x1 = (params.box[:, k].to(x.device, non_blocking=True).view(b, 1, 1) for k in range(4))
     pasted = ((rows >= y0) & (rows < y1) & (cols >= x0) & (cols < x1)).unsqueeze(1)  # (B, 1, H, W)
     blended = x * lam.view(b, 1, 1, 1) + partner_x * (1 - lam).view(b, 1, 1, 1)
-    mixed = torch.where(params.cutmix.to(x.device).view(b, 1, 1, 1), torch.where(pasted, partner_x, x), blended)
+    mixed = torch.where(params.cutmix.to(x.device, non_blocking=True).view(b, 1, 1, 1), torch.where(pasted, partner_x, x), blended)
     target = (F.one_hot(y, num_classes).float() * lam[:, None]
               + F.one_hot(partner_y, num_classes).float() * (1 - lam)[:, None])
     return mixed, target

@@ -32,9 +32,11 @@ _SUBSTITUTE_TRIES = 32  # skip: the next index that decodes stands in for a brok
 class _ViewBatches(torch.utils.data.Dataset):
     """Item (view_epoch or -1, indices) -> the uint8 views of those samples (and of their mix partners)."""
 
-    def __init__(self, samples: Samples, spec: ViewSpec, mix: MixSpec, *, train: bool, seed: int, policy: str):
+    def __init__(self, samples: Samples, spec: ViewSpec, mix: MixSpec, *, train: bool, seed: int, policy: str,
+                 rows=None):
         self.samples, self.spec, self.mix = samples, spec, mix
         self.train, self.seed, self.policy = train, seed, policy
+        self.rows = rows  # a teacher cache's row source: the worker gathers each batch's rows too
 
     def _view(self, i: int, epoch: int | None, skipped: list) -> tuple[np.ndarray, int]:
         """Sample i's view and label; a broken image stops, or is replaced by the next one that decodes."""
@@ -72,6 +74,11 @@ class _ViewBatches(torch.utils.data.Dataset):
         except DecodeError as err:
             return {"error": str(err)}  # raised in the main process: one sentence, no worker traceback
         out["skipped"] = skipped
+        if self.rows is not None and epoch is not None:
+            try:
+                out["teacher_rows"] = self.rows(idx, epoch)
+            except ValueError as err:  # an index the cache does not hold
+                return {"cache_error": str(err)}
         return out
 
 
@@ -91,6 +98,8 @@ class StreamLoader(ShardedLoader):
     `batches_at`, `len`, `input_shape`, `labels`, `size`, `seed`, `train`.
     """
 
+    ships_teacher_rows = True  # batches(..., rows=) carries each batch's teacher-cache rows
+
     def __init__(self, samples: Samples, *, batch_size: int, mean, std, spec: ViewSpec,
                  augment: AugmentSpec = AugmentSpec(), mix: MixSpec = MixSpec(), train: bool = True, seed: int = 0,
                  device="cpu", drop_last: bool | None = None, rank: int = 0, world_size: int = 1, workers: int = 2,
@@ -101,7 +110,6 @@ class StreamLoader(ShardedLoader):
             raise ValueError(f"on_decode_error must be one of {', '.join(DECODE_POLICIES)}, got {on_decode_error!r}.")
         if isinstance(workers, bool) or not isinstance(workers, int) or workers < 0:
             raise ValueError(f"workers must be a non-negative integer, got {workers!r}.")
-        self.order_device = torch.device("cpu")  # indices go to the workers; only the pixels go to the device
         self.samples, self.spec, self.augment, self.mix = samples, spec, augment, mix
         self.mean, self.std = tuple(float(m) for m in mean), tuple(float(s) for s in std)
         self.workers, self.prefetch, self.on_decode_error = workers, prefetch, on_decode_error
@@ -113,15 +121,18 @@ class StreamLoader(ShardedLoader):
     def input_shape(self) -> tuple[int, ...]:
         return 3, self.spec.size, self.spec.size
 
-    def batches(self, epoch: int | None, start: int = 0, view_epoch: int | None = None) -> Iterator[Batch]:
-        """Yield the epoch's batches, skipping the first `start` (not read) to resume mid-epoch."""
+    def batches(self, epoch: int | None, start: int = 0, view_epoch: int | None = None,
+                rows=None) -> Iterator[Batch]:
+        """Yield the epoch's batches, skipping the first `start` (not read) to resume mid-epoch;
+        `rows` (a teacher cache's `row_source()`): the workers ship each batch's cache rows with it."""
         view_epoch = epoch if view_epoch is None else view_epoch
-        return self.batches_at(self.batch_indices(epoch, start), view_epoch)
+        return self.batches_at(self.batch_indices(epoch, start), view_epoch, rows=rows)
 
-    def batches_at(self, index_batches: Iterable[torch.Tensor], view_epoch: int | None) -> Iterator[Batch]:
+    def batches_at(self, index_batches: Iterable[torch.Tensor], view_epoch: int | None,
+                   rows=None) -> Iterator[Batch]:
         """The batches of the views (seed, view_epoch, index) of each chunk of dataset indices, in order."""
         view_epoch = view_epoch if self.train else None
-        for item in self._decoded(index_batches, view_epoch):
+        for item in self._decoded(index_batches, view_epoch, rows):
             yield self._to_batch(item, view_epoch)
 
     def eval_views(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -136,11 +147,11 @@ class StreamLoader(ShardedLoader):
             self._eval_views = held
         return held[0][:n], held[1][:n]
 
-    def _decoded(self, index_batches: Iterable[torch.Tensor], view_epoch: int | None) -> Iterator[dict]:
+    def _decoded(self, index_batches: Iterable[torch.Tensor], view_epoch: int | None, rows=None) -> Iterator[dict]:
         """The workers' decoded uint8 views of each chunk of indices, in order; a bad image stops
         (or, with on_decode_error=skip, is replaced and named at the end)."""
         dataset = _ViewBatches(self.samples, self.spec, self.mix, train=self.train, seed=self.seed,
-                               policy=self.on_decode_error)
+                               policy=self.on_decode_error, rows=rows)
         keys = [(-1 if view_epoch is None else int(view_epoch), idx.cpu().tolist()) for idx in index_batches]
         pin = self.device.type == "cuda"
         loader = torch.utils.data.DataLoader(
@@ -151,6 +162,8 @@ class StreamLoader(ShardedLoader):
             if "error" in item:
                 raise DecodeError(f"{item['error']}; remove or replace the file, or set "
                                   f"data.on_decode_error=skip to train on without it.")
+            if "cache_error" in item:
+                raise ValueError(item["cache_error"])
             self.skipped.extend(item["skipped"])
             yield item
         if self.skipped:
@@ -160,20 +173,26 @@ class StreamLoader(ShardedLoader):
     def _device_views(self, x_u8: torch.Tensor, index: torch.Tensor, view_epoch: int | None) -> torch.Tensor:
         x_u8 = x_u8.to(self.device, non_blocking=True)
         if view_epoch is not None and self.spec.train == "crop_flip" and self.augment.enabled:
-            x_u8 = crop_flip(x_u8, index.to(self.device), epoch=view_epoch, seed=self.seed, spec=self.augment)
+            x_u8 = crop_flip(x_u8, index.to(self.device, non_blocking=True), epoch=view_epoch, seed=self.seed,
+                             spec=self.augment)
         return normalize(x_u8, self.mean, self.std)
 
     def _to_batch(self, item: dict, view_epoch: int | None) -> Batch:
-        index = item["index"].to(self.device)
+        # Everything comes pinned from the DataLoader on a GPU: copies the host does not wait for.
+        def on_device(t: torch.Tensor) -> torch.Tensor:
+            return t.to(self.device, non_blocking=True)
+        index = on_device(item["index"])
         x = self._device_views(item["x"], item["index"], view_epoch)
-        y = item["y"].to(self.device)
+        y = on_device(item["y"])
+        rows = item.get("teacher_rows")
+        rows = {k: on_device(v) for k, v in rows.items()} if rows is not None else None
         if "partner_x" not in item:
-            return Batch(x, y, index)
+            return Batch(x, y, index, teacher_rows=rows)
         params = mix_params(index, epoch=view_epoch, seed=self.seed, num_samples=self.size,
                             height=x.shape[2], width=x.shape[3], spec=self.mix)
         partner_x = self._device_views(item["partner_x"], item["partner"], view_epoch)
-        x, target = mix_views(x, partner_x, y, item["partner_y"].to(self.device), params, self.num_classes)
-        return Batch(x, y, index, target)
+        x, target = mix_views(x, partner_x, y, on_device(item["partner_y"]), params, self.num_classes)
+        return Batch(x, y, index, target, rows)
 
     # ------------------------------------------------------------------ what the teacher cache names
     def fingerprint_data(self) -> dict:

@@ -159,7 +159,7 @@ class VideoLoader(ShardedLoader):
     def batches_at(self, index_batches, view_epoch: int | None = None) -> Iterator[Batch]:
         """The batches of the given dataset indices (what the teacher cache computes)."""
         for idx in index_batches:
-            idx = idx.to(self.device)
+            idx = idx.to(self.device, non_blocking=True)  # the order is drawn on the host
             longest = int(self.num_frames.index_select(0, idx).max())
             yield Batch(self.features.index_select(0, idx)[:, :longest], self.labels.index_select(0, idx), idx)
 

@@ -8,6 +8,7 @@ batches, or on the device; that is what lets the teacher cache store outputs for
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Sequence
 
 import torch
@@ -88,7 +89,19 @@ def view_params(indices: torch.Tensor, *, epoch: int, seed: int, spec: AugmentSp
 
 
 def _channel_stats(values: Sequence[float] | torch.Tensor, channels: int, what: str, device) -> torch.Tensor:
-    t = torch.as_tensor(values, dtype=torch.float32, device=device).reshape(-1)
+    if isinstance(values, (tuple, list)):  # a loader's mean/std: made on the device once, not every batch
+        return _channel_stats_on(tuple(float(v) for v in values), channels, what, torch.device(device))
+    return _checked_stats(torch.as_tensor(values, dtype=torch.float32).to(device, non_blocking=True), channels, what)
+
+
+@lru_cache(maxsize=32)
+def _channel_stats_on(values: tuple[float, ...], channels: int, what: str, device: torch.device) -> torch.Tensor:
+    # non_blocking from pageable memory: the values are staged before the call returns, and no stream is waited on
+    return _checked_stats(torch.tensor(values, dtype=torch.float32).to(device, non_blocking=True), channels, what)
+
+
+def _checked_stats(t: torch.Tensor, channels: int, what: str) -> torch.Tensor:
+    t = t.reshape(-1)
     if t.numel() != channels:
         raise ValueError(
             f"{what} has {t.numel()} values but the images have {channels} channels; "
@@ -132,7 +145,7 @@ def make_view(
         raise ValueError(
             f"images must be a uint8 tensor (N, C, H, W), got {images_u8.dtype} of shape {tuple(images_u8.shape)}."
         )
-    idx = torch.as_tensor(indices, dtype=torch.int64).to(images_u8.device).reshape(-1)
+    idx = torch.as_tensor(indices, dtype=torch.int64).to(images_u8.device, non_blocking=True).reshape(-1)
     if epoch is None or spec is None or not spec.enabled:
         return normalize(images_u8.index_select(0, idx), mean, std)
     return normalize(crop_flip(images_u8.index_select(0, idx), idx, epoch=epoch, seed=seed, spec=spec), mean, std)

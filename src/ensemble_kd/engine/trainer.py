@@ -64,6 +64,11 @@ class Trainer:
         self.teachers, self.val_loader = teachers, val_loader
         # A teacher cache holds E epochs of views; epoch e then trains on the views of view_epoch(e) = e % E.
         self.view_epoch = getattr(teachers, "view_epoch", None) if method.needs.teachers else None
+        # Its rows then come with each batch, gathered by the loader's workers (or its thread) from the
+        # batch's host indices: the step neither waits for the indices nor reads the memory maps.
+        self.cache_rows = (teachers.row_source() if method.needs.teacher_logits and self.perturbation is None
+                           and hasattr(teachers, "row_source") and getattr(loader, "ships_teacher_rows", False)
+                           else None)
         self.world = distributed.world()
         self.device, self.seed = device, seed
         self.dataset = dataset  # data.dataset_record of the training data: saved with every checkpoint
@@ -200,7 +205,8 @@ class Trainer:
         sums: dict[str, torch.Tensor] = {}
         ran = 0  # batches run by this call (a resumed epoch starts part-way)
         view_epoch = self.view_epoch(epoch) if self.view_epoch is not None else epoch
-        for batch in self.loader.batches(epoch, start=self.pos.batch, view_epoch=view_epoch):
+        rows = {"rows": self.cache_rows} if self.cache_rows is not None else {}
+        for batch in self.loader.batches(epoch, start=self.pos.batch, view_epoch=view_epoch, **rows):
             loss, logs = self._step(batch)
             for k, v in logs.items():
                 sums[k] = sums.get(k, 0.0) + v
@@ -209,11 +215,7 @@ class Trainer:
             self.pos.step += 1
             self._pending.append((self.pos.step, loss, logs))
             if self.pos.step % self.cfg.log_every == 0:
-                self._check_finite()
-                if self.progress is not None:
-                    self.progress.update(task, status=f"loss {loss.item():.3f}")
-                self.log.write({"kind": "step", "step": self.pos.step, "epoch": self.pos.step / self.steps_per_epoch,
-                                **self._learning_rates(), **{k: v.item() for k, v in logs.items()}})
+                self._log_step(task, loss, logs)
             if self.cfg.checkpoint_every and self.pos.step % self.cfg.checkpoint_every == 0:
                 self.save()
             if self.progress is not None:
@@ -225,6 +227,18 @@ class Trainer:
                 self._stop_requested = True
                 self.save()  # at a step boundary, so resuming repeats no work
                 raise KeyboardInterrupt
+        self._end_epoch(epoch, sums, ran)
+
+    def _log_step(self, task, loss: torch.Tensor, logs: dict) -> None:
+        """Every log_every steps: the one place a step reads values back from the device."""
+        self._check_finite()
+        if self.progress is not None:
+            self.progress.update(task, status=f"loss {loss.item():.3f}")
+        self.log.write({"kind": "step", "step": self.pos.step, "epoch": self.pos.step / self.steps_per_epoch,
+                        **self._learning_rates(), **{k: v.item() for k, v in logs.items()}})
+
+    def _end_epoch(self, epoch: int, sums: dict[str, torch.Tensor], ran: int) -> None:
+        """The epoch's record (its mean logs, read from the device once), validation, checkpoint."""
         self._check_finite()
         self._sync_buffers()
         n = max(1, ran)
@@ -249,8 +263,9 @@ class Trainer:
             needs = dataclasses.replace(needs, perturbs_inputs=True)
         if needs.teachers:
             members = self.method.teacher_indices(self.pos.step, len(self.teachers), self.seed)
+            rows = getattr(batch, "teacher_rows", None)
             teacher_out = self.teachers.outputs(batch.x, needs, index=batch.index, epoch=self.pos.epoch,
-                                                members=members)
+                                                members=members, **({"rows": rows} if rows is not None else {}))
         with self._autocast():
             if needs.student_taps:
                 logits, taps = forward_with_taps(self.forward_model, batch.x, needs.student_taps)

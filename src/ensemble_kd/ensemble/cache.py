@@ -60,7 +60,7 @@ from .cache_store import (EpochReader, class_dtype, consolidate, describe_size, 
                           remove_built_files, remove_rank_files, write_progress, write_shard)
 from .teacher_set import TeacherSet
 
-__all__ = ["CACHE_MANIFEST", "CacheMismatchError", "CachedTeachers", "build_cache", "fingerprint",
+__all__ = ["CACHE_MANIFEST", "CacheMismatchError", "CacheRows", "CachedTeachers", "build_cache", "fingerprint",
            "open_cache", "teacher_fingerprint"]
 
 FORMAT = "ensemble-kd/teacher-cache/2"
@@ -347,8 +347,11 @@ def _check_needs(needs: Needs, where: str) -> None:
 class CachedTeachers:
     """Teacher logits read from a cache: the TeacherSet interface (`outputs`, `num_classes`, `len`, `names`).
 
-    The arrays stay on disk, memory-mapped: a lookup gathers the batch's rows (through each
-    epoch's index -> row array), converts them to float32 and moves them to `device`.
+    The arrays stay on disk, memory-mapped. A lookup has two halves: `rows` gathers a batch's rows
+    on the host (`row_source()` does it in a loader's worker or thread, which then ships the rows
+    with the batch, copied to the device without waiting), and `logits_from_rows` turns them into
+    float32 logits where they are. `outputs(..., rows=)` takes rows so shipped; without them it
+    looks the indices up itself, on the calling thread.
     """
 
     def __init__(self, cache_dir: str | Path, manifest: dict, device: torch.device):
@@ -377,12 +380,17 @@ class CachedTeachers:
         """Refuse a method the cache cannot serve (taps, perturbed inputs)."""
         _check_needs(needs, f"'{self.cache_dir}'")
 
+    def row_source(self) -> CacheRows:
+        """What a loader calls to gather the rows of each batch's views off the main thread."""
+        return CacheRows(self._epochs)
+
+    def rows(self, index, epoch: int) -> dict[str, torch.Tensor]:
+        """The stored rows of the views (epoch % E, index), on the host (index: ints or a host tensor)."""
+        return CacheRows(self._epochs)(index, epoch)
+
     @torch.no_grad()
-    def logits(self, index: torch.Tensor, epoch: int) -> torch.Tensor:
-        """(M, B, K) float32 logits of the views (epoch % E, index)."""
-        idx = torch.as_tensor(index, dtype=torch.int64).reshape(-1).cpu().numpy()
-        rows = {k: torch.from_numpy(v).to(self.device) for k, v in
-                self._epochs[self.view_epoch(int(epoch))].gather(idx).items()}
+    def logits_from_rows(self, rows: dict[str, torch.Tensor]) -> torch.Tensor:
+        """(M, B, K) float32 logits from a batch's rows, on the rows' device."""
         if self.top_k is None:
             out = rows["logits"].float()
         else:
@@ -391,19 +399,49 @@ class CachedTeachers:
             out.scatter_(-1, rows["classes"].long(), rows["values"].float())
         return out.transpose(0, 1).contiguous()
 
-    def outputs(self, x: torch.Tensor, needs: Needs, *, index=None, epoch=None, members=None) -> TeacherOutput:
+    @torch.no_grad()
+    def logits(self, index: torch.Tensor, epoch: int) -> torch.Tensor:
+        """(M, B, K) float32 logits of the views (epoch % E, index), on the cache's device."""
+        return self.logits_from_rows(_to_device(self.rows(index, epoch), self.device))
+
+    def outputs(self, x: torch.Tensor, needs: Needs, *, index=None, epoch=None, members=None,
+                rows: dict[str, torch.Tensor] | None = None) -> TeacherOutput:
         """The cached logits for the views the batch was made from; `x` itself is not read.
+        `rows`: the batch's rows as its loader shipped them (then `index` and `epoch` are not read);
         `members` (indices) selects those teachers, in that order; None gives all."""
         self.check(needs)
-        if index is None or epoch is None:
+        if rows is None and (index is None or epoch is None):
             raise ValueError("cached teachers need the batch's dataset indices and its epoch (index=, epoch=)")
         logits = None
         if needs.teacher_logits:
-            logits = self.logits(index, epoch)
-            if members is not None:
-                logits = logits[torch.as_tensor(list(members), dtype=torch.int64, device=logits.device)]
-            logits = logits.to(x.device)
+            if rows is None:
+                logits = self.logits(index, epoch)
+            else:
+                logits = self.logits_from_rows(_to_device(rows, x.device))
+            if members is not None:  # views stacked: an index tensor would be copied to the device and waited for
+                logits = torch.stack([logits[int(m)] for m in members])
+            logits = logits.to(x.device, non_blocking=True)
         return TeacherOutput(logits, {})
+
+
+class CacheRows:
+    """rows(index, view_epoch) -> {key: host tensor of the views' rows}: the gather of a cache lookup.
+
+    A loader calls it in its worker processes or a thread. Pickled, it reopens the memory maps
+    where it lands (a memory map pickles as its whole contents)."""
+
+    def __init__(self, readers: list[EpochReader]):
+        self.readers = readers
+
+    def __call__(self, index, view_epoch: int) -> dict[str, torch.Tensor]:
+        idx = np.asarray(index.cpu().numpy() if isinstance(index, torch.Tensor) else index, dtype=np.int64).reshape(-1)
+        rows = self.readers[int(view_epoch) % len(self.readers)].gather(idx)
+        return {k: torch.from_numpy(v) for k, v in rows.items()}
+
+
+def _to_device(rows: dict[str, torch.Tensor], device) -> dict[str, torch.Tensor]:
+    # pinned rows (a loader's) are copied while the host goes on; pageable ones are staged first
+    return {k: v.to(device, non_blocking=True) for k, v in rows.items()}
 
 
 def open_cache(cache_dir: str | Path, teachers: TeacherSet | list[dict] | None, loader,

@@ -155,8 +155,14 @@ class EpochReader:
         self.present = np.load(self.cache_dir / epoch_file(self.epoch, "present"), mmap_mode="r")
         self.arrays = {key: np.load(self.cache_dir / epoch_file(self.epoch, key), mmap_mode="r") for key in self.keys}
 
+    def __getstate__(self) -> dict:
+        """Without the memory maps (pickled, one would carry the whole array): reopened on first use."""
+        return {k: v for k, v in self.__dict__.items() if k not in ("present", "arrays")}
+
     def gather(self, index: np.ndarray) -> dict[str, np.ndarray]:
         """{key: rows of `index`}; a ValueError names an index the cache does not hold."""
+        if not hasattr(self, "arrays"):
+            self.open()
         seen = self.present[index]
         if not seen.all():
             missing = int(index[np.argmin(seen)])

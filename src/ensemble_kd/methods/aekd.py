@@ -22,7 +22,8 @@ needed. `grad_reduction` says what g_m is made of:
 
 The solver (`solvers/capped_simplex.py`, `teacher_weights`): the M x M Gram G = g gᵀ is formed
 on the device in float64 and solved exactly, on the host by an active-set method (one copy of G,
-the step's one sync) or on the device by enumerating the faces (M ≤ 8). The public code runs a
+the step's one sync) or on the device by enumerating the faces (M ≤ 8, no sync); the default, auto,
+solves on the device on a GPU and on the host on the CPU (faster there, with nothing to wait for). The public code runs a
 one-class SVM (LIBSVM's ν-SVM on the precomputed Gram) instead, which fails for C = 1/M and for
 one teacher, and at the native scale of logit gradients (Gram entries near 1e-7) stops at its
 starting point.
@@ -78,7 +79,7 @@ def kd_logit_gradients(student_logits: torch.Tensor, teacher_logits: torch.Tenso
 
 
 def batch_mean_weights(grads: list[torch.Tensor], C: float, normalised: list[bool],
-                       solver: str = "host") -> torch.Tensor:
+                       solver: str = "auto") -> torch.Tensor:
     """The authors' weights: each set's (M, B, ...) gradients averaged over the batch (and over ranks)
     to (M, D) vectors; a `normalised` set's vectors are scaled to unit norm before the solve and its
     weights divided by those norms after, then summed to 1. (len(grads), M) float64."""
@@ -159,7 +160,8 @@ class AEKD(Method):
 
     Options: C (cap, in [1/M, 1]), temperature T, ce_weight γ, kd_weight a, variant
     ("logits" or "features"), solver ("host": the active-set method, one copy of the Gram per
-    step; "device": the same optimum from every face at once where the Gram is, for M <= 8),
+    step, a sync on a GPU; "device": the same optimum from every face at once where the Gram is, for
+    M <= 8, no sync; "auto", the default: device on a GPU, host on the CPU),
     grad_reduction ("sample": per-sample gradients; "batch": batch-mean ones, as the authors); for
     features: hint_weight β, student_tap and teacher_tap (module paths; default the last stage),
     regressor_kernel (1 or 3), and optionally student_channels / teacher_channels (one per
@@ -171,7 +173,7 @@ class AEKD(Method):
                  kd_weight: float = 0.9, variant: str = "logits", hint_weight: float = 1.0,
                  student_tap: str | None = None, teacher_tap: str | None = None,
                  regressor_kernel: int = 1, student_channels: int | None = None,
-                 teacher_channels: list[int] | None = None, solver: str = "host", grad_reduction: str = "sample"):
+                 teacher_channels: list[int] | None = None, solver: str = "auto", grad_reduction: str = "sample"):
         super().__init__()
         if solver not in SOLVERS:
             raise ValueError(f"aekd option solver must be one of {', '.join(SOLVERS)}, got {solver!r}")

@@ -6,7 +6,8 @@ origin in the span of the teachers' gradients,
 C in [1/M, 1]: C = 1/M forces uniform weights, C = 1 is the MGDA min-norm point. Everything
 here works on the M x M Gram matrix G = g gᵀ, so callers may average it over ranks first.
 
-Two exact solvers, one answer (`teacher_weights` picks one):
+Two exact solvers, one answer (`teacher_weights` picks one; "auto", the default, takes the device
+solver where G is on an accelerator and the host solver where it is on the CPU, see `_resolve`):
 - host: G is copied to the host once and solved by a primal active-set method
   (`weights_from_gram`). It starts from the minimiser on the plane Σα = 1 (the answer when it
   lies in the box, as it usually does for a few teachers), else from that point's exact
@@ -29,7 +30,7 @@ from functools import lru_cache
 import numpy as np
 import torch
 
-SOLVERS = ("host", "device")
+SOLVERS = ("host", "device", "auto")
 _TOL = 1e-12  # on the Gram scaled to max diagonal 1; weights are in [0, 1]
 
 def check_cap(C, M: int) -> float:
@@ -79,17 +80,28 @@ def gram_matrix(grads: torch.Tensor) -> torch.Tensor:
 
 
 
-def teacher_weights(gram: torch.Tensor, C: float, *, solver: str = "host") -> torch.Tensor:
+def _resolve(solver: str, gram: torch.Tensor) -> str:
+    """auto: the device solver on an accelerator, where copying G to the host would make the host wait
+    for all the step's queued work (a sync every step); the host solver on the CPU, where there is
+    no copy to wait for and the active-set method is faster (measured on this CPU, 2 stacked Grams:
+    ~150 µs for M = 2..8 against 410 µs (M = 2), 690 µs (M = 5) and 19 ms (M = 8) for enumerating faces)."""
+    if solver != "auto":
+        return solver
+    return "host" if gram.device.type == "cpu" else "device"
+
+
+def teacher_weights(gram: torch.Tensor, C: float, *, solver: str = "auto") -> torch.Tensor:
     """argmin_α αᵀGα s.t. Σα = 1, 0 ≤ α ≤ C for (M, M) or a stack (S, M, M) of Gram matrices:
     float64 weights (M,) or (S, M) on the Gram's device. `solver`: "host" (one copy each way,
-    however many in the stack) or "device" (no copy; M ≤ 8, beyond that the host solver)."""
+    however many in the stack), "device" (no copy; M ≤ 8, beyond that the host solver) or "auto"
+    (device on an accelerator, host on the CPU)."""
     if solver not in SOLVERS:
         raise ValueError(f"the capped-simplex solver must be one of {', '.join(SOLVERS)}, got {solver!r}")
     if gram.dim() not in (2, 3) or gram.shape[-1] != gram.shape[-2] or gram.shape[-1] == 0:
         raise ValueError(f"teacher_weights takes (M, M) or (S, M, M) Gram matrices, got shape {tuple(gram.shape)}")
     M = gram.shape[-1]
     C = check_cap(C, M)
-    if solver == "device" and M <= DEVICE_SOLVER_MAX_M:
+    if _resolve(solver, gram) == "device" and M <= DEVICE_SOLVER_MAX_M:
         return weights_from_gram_on_device(gram, C)
     host = gram.detach().to("cpu", torch.float64).numpy()
     alphas = np.stack([_min_norm_weights(G, C) for G in host.reshape(-1, M, M)]).reshape(host.shape[:-1])
@@ -272,6 +284,12 @@ def _faces(M: int) -> np.ndarray:
     return grid[(grid == 2).any(1)]
 
 
+@lru_cache(maxsize=32)
+def _faces_on(M: int, device: torch.device) -> torch.Tensor:
+    """The faces on `device`, copied once (non_blocking: a pageable source is staged, no stream waited on)."""
+    return torch.from_numpy(_faces(M)).to(device, non_blocking=True)
+
+
 def weights_from_gram_on_device(gram: torch.Tensor, C: float) -> torch.Tensor:
     """The same exact minimiser as `weights_from_gram`, computed where `gram` lives, with no copy to
     the host: every face of the capped simplex (each weight at 0, at C or free) is solved at once as
@@ -292,7 +310,7 @@ def weights_from_gram_on_device(gram: torch.Tensor, C: float) -> torch.Tensor:
     G = 0.5 * (G + G.transpose(-1, -2))
     scale = G.diagonal(dim1=-2, dim2=-1).amax(-1).clamp_min(1e-300)[:, None, None]
     G = G / scale  # the weights do not depend on the scale; zero gradients stay zero
-    faces = torch.as_tensor(_faces(M), device=G.device)  # (F, M)
+    faces = _faces_on(M, G.device)  # (F, M)
     free = faces == 2
     held = (faces == 1).double() * C  # values of the held weights, in float64 (float32 would miss the cap)
     F_ = faces.shape[0]
