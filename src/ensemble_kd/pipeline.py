@@ -57,7 +57,7 @@ class Data:
         if isinstance(self.splits, VideoSplits):
             return video_loader(self.splits.train, batch_size=cfg.batch_size, train=True, seed=seed,
                                 device=self.device, rank=rank, world_size=world_size,
-                                workers=getattr(cfg, "workers", 0))
+                                workers=getattr(cfg, "workers", 0), frames_per_video=cfg.frames_per_video)
         spec = AugmentSpec(**cfg.augment.model_dump()) if cfg.augment else self.splits.augment
         v = cfg.views
         mix = MixSpec(mixup_alpha=v.mixup_alpha, cutmix_alpha=v.cutmix_alpha, mix_prob=v.mix_prob)
@@ -88,6 +88,9 @@ def prepare_data(config: Config, device: torch.device | None = None) -> Data:
     """Load the dataset named by the config and put its eval splits on the device."""
     device = device or distributed.device_for(distributed.world(), resolve_device(config.device))
     cfg = config.data
+    if cfg.frames_per_video is not None and cfg.name not in VIDEO_DATASETS:
+        raise ConfigError(f"config key 'data.frames_per_video' draws frames of videos; data.name {cfg.name!r} is "
+                          f"not video ({', '.join(VIDEO_DATASETS)}): remove it")
     with distributed.main_rank_first():  # the ranks after it read the indices it built
         if cfg.name in VIDEO_DATASETS:
             splits = load_video_splits(cfg.name, root=cfg.root, val_fraction=cfg.val_fraction,
