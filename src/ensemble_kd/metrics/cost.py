@@ -32,11 +32,13 @@ def count_parameters_bn_folded(model: nn.Module) -> int:
     (no parameters) and its shift becomes that layer's bias: C parameters in place of the BN's 2C,
     none if the layer has a bias already. A BN with no such layer before it (a DBoF's input BN)
     folds forwards into the linear layer after it (as many inputs as channels): its shift, through
-    the weights, becomes that layer's bias. A BN that folds nowhere keeps its 2C. "Before" and
-    "after" are the modules' registration order, which is the order they run in torchvision's,
-    timm's and this package's networks.
+    the weights, becomes that layer's bias. A BN that folds nowhere (an activation between it and
+    its neighbours) keeps its 2C. "Before" and "after" are the leaf modules' registration order
+    (identities and dropouts skipped), which is the order they run in torchvision's, timm's and
+    this package's networks.
     """
-    modules = [m for m in model.modules() if isinstance(m, (*_WEIGHTED, nn.modules.batchnorm._BatchNorm))]
+    modules = [m for m in model.modules()
+               if not next(m.children(), None) and not isinstance(m, (nn.Identity, nn.modules.dropout._DropoutNd))]
     biased = {id(m) for m in modules if isinstance(m, _WEIGHTED) and m.bias is not None}
     total = count_parameters(model)
     for i, bn in enumerate(modules):
