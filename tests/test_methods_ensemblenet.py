@@ -13,7 +13,7 @@ from ensemble_kd.config import load_config
 from ensemble_kd.data.loader import Batch
 from ensemble_kd.methods import StudentOutput, create_method
 from ensemble_kd.methods.ensemblenet import Probs, codistillation_loss, ensembling_loss, pair_loss
-from ensemble_kd.metrics.cost import count_flops, count_parameters, count_parameters_bn_folded
+from ensemble_kd.metrics.cost import count_flops, count_macs, count_parameters, count_parameters_bn_folded
 from ensemble_kd.models import create, forward_with_taps, register_model
 
 
@@ -316,3 +316,38 @@ def test_label_smoothing_of_soft_and_multilabel_targets():
     for bad in (1.0, -0.1, True):
         with pytest.raises(ValueError, match="label_smoothing must be a number in"):
             create_method("ensemblenet", label_smoothing=bad)
+
+
+def test_an_ensemblenet_run_prints_the_papers_cost_conventions_beside_ours():
+    """#Params with batch norm folded beside the parameters, FLOPs (2 per multiply-accumulate) beside MACs."""
+    from ensemble_kd import cli
+
+    columns = cli._eval_columns(load_config(None, ["method.name=ensemblenet"]))
+    assert columns[columns.index("params"):columns.index("params") + 2] == ["params", "params_bn_folded"]
+    assert columns[columns.index("macs"):columns.index("macs") + 2] == ["macs", "flops"]
+    plain = cli._eval_columns(load_config(None, ["method.name=ce"]))
+    assert plain == cli.EVAL_COLUMNS and "flops" not in plain and "params_bn_folded" not in plain
+    assert cli._eval_columns(load_config(None, []), load_config(None, ["method.name=ensemblenet"])) == columns
+
+
+def _subsampling_in_the_last_unit(net):
+    """The paper's ResNet (section 4.1): each of blocks 1-3 subsamples in its last unit's 3x3 conv (the
+    shortcut takes every other pixel), the next block's first unit keeps the resolution."""
+    for model in [net.trunk, *net.branches] if hasattr(net, "trunk") else [net]:
+        for k in (1, 2, 3):
+            lower, upper = getattr(model, f"layer{k}", None), getattr(model, f"layer{k + 1}", None)
+            if lower is not None and not isinstance(lower, torch.nn.Identity):
+                lower[-1].conv2.stride = (2, 2)
+                lower[-1].downsample = torch.nn.MaxPool2d(1, stride=2)
+            if upper is not None:
+                upper[0].conv2.stride = (1, 1)
+                upper[0].downsample[0].stride = (1, 1)
+    return net
+
+
+def test_table1_flops_are_twice_our_macs_with_the_papers_subsampling():
+    """FLOPs as tensorflow.profiler counts them (a multiply and an add: 2 per MAC) give Table 1a's
+    21.8B and 21.0B at 224 once the ResNet subsamples where the paper's does (ours: 23.0B, 22.2B)."""
+    plain, net = (_subsampling_in_the_last_unit(m) for m in _paper_pair("torchvision/resnet152"))
+    assert round(2 * count_macs(plain, (3, 224, 224)) / 1e9, 1) == 21.8
+    assert round(2 * count_macs(net, (3, 224, 224)) / 1e9, 1) == 21.0
