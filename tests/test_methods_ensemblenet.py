@@ -351,3 +351,16 @@ def test_table1_flops_are_twice_our_macs_with_the_papers_subsampling():
     plain, net = (_subsampling_in_the_last_unit(m) for m in _paper_pair("torchvision/resnet152"))
     assert round(2 * count_macs(plain, (3, 224, 224)) / 1e9, 1) == 21.8
     assert round(2 * count_macs(net, (3, 224, 224)) / 1e9, 1) == 21.0
+
+
+@pytest.mark.parametrize("options, says", [("{branch_widths: [8, 8]}", "branch_widths must be 1 positive integers"),
+                                           ("{width_factor: -1}", "width_factor must be a positive number")])
+def test_network_options_the_builder_refuses_stop_distill_before_anything_is_written(tmp_path, capsys, options,
+                                                                                      says):
+    from ensemble_kd.cli import main
+
+    assert main(["distill", "method.name=ensemblenet", f"method.options={options}", f"run.dir={tmp_path}",
+                 "run.name=refused", "device=cpu"]) != 0
+    err = " ".join(capsys.readouterr().err.split())  # rich wraps long lines
+    assert "config key 'method.options' (ensemblenet's student)" in err and says in err
+    assert not (tmp_path / "refused").exists()

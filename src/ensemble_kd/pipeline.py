@@ -349,12 +349,18 @@ def prepare_distill(config: Config, data: Data, teachers=None):
         # teachers shared between runs (the demo) were folded; this method needs their BatchNorm
         unfolded = TeacherSet([copy.deepcopy(m).to(data.device) for m in teachers.source_members], teachers.names)
         teachers = fast_teachers(config, unfolded, method.needs)
-    if config.student.weights is not None:  # into the network the method builds (LatentBE's, EnsembleNet's)
-        arch, kwargs = method.student_spec(config.student.arch, config.student.kwargs,
-                                           len(teachers) if teachers is not None else None)
-        with torch.device("meta"):
-            student = create(arch, num_classes=data.splits.num_classes, in_channels=data.splits.in_channels, **kwargs)
-        _check_weights_file("student", config.student.weights, student)
+    arch, kwargs = method.student_spec(config.student.arch, config.student.kwargs,
+                                       len(teachers) if teachers is not None else None)
+    if arch != config.student.arch or config.student.weights is not None:
+        # the network the method builds (LatentBE's, EnsembleNet's), from its options: shapes only
+        try:
+            with torch.device("meta"):
+                student = create(arch, num_classes=data.splits.num_classes, in_channels=data.splits.in_channels,
+                                 **kwargs)
+        except ValueError as err:
+            raise ConfigError(f"config key 'method.options' ({config.method.name}'s student): {err}") from None
+        if config.student.weights is not None:
+            _check_weights_file("student", config.student.weights, student)
     return method, teachers
 
 
