@@ -228,6 +228,16 @@ SHARD_INDEX_FIELDS = {"names": np.uint8, "name_offsets": np.int64, "labels": np.
                       "sizes": np.int64}  # one shard's samples, names as a blob: what the index cache stores
 
 
+def _shard_index_holds(index: dict[str, np.ndarray], file_size: int) -> bool:
+    """Whether a stored shard index is self-consistent: one label, offset and size per name, the
+    names blob cut into non-empty names, every member's bytes inside a file of this size."""
+    n, cuts = len(index["labels"]), index["name_offsets"]
+    return (len(index["offsets"]) == len(index["sizes"]) == n and len(cuts) == n + 1 and n > 0
+            and cuts[0] == 0 and cuts[-1] == len(index["names"]) and bool(np.all(np.diff(cuts) > 0))
+            and bool(np.all(index["labels"] >= 0)) and bool(np.all(index["sizes"] >= 0))
+            and bool(np.all(index["offsets"] >= 0)) and bool(np.all(index["offsets"] + index["sizes"] <= file_size)))
+
+
 def _index_shard(path: Path) -> dict[str, np.ndarray]:
     """The shard's samples (names blob, labels, data offsets and sizes), from its headers and .cls members."""
     images: dict[str, tuple[str, int, int]] = {}
@@ -322,7 +332,7 @@ def _list_shards(split_dir: Path, image_size: int, classes: tuple[str, ...] | No
         raise FileNotFoundError(f"{split_dir} holds no .tar shards; tar-shards needs {split_dir}/000000.tar ...")
     parts = []
     for i, shard in enumerate(shards):
-        parts.append(cached_index(shard, "tar", partial(_index_shard, shard), SHARD_INDEX_FIELDS))
+        parts.append(cached_index(shard, "tar", partial(_index_shard, shard), SHARD_INDEX_FIELDS, _shard_index_holds))
         if len(shards) > 20 and (i + 1) % 100 == 0:
             print(f"indexing {split_dir}: {i + 1} of {len(shards)} shards", file=sys.stderr, flush=True)
     # the shards' name blobs end to end; each shard's name offsets move by the bytes before it
