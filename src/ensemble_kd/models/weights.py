@@ -4,12 +4,15 @@ Read without pickle (safetensors) or with torch.load(weights_only=True). Trainin
 wrap the state_dict (`state_dict`, `model`, `module`, EMA copies, DDP's `module.` and
 torch.compile's `_orig_mod.` prefixes); those are peeled off. A file that does not fit is
 refused in one sentence naming the first missing and unexpected keys and the first shape
-mismatch, before anything is copied into the model.
+mismatch, before anything is copied into the model; so is one holding integer (or boolean)
+tensors where the model has floating ones, which a cast would turn into whole numbers. Floating
+tensors of a narrower type (fp16, bf16) are widened to the model's, said once per file.
 """
 
 from __future__ import annotations
 
 import pickle
+import sys
 from pathlib import Path
 
 import torch
@@ -19,6 +22,11 @@ from torch import nn
 WRAPPER_KEYS = ("state_dict", "model", "module", "net", "model_state_dict", "state_dict_ema", "model_ema")
 PREFIXES = ("module.", "_orig_mod.")
 SHOWN = 3  # keys named per kind of mismatch
+# safetensors header dtypes, for tensors of the file's shapes and types read from the header alone
+HEADER_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                 "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "I64": torch.int64,
+                 "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
+_widened: set[str] = set()  # files already said to be widened, in this process
 
 
 def read_state_dict(path: str | Path, shapes_only: bool = False) -> dict[str, torch.Tensor]:
@@ -37,7 +45,9 @@ def read_state_dict(path: str | Path, shapes_only: bool = False) -> dict[str, to
         try:
             if shapes_only:
                 with safe_open(str(path), framework="pt") as f:
-                    return {k: torch.empty(f.get_slice(k).get_shape(), device="meta") for k in f.keys()}
+                    return {k: torch.empty(f.get_slice(k).get_shape(), device="meta",
+                                           dtype=HEADER_DTYPES.get(f.get_slice(k).get_dtype(), torch.uint8))
+                            for k in f.keys()}
             return load_file(str(path))
         except (SafetensorError, OSError) as err:
             raise ValueError(f"weights file '{path}' is not a readable safetensors file ({err})") from None
@@ -148,10 +158,34 @@ def _fits_as(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> s
     return "base"
 
 
+def _check_types(model: nn.Module, state: dict[str, torch.Tensor], path: str | Path) -> None:
+    """Refuse non-floating tensors for the model's floating ones (a cast makes them whole numbers,
+    small weights all zeros, and the network trains from nothing); say once that narrower floating
+    ones are widened."""
+    own = model.state_dict()
+    pairs = [(k, state[k].dtype, v.dtype) for k, v in own.items()
+             if k in state and v.dtype.is_floating_point and state[k].dtype != v.dtype]
+    bad = [(k, got, want) for k, got, want in pairs if not got.is_floating_point]
+    if bad:
+        key, got, want = bad[0]
+        raise ValueError(f"weights file '{path}' holds {len(bad)} non-floating tensors where the model has floating "
+                         f"ones (first '{key}': {str(got).removeprefix('torch.')} in the file, "
+                         f"{str(want).removeprefix('torch.')} in the model); a cast would make them whole numbers: "
+                         f"save the trained floating-point weights")
+    narrow = [(k, got, want) for k, got, want in pairs if got.itemsize < want.itemsize]
+    if narrow and str(path) not in _widened:
+        _widened.add(str(path))
+        kinds = sorted({str(got).removeprefix("torch.") for _, got, _ in narrow})
+        print(f"note: weights file '{path}' holds {'/'.join(kinds)} tensors; they are loaded as the model's "
+              f"{str(narrow[0][2]).removeprefix('torch.')}", file=sys.stderr, flush=True)
+
+
 def check_weights(model: nn.Module, path: str | Path) -> None:
     """Refuse, as load_weights would, a file that does not fit `model` (which may live on the meta
-    device), reading only its keys and shapes."""
-    _fits_as(model, read_state_dict(path, shapes_only=True), f"weights file '{path}'")
+    device), reading only its keys, shapes and types."""
+    state = read_state_dict(path, shapes_only=True)
+    _check_types(model if _fits_as(model, state, f"weights file '{path}'") == "whole" else model.plain_base(),
+                 state, path)
 
 
 def load_weights(model: nn.Module, path: str | Path) -> nn.Module:
@@ -162,7 +196,9 @@ def load_weights(model: nn.Module, path: str | Path) -> nn.Module:
     """
     state = read_state_dict(path)
     if _fits_as(model, state, f"weights file '{path}'") == "base":
+        _check_types(model.plain_base(), state, path)
         model.load_base_state(state)
     else:
+        _check_types(model, state, path)
         model.load_state_dict(state, strict=True)
     return model
