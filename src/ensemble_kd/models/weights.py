@@ -11,12 +11,13 @@ tensors of a narrower type (fp16, bf16) are widened to the model's, said once pe
 
 from __future__ import annotations
 
-import pickle
 import sys
 from pathlib import Path
 
 import torch
 from torch import nn
+
+from ..engine.checkpoint import CheckpointError, torch_load
 
 # Where training scripts put the weights, in the order tried: the trained weights before their EMA.
 WRAPPER_KEYS = ("state_dict", "model", "module", "net", "model_state_dict", "state_dict_ema", "model_ema")
@@ -53,15 +54,13 @@ def read_state_dict(path: str | Path, shapes_only: bool = False) -> dict[str, to
             raise ValueError(f"weights file '{path}' is not a readable safetensors file ({err})") from None
     try:
         try:
-            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=shapes_only)
-        except RuntimeError:
+            obj = torch_load(path, "weights file", map_location="cpu", mmap=shapes_only)
+        except CheckpointError:
             if not shapes_only:
                 raise
-            obj = torch.load(path, map_location="cpu", weights_only=True)  # the legacy format cannot be mapped
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ValueError(f"weights file '{path}' is not a state_dict that torch.load(weights_only=True) "
-                         f"reads ({first}); save it with torch.save(model.state_dict()) or as safetensors") from None
+            obj = torch_load(path, "weights file", map_location="cpu")  # the legacy format cannot be mapped
+    except CheckpointError as err:
+        raise ValueError(f"{err}; save the weights with torch.save(model.state_dict()) or as safetensors") from None
     state = _find_state_dict(obj)
     if state is None:
         keys = ", ".join(map(repr, list(obj)[:6])) if isinstance(obj, dict) else type(obj).__name__
