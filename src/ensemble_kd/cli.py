@@ -24,6 +24,7 @@ from . import pipeline, sweep
 from .config import Config, ConfigError, MethodConfig, load_config
 from . import distributed
 from .engine import CheckpointError, NonFiniteLossError, load_model
+from .engine.checkpoint import os_error
 from .engine.run_dir import RESUME_SAFE, check_resumable, claim_run_dir, saved_config
 from .engine.runs import MetricsLog, write_config
 from .ensemble import MANIFEST, TeacherSet
@@ -463,9 +464,12 @@ def main(argv: list[str] | None = None) -> int:
     except NonFiniteLossError as e:
         err.print(f"[red]stopped:[/red] {escape(str(e))}", highlight=False)
         return 1
-    except OSError as e:  # a read-only run.dir, a full disk: the file and the reason, in one line
-        where = f" '{e.filename}'" if e.filename else ""
-        err.print(f"[red]error:[/red] {escape(e.strerror or str(e))}{escape(where)}; {escape(_remedy(e))}",
+    except (OSError, RuntimeError) as e:  # a read-only run.dir, a full disk: the file and the reason, in one line
+        cause = os_error(e)  # torch re-raises a failed write as a RuntimeError
+        if cause is None:
+            raise
+        where = f" '{cause.filename}'" if cause.filename else ""
+        err.print(f"[red]error:[/red] {escape(cause.strerror or str(cause))}{escape(where)}; {escape(_remedy(cause))}",
                   highlight=False)
         return 2
     except KeyboardInterrupt:

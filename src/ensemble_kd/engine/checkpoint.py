@@ -51,14 +51,24 @@ def atomic_write(path: str | Path, write) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except OSError as err:  # a full disk: the file it was for named, the previous version left in place
+    except BaseException as err:  # a full disk: the file it was for named, the previous version left in place
         Path(tmp).unlink(missing_ok=True)
-        if err.filename is None:
-            raise OSError(err.errno, err.strerror or str(err), str(path)) from err
-        raise
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        cause = os_error(err)
+        if cause is None or (cause is err and err.filename is not None):
+            raise
+        raise OSError(cause.errno, cause.strerror or str(cause), str(path)) from err
+
+
+def os_error(err: BaseException) -> OSError | None:
+    """The OSError behind `err`: itself, or the one torch.save's RuntimeError ("unexpected pos")
+    was raised while handling when a write into its file failed (ENOSPC re-raised as RuntimeError)."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, OSError):
+            return err
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return None
 
 
 def atomic_save(obj: Any, path: str | Path) -> None:

@@ -19,6 +19,7 @@ of its batches, whatever the cache's size.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 from pathlib import Path
@@ -117,6 +118,19 @@ def remove_built_files(cache_dir: Path) -> None:
             path.unlink()
 
 
+def _reserve(tmp: Path, final: Path) -> None:
+    """Allocate the memory-mapped file's blocks now: a full disk is then an OSError naming the file,
+    not a SIGBUS when a page is written."""
+    try:
+        with open(tmp, "r+b") as f:
+            os.posix_fallocate(f.fileno(), 0, os.fstat(f.fileno()).st_size)
+    except OSError as err:
+        if err.errno in (errno.EOPNOTSUPP, errno.EINVAL):  # a file system without it: written as before
+            return
+        tmp.unlink(missing_ok=True)
+        raise OSError(err.errno, err.strerror, str(final)) from None
+
+
 def consolidate(cache_dir: Path, epoch: int, num_samples: int, shards: list[tuple[int, int]],
                 keys: tuple[str, ...]) -> int:
     """Gather epoch `epoch`'s shards ((rank, shard) each) into one array per key, row i = dataset index
@@ -131,6 +145,7 @@ def consolidate(cache_dir: Path, epoch: int, num_samples: int, shards: list[tupl
             index = np.load(cache_dir / shard_file(epoch, rank, shard, "index"))
             if out is None:
                 out = np.lib.format.open_memmap(tmp, mode="w+", dtype=rows.dtype, shape=(num_samples, *rows.shape[1:]))
+                _reserve(tmp, cache_dir / epoch_file(epoch, key))
             out[index] = rows  # a repeated index (padding): the same view, the same row
             present[index] = 1
         out.flush()

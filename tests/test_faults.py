@@ -1,0 +1,124 @@
+"""Faults met as a user meets them (issue 19): a disk that fills while a file is written, damaged
+teacher caches and their remedy, an interrupted cache build. Each ends in one sentence naming the
+file and what to do, and loses no work that was already committed."""
+
+from __future__ import annotations
+
+import errno
+import io
+import os
+from pathlib import Path
+
+import pytest
+
+from ensemble_kd.cli import main
+from ensemble_kd.engine import checkpoint
+
+TINY = ["device=cpu", "student.arch=mlp", "student.kwargs={hidden_sizes: [32]}", "student.train.epochs=1",
+        "student.train.checkpoint_every=2", "data.batch_size=256", "eval.latency=false"]
+
+
+def _error(capsys) -> str:
+    """stderr, which must be one sentence: no traceback."""
+    text = capsys.readouterr().err.strip()
+    assert "Traceback" not in text, text[-3000:]
+    return " ".join(text.split())
+
+
+class _FullFile(io.RawIOBase):
+    """A new file on a disk with `room` bytes left: the write that passes it fails with ENOSPC. It has
+    no fileno, so numpy writes through write() too (not past it with tofile)."""
+
+    def __init__(self, fd: int, room: int):
+        self.fd, self.room = fd, room
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data) -> int:
+        if len(data) > self.room:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        self.room -= len(data)
+        return os.write(self.fd, data)
+
+    def close(self) -> None:
+        if not self.closed:
+            os.close(self.fd)
+        super().close()
+
+
+class _DiskFullAt:
+    """engine.checkpoint's `os`, whose atomic writes of files named `name` (their temporary files) fill
+    the disk after `room` bytes, as a real one does: torch.save then raises a RuntimeError."""
+
+    def __init__(self, name: str):
+        self.name = name
+        self.room = 200 if name.endswith((".pt", ".npy", ".safetensors")) else 0  # mid-file, or a small text file
+
+    def __getattr__(self, attr):
+        return getattr(os, attr)
+
+    def fdopen(self, fd: int, mode: str = "r"):
+        if f".{self.name}." in os.readlink(f"/proc/self/fd/{fd}"):
+            return io.BufferedWriter(_FullFile(fd, self.room), buffer_size=64)
+        return os.fdopen(fd, mode)
+
+
+@pytest.mark.parametrize("name", ["last.pt", "model.pt", "model.safetensors", "model.json", "results.json",
+                                  "results.md"])
+def test_a_disk_that_fills_while_a_run_saves_is_one_sentence_naming_the_file(tmp_path, capsys, monkeypatch, name):
+    monkeypatch.setattr(checkpoint, "os", _DiskFullAt(name))
+    assert main(["distill", f"run.dir={tmp_path}", "run.name=r", *TINY]) == 2
+    message = _error(capsys)
+    run = tmp_path / "r"
+    assert f"No space left on device '{run / name}'; the disk is full: free some space, then continue with " \
+           f"--resume {run}" in message, message
+    assert not [p for p in run.rglob("*") if p.name.endswith(".tmp")]
+
+
+# ---------------------------------------------------------------------------- teacher caches
+
+@pytest.fixture(scope="module")
+def teacher_run(tmp_path_factory):
+    """A train-teachers run directory of two untrained teachers: training them adds nothing here."""
+    import torch
+
+    from ensemble_kd.engine import save_model
+    from ensemble_kd.ensemble import write_manifest
+    from ensemble_kd.models import create
+
+    run, entries = tmp_path_factory.mktemp("teachers"), []
+    torch.manual_seed(0)
+    for name, arch in (("00-small_cnn", "small_cnn"), ("01-mlp", "mlp")):
+        member = create(arch, num_classes=10, in_channels=1)
+        save_model(member, run / "members" / name / "model.pt")
+        entries.append({"name": name, "spec": member.spec, "checkpoint": f"members/{name}/model.pt"})
+    write_manifest(run, entries)
+    return run
+
+
+def _cache_argv(teacher_run, cache: Path, *extra) -> list[str]:
+    return ["cache-teachers", f"teachers.source={teacher_run}", f"cache.dir={cache}", "cache.epochs=2",
+            "data.eval_batch_size=256", "cache.shard_size=512", *TINY, *extra]
+
+
+@pytest.mark.parametrize("name", ["epoch_001.rank0.shard00001.logits.npy", "progress.rank0.json", "cache.json",
+                                  "epoch_001.logits.npy"])
+def test_a_disk_that_fills_while_a_cache_is_built_is_one_sentence_naming_the_file(teacher_run, tmp_path, capsys,
+                                                                                 monkeypatch, name):
+    cache = tmp_path / "cache"
+    if name == "epoch_001.logits.npy":  # gathered through a memory map: its blocks are reserved first
+        real = os.posix_fallocate
+
+        def fallocate(fd, offset, length):
+            if ".epoch_001.logits.npy" in os.readlink(f"/proc/self/fd/{fd}"):
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return real(fd, offset, length)
+        monkeypatch.setattr(os, "posix_fallocate", fallocate)
+    else:
+        monkeypatch.setattr(checkpoint, "os", _DiskFullAt(name))
+    assert main(_cache_argv(teacher_run, cache)) == 2
+    message = _error(capsys)
+    assert f"No space left on device '{cache / name}'; the disk is full: free some space, then continue with " \
+           f"--resume {cache}" in message, message
+    assert not [p for p in cache.iterdir() if p.name.endswith(".tmp")]
