@@ -122,3 +122,56 @@ def test_a_disk_that_fills_while_a_cache_is_built_is_one_sentence_naming_the_fil
     assert f"No space left on device '{cache / name}'; the disk is full: free some space, then continue with " \
            f"--resume {cache}" in message, message
     assert not [p for p in cache.iterdir() if p.name.endswith(".tmp")]
+
+
+def _contents(cache: Path) -> dict[str, bytes]:
+    """The cache's files and bytes; config.yaml, fingerprint.json and the lock are the run directory's."""
+    return {p.name: p.read_bytes() for p in sorted(cache.iterdir())
+            if p.name.startswith(("epoch_", "cache.json", "progress"))}
+
+
+@pytest.fixture(scope="module")
+def built(teacher_run, tmp_path_factory):
+    cache = tmp_path_factory.mktemp("built") / "cache"
+    assert main(_cache_argv(teacher_run, cache)) == 0
+    return cache, _contents(cache)
+
+
+CACHE_DAMAGE = {  # file -> what a bad copy, a full disk or a hand leaves of it
+    "cache.json": {"garbage bytes": lambda p: p.write_bytes(b"\xff\xfe\x00 not text"),
+                   "a JSON list": lambda p: p.write_text("[1, 2]"),
+                   "truncated": lambda p: p.write_bytes(p.read_bytes()[:len(p.read_bytes()) // 2]),
+                   "another shape": lambda p: p.write_text('{"fingerprint": 3, "complete": true, "epochs": 2, '
+                                                          '"top_k": null, "names": []}')},
+    "epoch_001.logits.npy": {"deleted": Path.unlink,
+                             "truncated": lambda p: p.write_bytes(p.read_bytes()[:len(p.read_bytes()) // 2]),
+                             "cut in its header": lambda p: p.write_bytes(p.read_bytes()[:40])},
+    "epoch_000.present.npy": {"deleted": Path.unlink,
+                              "of other rows": lambda p: p.write_bytes(p.read_bytes()[:-100])},
+}
+CASES = [(name, how) for name, hows in CACHE_DAMAGE.items() for how in hows]
+
+
+@pytest.mark.parametrize("name, how", CASES, ids=[f"{n} {h}" for n, h in CASES])
+def test_a_damaged_cache_is_named_by_distill_and_rebuilt_whole_by_cache_teachers(teacher_run, built, tmp_path,
+                                                                                capsys, name, how):
+    """Found in a fault sweep: the remedy distill names, cache-teachers, crashed on a damaged cache.json
+    (AttributeError, or a bare codec error), and answered "already built" over a deleted or cut array."""
+    import shutil
+
+    cache = tmp_path / "cache"
+    shutil.copytree(built[0], cache)
+    CACHE_DAMAGE[name][how](cache / name)
+    capsys.readouterr()
+    distill = ["distill", "method.name=kd", f"teachers.cache={cache}", f"teachers.source={teacher_run}",
+               f"run.dir={tmp_path}", "run.name=student", *TINY]
+    assert main(distill) == 2
+    message = _error(capsys)
+    assert f"{name}' is damaged" in message or f"incomplete: {name} is" in message, message
+    assert "cache-teachers" in message and not (tmp_path / "student").exists()
+    assert main(_cache_argv(teacher_run, cache)) == 0
+    said = _error(capsys)
+    assert "already built" not in said
+    assert _contents(cache) == built[1]  # whole again: the same bytes as the first build
+    if (name, how) == CASES[0]:  # and read: a student trains from it
+        assert main(distill) == 0

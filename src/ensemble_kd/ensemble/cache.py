@@ -56,8 +56,8 @@ from .. import distributed
 from ..engine.checkpoint import atomic_write_text, read_json
 from ..methods import Needs, TeacherOutput
 from ..models.inputs import input_description
-from .cache_store import (EpochReader, class_dtype, consolidate, describe_size, read_progress, read_record,
-                          remove_built_files, remove_rank_files, write_progress, write_shard)
+from .cache_store import (EpochReader, array_damage, class_dtype, consolidate, describe_size, read_progress,
+                          read_record, remove_built_files, remove_rank_files, shard_file, write_progress, write_shard)
 from .teacher_set import TeacherSet
 
 __all__ = ["CACHE_MANIFEST", "CacheMismatchError", "CachedTeachers", "build_cache", "fingerprint",
@@ -201,10 +201,13 @@ def build_cache(teachers: TeacherSet, loader, out_dir: str | Path, *, epochs: in
     storage = {"epochs": epochs, "dtype": dtype, "top_k": top_k, "world_size": world_size,
                "batch_size": batch_size, "batches_per_shard": per_shard, "order": "index" if by_index else "training"}
     key = hashlib.blake2b(json.dumps([made, storage], sort_keys=True).encode(), digest_size=16).hexdigest()
-    manifest = read_record(out_dir / CACHE_MANIFEST)
+    manifest = read_record(out_dir / CACHE_MANIFEST)  # a damaged one is no manifest: the cache is built again
     if manifest is not None and manifest.get("key") == key and manifest.get("complete"):
-        report(f"cache: {out_dir} is already built for these teachers, data and settings")
-        return out_dir
+        damage = built_damage(out_dir, manifest)  # what the reader would refuse, checked the same way
+        if damage is None:
+            report(f"cache: {out_dir} is already built for these teachers, data and settings")
+            return out_dir
+        report(f"cache: {damage}; building the cache again")
     manifest = {"format": FORMAT, "key": key, "complete": False, "fingerprint": made, **storage,
                 "members": len(teachers), "names": list(teachers.names)}
     if rank == 0:  # a half-rewritten cache must not open under its old manifest
@@ -215,6 +218,8 @@ def build_cache(teachers: TeacherSet, loader, out_dir: str | Path, *, epochs: in
         remove_rank_files(out_dir, rank)
         record = {"key": key, "rows": [[] for _ in range(epochs)], "num_classes": teachers.num_classes,
                   "complete": False}
+    else:
+        _keep_whole_shards(out_dir, rank, record, _row_keys(top_k), report)
 
     def report_size():
         report(describe_size(loader.size, len(teachers), record["num_classes"], epochs, top_k=top_k, dtype=dtype))
@@ -259,6 +264,28 @@ def build_cache(teachers: TeacherSet, loader, out_dir: str | Path, *, epochs: in
         _complete(out_dir, manifest, loader.size)
     distributed.barrier()  # no rank reads the cache before it is whole
     return out_dir
+
+
+def _keep_whole_shards(out_dir: Path, rank: int, record: dict, keys: tuple[str, ...], report) -> None:
+    """Trust the recorded shards of each epoch up to the first one missing or damaged (deleted, cut by
+    a copy): that one and those after it are computed again, as if the build had stopped there."""
+    for epoch, rows in enumerate(record["rows"]):
+        for shard, count in enumerate(rows):
+            damage = next((d for d in (array_damage(out_dir / shard_file(epoch, rank, shard, k), count)
+                                       for k in ("index", *keys)) if d is not None), None)
+            if damage is not None:
+                report(f"cache: {damage}; computing epoch {epoch} of rank {rank} again from shard {shard}")
+                del rows[shard:]
+                record["complete"] = False
+                break
+
+
+def built_damage(cache_dir: Path, manifest: dict) -> str | None:
+    """The first gathered array of a complete cache that is missing or damaged, in words; None if whole."""
+    num_samples = manifest["fingerprint"]["data"]["num_samples"]
+    keys = _row_keys(manifest["top_k"])
+    return next((d for d in (EpochReader(cache_dir, e, keys).damage(num_samples) for e in range(manifest["epochs"]))
+                 if d is not None), None)
 
 
 def _flush(out_dir: Path, epoch: int, rank: int, parts: list[dict], record: dict) -> None:
@@ -423,10 +450,13 @@ def open_cache(cache_dir: str | Path, teachers: TeacherSet | list[dict] | None, 
     if not path.is_file():
         raise FileNotFoundError(f"{where} has no {CACHE_MANIFEST}: it is not a finished teacher cache; "
                                 f"build one with `ensemble-kd cache-teachers CONFIG cache.dir={cache_dir}`")
-    manifest = read_json(path, REBUILD, keys=("fingerprint",))
+    manifest = read_json(path, REBUILD, keys=("fingerprint", "complete", "epochs", "top_k", "names"))
     if isinstance(teachers, TeacherSet):
         teachers = teacher_fingerprint(teachers)
-    found = _difference(manifest["fingerprint"], fingerprint(teachers, loader, dataset=dataset))
+    try:
+        found = _difference(manifest["fingerprint"], fingerprint(teachers, loader, dataset=dataset))
+    except (KeyError, TypeError, AttributeError):  # valid JSON of another shape
+        raise ValueError(f"'{path}' is damaged (its fingerprint is not one a build writes); {REBUILD}") from None
     if found is not None:
         made, now = found
         raise CacheMismatchError(f"cache {where} was made for {made} but this run uses {now}; {REBUILD}")
@@ -434,10 +464,10 @@ def open_cache(cache_dir: str | Path, teachers: TeacherSet | list[dict] | None, 
         raise FileNotFoundError(f"teacher cache {where} is incomplete (its build stopped, or a rank has not "
                                 f"finished); run the same cache-teachers command again to resume it")
     device = torch.device(device) if device is not None else loader.device
+    damage = built_damage(cache_dir, manifest)
+    if damage is not None:
+        raise FileNotFoundError(f"teacher cache {where} is incomplete: {damage}; {REBUILD}")
     cached = CachedTeachers(cache_dir, manifest, device)
     for reader in cached._epochs:
-        for file in reader.files():
-            if not file.is_file():
-                raise FileNotFoundError(f"teacher cache {where} is incomplete: {file.name} is missing; {REBUILD}")
         reader.open()
     return cached
