@@ -175,3 +175,108 @@ def test_a_damaged_cache_is_named_by_distill_and_rebuilt_whole_by_cache_teachers
     assert _contents(cache) == built[1]  # whole again: the same bytes as the first build
     if (name, how) == CASES[0]:  # and read: a student trains from it
         assert main(distill) == 0
+
+
+# ---------------------------------------------------------------------------- interrupted cache builds
+
+def _scale():
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    import _cache_fakes
+    return _cache_fakes
+
+
+N = 3000
+WHOLE_DATA = dict(epochs=2, top_k=10, batch_size=256, shard_size=10**6)  # one shard would hold all 12 batches
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    from ensemble_kd.ensemble.cache import build_cache
+
+    fakes = _scale()
+    out = build_cache(fakes.fake_teachers(), fakes.FakeLoader(N), tmp_path_factory.mktemp("whole"), **WHOLE_DATA)
+    return {p.name: p.read_bytes() for p in sorted(out.iterdir())}
+
+
+@pytest.mark.parametrize("sig", [signal_name for signal_name in ("SIGINT", "SIGTERM")])
+def test_a_signal_commits_what_the_build_computed_and_the_resume_ends_byte_identical(uninterrupted, tmp_path, sig):
+    """Found in a real trial: cache.shard_size exceeded the data, so 14 minutes of work were never committed
+    and --resume started from zero, after a message saying a checkpoint was saved."""
+    import json
+    import signal
+
+    from ensemble_kd.ensemble.cache import build_cache, describe_kept
+
+    fakes = _scale()
+
+    class Signalled(fakes.FakeLoader):
+        def batches_at(self, index_batches, view_epoch):
+            for batch in super().batches_at(index_batches, view_epoch):
+                if self.yielded == 12 + 4:  # batch 4 of epoch 1
+                    os.kill(os.getpid(), getattr(signal, sig))
+                yield batch
+
+    teachers = fakes.fake_teachers()
+    with pytest.raises(KeyboardInterrupt):
+        build_cache(teachers, Signalled(N), tmp_path, **WHOLE_DATA)
+    record = json.loads((tmp_path / "progress.rank0.json").read_text())
+    assert record["batches"] == [[12], [4]] and record["rows"] == [[N], [4 * 256]]
+    assert describe_kept(tmp_path) == f"2 shards holding {N + 1024:,} of {2 * N:,} teacher views are kept"
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the build's handlers are gone
+    loader = fakes.FakeLoader(N)
+    build_cache(teachers, loader, tmp_path, **WHOLE_DATA)
+    assert loader.yielded == 12 - 4
+    assert {p.name: p.read_bytes() for p in sorted(tmp_path.iterdir())} == uninterrupted
+
+
+def test_a_build_commits_every_few_minutes_so_a_kill_loses_minutes_at_most(uninterrupted, tmp_path, monkeypatch):
+    import json
+
+    from ensemble_kd.ensemble import cache
+    from ensemble_kd.ensemble.cache import build_cache
+
+    fakes = _scale()
+    now = [0.0]
+
+    def clock():  # each reading 50 s later: a commit every 3 batches at COMMIT_SECONDS = 120
+        now[0] += 50.0
+        return now[0]
+    monkeypatch.setattr(cache, "_clock", clock)
+    teachers = fakes.fake_teachers()
+    with pytest.raises(RuntimeError, match="killed"):  # no cleanup: what is committed is what the clock made
+        build_cache(teachers, fakes.KillingLoader(N, after=8), tmp_path, **WHOLE_DATA)
+    assert json.loads((tmp_path / "progress.rank0.json").read_text())["batches"] == [[3, 3], []]
+    loader = fakes.FakeLoader(N)
+    build_cache(teachers, loader, tmp_path, **WHOLE_DATA)
+    assert loader.yielded == 2 * 12 - 6
+    assert {p.name: p.read_bytes() for p in sorted(tmp_path.iterdir())} == uninterrupted
+
+
+def test_an_interrupted_cache_teachers_says_what_is_kept_and_resumes(teacher_run, tmp_path, capsys, monkeypatch):
+    import signal
+
+    from ensemble_kd.ensemble import TeacherSet
+
+    argv = _cache_argv(teacher_run, tmp_path / "whole", "cache.shard_size=65536")
+    assert main(argv) == 0
+    whole = _contents(tmp_path / "whole")
+    real, calls = TeacherSet.outputs, []
+
+    def interrupted(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+        return real(self, *args, **kwargs)
+    monkeypatch.setattr(TeacherSet, "outputs", interrupted)
+    cache = tmp_path / "cache"
+    assert main(_cache_argv(teacher_run, cache, "cache.shard_size=65536")) == 130
+    said = _error(capsys)
+    assert said.endswith(f"interrupted: 1 shard holding 768 of 2,426 teacher views are kept; continue with "
+                         f"--resume {cache}"), said
+    (cache / "epoch_000.rank0.shard00000.logits.npy").write_bytes(b"")  # and one cut by a copy: computed again
+    monkeypatch.setattr(TeacherSet, "outputs", real)
+    assert main(["cache-teachers", "--resume", str(cache)]) == 0
+    assert "epoch_000.rank0.shard00000.logits.npy is damaged" in _error(capsys)
+    assert _contents(cache) == whole

@@ -28,7 +28,7 @@ from .engine.checkpoint import os_error
 from .engine.run_dir import RESUME_SAFE, check_resumable, claim_run_dir, saved_config
 from .engine.runs import MetricsLog, write_config
 from .ensemble import MANIFEST, TeacherSet
-from .ensemble.cache import open_cache
+from .ensemble.cache import describe_kept, open_cache
 from .report import (MARK, TEMPERATURE_NOTE, accuracy_vs_cost, load_results, print_table, reliability_diagram,
                      teacher_weights_over_training, write_results)
 
@@ -429,6 +429,16 @@ def _version() -> str:
         return sys.modules[__package__].__version__
 
 
+def _kept(run: Path) -> str:
+    """What an interrupted command leaves for --resume: a cache build's committed shards, or the checkpoint."""
+    cached = describe_kept(run)
+    if cached is not None:
+        return cached
+    if any(run.rglob("last.pt")) or any(run.rglob("model.pt")):
+        return "the last checkpoint is saved"
+    return "nothing was checkpointed yet (a resume starts over)"
+
+
 def _remedy(e: OSError) -> str:
     run = _RUNNING.get("dir")
     if e.errno == errno.ENOSPC:
@@ -474,7 +484,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         run = _RUNNING.get("dir")
-        said = (f"interrupted: the last checkpoint is saved; continue with --resume {run}" if run is not None
+        said = (f"interrupted: {_kept(run)}; continue with --resume {run}" if run is not None
                 else "interrupted before anything was written; run the command again")
         err.print(escape(said), highlight=False)
         return 130
