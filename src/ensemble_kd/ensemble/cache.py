@@ -46,13 +46,10 @@ to. The batch order stays that of epoch e (the loader takes the view epoch apart
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
 import json
 import math
-import signal
-import threading
 import time
 from pathlib import Path
 
@@ -61,6 +58,7 @@ import torch
 
 from .. import distributed
 from ..engine.checkpoint import atomic_write_text, read_json
+from ..engine.signals import on_stop_signals
 from ..methods import Needs, TeacherOutput
 from ..models.inputs import input_description
 from .cache_store import (EpochReader, array_damage, class_dtype, consolidate, describe_size, read_progress,
@@ -238,7 +236,8 @@ def build_cache(teachers: TeacherSet, loader, out_dir: str | Path, *, epochs: in
         report(f"cache: resuming, {sum(map(len, record['rows']))} shards of rank {rank} already written")
     storage_dtype, needs = DTYPES[dtype], Needs(teacher_logits=True)
     task = None
-    with _stop_requests() as stop:
+    stop = _StopRequest()  # Ctrl-C and SIGTERM commit the batches computed so far, then stop the build
+    with on_stop_signals(stop.request):
         for epoch in range(epochs):
             done = sum(record["batches"][epoch])  # batches of this epoch already committed
             total, batches = _rank_batches(loader, epoch, rank, world_size, batch_size, done)
@@ -338,26 +337,10 @@ class _StopRequest:
     def __bool__(self) -> bool:
         return self.requested
 
-
-@contextlib.contextmanager
-def _stop_requests():
-    """Ctrl-C and SIGTERM commit the batches computed so far, then stop the build (KeyboardInterrupt)."""
-    stop = _StopRequest()
-    if threading.current_thread() is not threading.main_thread():
-        yield stop
-        return
-
-    def request(signum, frame):
-        if stop.requested:
+    def request(self) -> None:
+        if self.requested:
             raise KeyboardInterrupt
-        stop.requested = True
-
-    previous = {sig: signal.signal(sig, request) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield stop
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+        self.requested = True
 
 
 def describe_kept(cache_dir: str | Path) -> str | None:
