@@ -13,15 +13,14 @@ from __future__ import annotations
 
 import json
 import os
-import pickle
-import re
 import tempfile
-import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
+
+from ..models.weights import UnreadableFile, torch_load
 
 FORMAT = "ensemble-kd/train-state/1"
 
@@ -79,41 +78,15 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     atomic_write(path, lambda f: f.write(text.encode()))
 
 
-def torch_load(path: str | Path, what: str, **kwargs) -> Any:
-    """torch.load(weights_only=True) of `what` (e.g. "checkpoint"); a file it cannot read is named in a
-    CheckpointError that says whether it is damaged or holds more than tensors, and never relays
-    torch's advice to load it with weights_only=False (which would run whatever code it holds)."""
-    try:
-        with warnings.catch_warnings():  # torch's notes on pickle protocols say nothing a user can act on
-            warnings.simplefilter("ignore")
-            return torch.load(path, weights_only=True, **kwargs)
-    except PermissionError:
-        raise
-    except Exception as err:  # miniz, pickle, EOF, EINVAL, KeyError on garbage: all one case to the user
-        raise CheckpointError(f"{what} '{path}' {_unreadable(Path(path), err)}") from None
-
-
-def _unreadable(path: Path, err: Exception) -> str:
-    found = re.search(r"Unsupported global: GLOBAL (\S+)", str(err)) if isinstance(err, pickle.UnpicklingError) else None
-    if found:
-        return (f"holds Python objects besides tensors and plain containers (first {found[1]}), which are not "
-                f"loaded (unpickling them could run any code): it is no plain checkpoint or state_dict")
-    size = path.stat().st_size
-    with path.open("rb") as f:
-        zipped = f.read(4) == b"PK\x03\x04"
-    if size == 0:
-        return "is empty (damaged: a write that never finished)"
-    if zipped:
-        return f"is damaged: a torch file of {size} bytes that is truncated or corrupt"
-    return f"is damaged or not a file torch.save wrote ({size} bytes it cannot read as one)"
-
-
 def load(path: str | Path, map_location="cpu") -> Any:
     """torch.load with weights_only=True and errors that say what the file is not."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint '{path}' does not exist")
-    return torch_load(path, "checkpoint", map_location=map_location)
+    try:
+        return torch_load(path, "checkpoint", map_location=map_location)
+    except UnreadableFile as err:
+        raise CheckpointError(str(err)) from None
 
 
 def read_json(path: str | Path, remedy: str, keys: tuple[str, ...] = ()) -> dict:

@@ -11,13 +11,16 @@ tensors of a narrower type (fp16, bf16) are widened to the model's, said once pe
 
 from __future__ import annotations
 
+import pickle
+import re
 import sys
+import warnings
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
-from ..engine.checkpoint import CheckpointError, torch_load
 
 # Where training scripts put the weights, in the order tried: the trained weights before their EMA.
 WRAPPER_KEYS = ("state_dict", "model", "module", "net", "model_state_dict", "state_dict_ema", "model_ema")
@@ -28,6 +31,39 @@ HEADER_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float1
                  "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "I64": torch.int64,
                  "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
 _widened: set[str] = set()  # files already said to be widened, in this process
+
+
+class UnreadableFile(ValueError):
+    """A torch file that torch.load(weights_only=True) cannot read; the message names it."""
+
+
+def torch_load(path: str | Path, what: str, **kwargs) -> Any:
+    """torch.load(weights_only=True) of `what` (e.g. "checkpoint"); a file it cannot read is named in a
+    UnreadableFile saying whether it is damaged or holds more than tensors, and never relays
+    torch's advice to load it with weights_only=False (which would run whatever code it holds)."""
+    try:
+        with warnings.catch_warnings():  # torch's notes on pickle protocols say nothing a user can act on
+            warnings.simplefilter("ignore")
+            return torch.load(path, weights_only=True, **kwargs)
+    except PermissionError:
+        raise
+    except Exception as err:  # miniz, pickle, EOF, EINVAL, KeyError on garbage: all one case to the user
+        raise UnreadableFile(f"{what} '{path}' {_unreadable(Path(path), err)}") from None
+
+
+def _unreadable(path: Path, err: Exception) -> str:
+    found = re.search(r"Unsupported global: GLOBAL (\S+)", str(err)) if isinstance(err, pickle.UnpicklingError) else None
+    if found:
+        return (f"holds Python objects besides tensors and plain containers (first {found[1]}), which are not "
+                f"loaded (unpickling them could run any code): it is no plain checkpoint or state_dict")
+    size = path.stat().st_size
+    with path.open("rb") as f:
+        zipped = f.read(4) == b"PK\x03\x04"
+    if size == 0:
+        return "is empty (damaged: a write that never finished)"
+    if zipped:
+        return f"is damaged: a torch file of {size} bytes that is truncated or corrupt"
+    return f"is damaged or not a file torch.save wrote ({size} bytes it cannot read as one)"
 
 
 def read_state_dict(path: str | Path, shapes_only: bool = False) -> dict[str, torch.Tensor]:
@@ -55,12 +91,12 @@ def read_state_dict(path: str | Path, shapes_only: bool = False) -> dict[str, to
     try:
         try:
             obj = torch_load(path, "weights file", map_location="cpu", mmap=shapes_only)
-        except CheckpointError:
+        except UnreadableFile:
             if not shapes_only:
                 raise
             obj = torch_load(path, "weights file", map_location="cpu")  # the legacy format cannot be mapped
-    except CheckpointError as err:
-        raise ValueError(f"{err}; save the weights with torch.save(model.state_dict()) or as safetensors") from None
+    except UnreadableFile as err:
+        raise UnreadableFile(f"{err}; save the weights with torch.save(model.state_dict()) or as safetensors") from None
     state = _find_state_dict(obj)
     if state is None:
         keys = ", ".join(map(repr, list(obj)[:6])) if isinstance(obj, dict) else type(obj).__name__
