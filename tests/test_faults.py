@@ -280,3 +280,15 @@ def test_an_interrupted_cache_teachers_says_what_is_kept_and_resumes(teacher_run
     assert main(["cache-teachers", "--resume", str(cache)]) == 0
     assert "epoch_000.rank0.shard00000.logits.npy is damaged" in _error(capsys)
     assert _contents(cache) == whole
+
+
+def test_a_run_interrupted_before_its_first_checkpoint_does_not_claim_one(tmp_path, capsys, monkeypatch):
+    from ensemble_kd import pipeline
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(pipeline, "distill", interrupted)
+    assert main(["distill", f"run.dir={tmp_path}", "run.name=r", *TINY]) == 130
+    said = _error(capsys)
+    assert said == f"interrupted: nothing was checkpointed yet (a resume starts over); continue with --resume " \
+                   f"{tmp_path / 'r'}", said
