@@ -211,6 +211,12 @@ def test_labels_with_gaps_need_classes_txt(tmp_path):
     assert pipeline.prepare_data(_config(root, name="tar-shards")).splits.train.num_classes == 100
 
 
+def _flip_byte(data: bytes, at: int) -> bytes:
+    out = bytearray(data)
+    out[at] ^= 0xFF
+    return bytes(out)
+
+
 @pytest.mark.parametrize("keep", ["in a header", "in an image", "in a label", "at a header"])
 def test_a_truncated_shard_is_called_truncated(tmp_path, keep):
     root = make_tar_shards(tmp_path / "cut", shards=1, per_shard=4)
@@ -220,9 +226,13 @@ def test_a_truncated_shard_is_called_truncated(tmp_path, keep):
     member = members["train00_0001.png" if keep != "in a label" else "train00_0001.cls"]
     cut = {"in a header": member.offset + 100, "in an image": member.offset_data + member.size // 2,
            "in a label": member.offset_data, "at a header": member.offset}[keep]
-    shard.write_bytes(shard.read_bytes()[:cut])
+    whole = shard.read_bytes()
+    shard.write_bytes(whole[:cut])
     with pytest.raises(ValueError, match=rf"tar shard .*000000\.tar is truncated: .* the file ends at byte {cut}; "
                                          r"copy or download it again"):
+        pipeline.prepare_data(_config(root, name="tar-shards"))
+    shard.write_bytes(_flip_byte(whole, member.offset + 100))  # a damaged header ended tarfile's walk quietly
+    with pytest.raises(ValueError, match=rf"000000\.tar has a damaged member header at byte {member.offset} "):
         pipeline.prepare_data(_config(root, name="tar-shards"))
     (root / "train" / "000001.tar").write_bytes(b"\x1f\x8b" + bytes(600))  # compressed, not cut: still said so
     shard.unlink()

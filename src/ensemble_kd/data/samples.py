@@ -306,8 +306,8 @@ def _no_duplicate(seen: dict, key: str, name: str, path: Path) -> None:
 
 
 def _check_end(path: Path, end: int) -> None:
-    """tarfile ends its walk quietly at a header cut short, or at the end of the file: a shard must
-    end with the end-of-archive blocks (zeros) where its last member ends."""
+    """tarfile ends its walk quietly at a header cut short or damaged, or at the end of the file: a
+    shard must end with the end-of-archive blocks (zeros) where its last member ends."""
     with open(path, "rb") as f:
         f.seek(end)
         tail = f.read(512)
@@ -315,6 +315,9 @@ def _check_end(path: Path, end: int) -> None:
         raise ValueError(_truncated(path, f"its last member ends at byte {end} with no end-of-archive blocks after it"))
     if len(tail) < 512 and tail.strip(b"\0"):
         raise ValueError(_truncated(path, f"the member header at byte {end} is cut short"))
+    if tail.strip(b"\0"):
+        raise ValueError(f"tar shard {path} has a damaged member header at byte {end} (the samples after it would "
+                         f"be lost); copy or download it again, or remove it.")
 
 
 def _runs_to(member: tarfile.TarInfo) -> str:
