@@ -127,7 +127,7 @@ def test_bad_checkpoints_get_clear_errors(tmp_path):
     junk = tmp_path / "junk.pt"
     junk.write_bytes(b"not a checkpoint at all")
     junk.with_suffix(".json").write_text(json.dumps({"spec": {"name": "mlp", "num_classes": 3, "in_channels": 1}}))
-    with pytest.raises(CheckpointError, match="not a readable"):
+    with pytest.raises(CheckpointError, match=r"checkpoint '.*junk.pt' is damaged or not a file torch.save wrote"):
         load_model(junk)
     other = tmp_path / "other.pt"
     save_model(create("small_cnn", num_classes=10, in_channels=1), other)
@@ -140,6 +140,52 @@ def test_bad_checkpoints_get_clear_errors(tmp_path):
         load_model(bare)
     with pytest.raises(CheckpointError, match="not an ensemble-kd training state"):
         load_train_state(bare)
+
+
+class _Pickled:  # any class of the caller's: what weights_only refuses to rebuild
+    pass
+
+
+DAMAGE = {  # a file of ours (or a user's) as a full disk, a bad copy or a foreign script leaves it
+    "truncated": lambda path: path.write_bytes(path.read_bytes()[:path.stat().st_size // 2]),
+    "cut at the end": lambda path: path.write_bytes(path.read_bytes()[:-1]),
+    "garbage": lambda path: path.write_bytes(b"\x80\x02 not a torch file " * 20),
+    "empty": lambda path: path.write_bytes(b""),
+    "a pickled object": lambda path: torch.save({"format": "x", "model": _Pickled()}, path),
+}
+
+
+@pytest.mark.parametrize("damage", list(DAMAGE))
+def test_a_damaged_torch_file_is_named_and_torchs_advice_never_relayed(data, tmp_path, damage):
+    """Found in a fault sweep: a truncated last.pt said "Invalid argument" naming no file, and a pickled one
+    repeated torch's advice to load it with weights_only=False, the one thing not to do with it."""
+    from ensemble_kd.models.weights import read_state_dict
+
+    trainer = _trainer(data, tmp_path / "run")
+    model = tmp_path / "model.pt"
+    save_model(create("mlp", num_classes=10, in_channels=1), model)
+    atomic_save({"format": "ensemble-kd/train-state/1", "model": trainer.model.state_dict()}, trainer.state_path)
+    for path in (trainer.state_path, model):
+        DAMAGE[damage](path)
+    why = "holds Python objects besides tensors" if damage == "a pickled object" else "is (damaged|empty)"
+    said = []
+    for read, name in ((lambda: trainer.fit(resume=True), "checkpoint '.*last.pt'"),
+                       (lambda: load_model(model), "checkpoint '.*model.pt'"),
+                       (lambda: read_state_dict(model), "weights file '.*model.pt'"),
+                       (lambda: read_state_dict(model, shapes_only=True), "weights file '.*model.pt'")):
+        with pytest.raises(ValueError, match=rf"{name} {why}") as err:
+            read()
+        said.append(str(err.value))
+    assert not any("weights_only" in line or "Invalid argument" in line for line in said), said
+    assert said[0].startswith("cannot resume: ")
+
+
+def test_a_damaged_model_sidecar_is_named(tmp_path):
+    model = tmp_path / "model.pt"
+    save_model(create("mlp", num_classes=10, in_channels=1), model)
+    model.with_suffix(".json").write_bytes(b"\xff{ not json")
+    with pytest.raises(ValueError, match=r"'.*model.json' is damaged \(not valid JSON.*restore it, or train"):
+        load_model(model)
 
 
 def test_checkpoints_refuse_arbitrary_code(tmp_path):

@@ -189,6 +189,38 @@ def test_a_corrupt_entry_is_rebuilt_not_trusted(cache, tmp_path, monkeypatch, co
     assert _videos(paths) == first
 
 
+INCONSISTENT_TAR = {  # each keeps the entry readable, of the right fields and dtypes, and this file's stamp
+    "arrays of different lengths": dict(labels=lambda a: a[:-1]),
+    "offsets beyond the file": dict(offsets=lambda a: a + 10**6),
+    "negative offsets": dict(offsets=lambda a: -a),
+    "names cut elsewhere": dict(name_offsets=lambda a: a[::-1].copy()),
+}
+INCONSISTENT_TFRECORD = {
+    "arrays of different lengths": dict(lengths=lambda a: a[:-1]),
+    "offsets beyond the file": dict(offsets=lambda a: a + 10**6),
+    "offsets out of order": dict(offsets=lambda a: a[::-1].copy(), lengths=lambda a: a[::-1].copy()),
+    "negative lengths": dict(lengths=lambda a: -a),
+    "a record left out": dict(offsets=lambda a: a[:-1], lengths=lambda a: a[:-1]),
+}
+
+
+@pytest.mark.parametrize("corruption", list(INCONSISTENT_TAR))
+def test_an_inconsistent_tar_entry_is_rebuilt_not_trusted(cache, shards, monkeypatch, corruption):
+    first = [_tar_listing(s) for s in list_tar_shards(shards, 16)]
+    shard = shards / "train" / "000001.tar"
+    _rewrite(_entry_of(cache, shard), **INCONSISTENT_TAR[corruption])
+    builds = _count_builds(monkeypatch, samples, "_index_shard")
+    assert [_tar_listing(s) for s in list_tar_shards(shards, 16)] == first and builds == [str(shard)]
+
+
+@pytest.mark.parametrize("corruption", list(INCONSISTENT_TFRECORD))
+def test_an_inconsistent_tfrecord_entry_is_rebuilt_not_trusted(cache, records, monkeypatch, corruption):
+    first = _videos(records)
+    _rewrite(_entry_of(cache, records[1]), **INCONSISTENT_TFRECORD[corruption])
+    builds = _count_builds(monkeypatch, TFRecordFile, "_scan")
+    assert _videos(records) == first and builds == [str(records[1])]
+
+
 # ----------------------------------------------------------------------------- no cache
 
 def test_an_unwritable_cache_directory_costs_the_rebuild_and_one_warning(tmp_path, shards, records, monkeypatch,

@@ -20,7 +20,8 @@ from ensemble_kd.models import create, forward_with_taps
 from ensemble_kd.models.batchensemble import collapse
 from ensemble_kd.models.stages import forward_stem, run_stages
 from ensemble_kd.models.inputs import InputAdapter, adapt_input
-from ensemble_kd.models.weights import read_state_dict
+from ensemble_kd.models import weights as weights_module
+from ensemble_kd.models.weights import check_weights, read_state_dict
 
 timm = pytest.importorskip("timm")
 torchvision = pytest.importorskip("torchvision")
@@ -83,6 +84,43 @@ def test_mismatched_weights_are_refused_naming_the_keys(tmp_path):
         read_state_dict(tmp_path / "not_weights.pt")
     with pytest.raises(FileNotFoundError, match="does not exist"):
         read_state_dict(tmp_path / "absent.safetensors")
+
+
+@pytest.mark.parametrize("how", ["safetensors", "state_dict+module."])
+@pytest.mark.parametrize("kind", [torch.int64, torch.int8, torch.bool])
+def test_integer_weights_are_refused_naming_the_key_by_the_header_check_and_the_load(how, kind, tmp_path):
+    """Found in a fault sweep: an int file was cast to the model's floats (all zeros) and trained at chance."""
+    state = create("timm/resnet10t", num_classes=5).state_dict()
+    state = {k: (v.to(kind) if v.is_floating_point() else v) for k, v in state.items()}
+    path = saved(state, how, tmp_path)
+    words = rf"weights file '.*' holds \d+ non-floating tensors where the model has floating ones \(first " \
+            rf"'conv1.0.weight': {str(kind).removeprefix('torch.')} in the file, float32 in the model\)"
+    with pytest.raises(ValueError, match=words):
+        check_weights(_meta("timm/resnet10t"), path)
+    with pytest.raises(ValueError, match=words):
+        pipeline.build_model(ModelConfig(arch="timm/resnet10t", weights=str(path)), fake_data())
+
+
+def _meta(arch: str) -> torch.nn.Module:
+    with torch.device("meta"):
+        return create(arch, num_classes=5)
+
+
+@pytest.mark.parametrize("how", ["safetensors", "plain"])
+@pytest.mark.parametrize("kind", [torch.float16, torch.bfloat16])
+def test_half_weights_are_widened_and_said_once(how, kind, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(weights_module, "_widened", set(), raising=False)
+    torch.manual_seed(2)
+    original = create("timm/resnet10t", num_classes=5).eval()
+    half = {k: (v.to(kind) if v.is_floating_point() else v) for k, v in original.state_dict().items()}
+    path = saved(half, how, tmp_path)
+    check_weights(_meta("timm/resnet10t"), path)  # the header check before the run, then the load
+    loaded = pipeline.build_model(ModelConfig(arch="timm/resnet10t", weights=str(path)), fake_data()).eval()
+    for key, value in loaded.state_dict().items():
+        assert value.dtype == original.state_dict()[key].dtype and torch.equal(value, half[key].to(value.dtype)), key
+    said = [line for line in capsys.readouterr().err.splitlines() if str(path) in line]
+    assert said == [f"note: weights file '{path}' holds {str(kind).removeprefix('torch.')} tensors; they are "
+                    f"loaded as the model's float32"]
 
 
 def test_weights_and_pretrained_together_are_refused():

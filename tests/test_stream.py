@@ -168,6 +168,78 @@ def test_tar_shard_problems_are_named(tmp_path):
         pipeline.prepare_data(_config(root, name="tar-shards"))
 
 
+def _append(shard: Path, members: dict[str, bytes]) -> None:
+    with tarfile.open(shard, "a") as tar:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+
+def _member(shard: Path, name: str) -> bytes:
+    with tarfile.open(shard) as tar:
+        return tar.extractfile(name).read()
+
+
+def test_a_label_without_its_image_and_a_key_twice_are_named_before_training(tmp_path):
+    root = make_tar_shards(tmp_path / "orphan", shards=1)
+    _append(root / "train" / "000000.tar", {"lost.cls": b"1", "lost.txt": b"a caption"})
+    with pytest.raises(ValueError, match=r"lost\.cls in tar shard .*train/000000\.tar has no image beside it "
+                                         r"\(its other member lost\.txt is not an image"):
+        pipeline.prepare_data(_config(root, name="tar-shards"))
+    for name, extra in {"same": {"train00_0003.png": None}, "other ext": {"train00_0003.jpg": None},
+                        "label": {"train00_0003.cls": b"2"}}.items():
+        root = make_tar_shards(tmp_path / name.replace(" ", "-"), shards=1)
+        shard = root / "train" / "000000.tar"
+        image = _member(shard, "train00_0001.png")  # a healthy image under the repeated key
+        _append(shard, {k: v if v is not None else image for k, v in extra.items()})
+        first = "train00_0003.cls" if name == "label" else "train00_0003.png"
+        with pytest.raises(ValueError, match=rf"000000\.tar holds sample 'train00_0003' twice \({first} and "
+                                             rf"{next(iter(extra))}\)"):
+            pipeline.prepare_data(_config(root, name="tar-shards"))
+
+
+def test_labels_with_gaps_need_classes_txt(tmp_path):
+    root = make_tar_shards(tmp_path / "sparse", num_classes=3, shards=1)
+    _append(root / "train" / "000000.tar", {"rare.cls": b"99", "rare.png": _member(root / "train" / "000000.tar",
+                                                                                   "train00_0001.png")})
+    with pytest.raises(ValueError, match=r"labels up to 99 but no sample of 96 of those 100 classes \(3, 4, 5, 6, "
+                                         r"7, \.\.\.\); number the classes 0\.\.K-1 without gaps, or list every "
+                                         r"class in .*classes\.txt"):
+        pipeline.prepare_data(_config(root, name="tar-shards"))
+    (root / "classes.txt").write_text("".join(f"c{k}\n" for k in range(100)))  # declared: empty classes are meant
+    assert pipeline.prepare_data(_config(root, name="tar-shards")).splits.train.num_classes == 100
+
+
+def _flip_byte(data: bytes, at: int) -> bytes:
+    out = bytearray(data)
+    out[at] ^= 0xFF
+    return bytes(out)
+
+
+@pytest.mark.parametrize("keep", ["in a header", "in an image", "in a label", "at a header"])
+def test_a_truncated_shard_is_called_truncated(tmp_path, keep):
+    root = make_tar_shards(tmp_path / "cut", shards=1, per_shard=4)
+    shard = root / "train" / "000000.tar"
+    with tarfile.open(shard) as tar:
+        members = {m.name: m for m in tar}
+    member = members["train00_0001.png" if keep != "in a label" else "train00_0001.cls"]
+    cut = {"in a header": member.offset + 100, "in an image": member.offset_data + member.size // 2,
+           "in a label": member.offset_data, "at a header": member.offset}[keep]
+    whole = shard.read_bytes()
+    shard.write_bytes(whole[:cut])
+    with pytest.raises(ValueError, match=rf"tar shard .*000000\.tar is truncated: .* the file ends at byte {cut}; "
+                                         r"copy or download it again"):
+        pipeline.prepare_data(_config(root, name="tar-shards"))
+    shard.write_bytes(_flip_byte(whole, member.offset + 100))  # a damaged header ended tarfile's walk quietly
+    with pytest.raises(ValueError, match=rf"000000\.tar has a damaged member header at byte {member.offset} "):
+        pipeline.prepare_data(_config(root, name="tar-shards"))
+    (root / "train" / "000001.tar").write_bytes(b"\x1f\x8b" + bytes(600))  # compressed, not cut: still said so
+    shard.unlink()
+    with pytest.raises(ValueError, match=r"000001\.tar is not an uncompressed tar file"):
+        pipeline.prepare_data(_config(root, name="tar-shards"))
+
+
 # ----------------------------------------------------------------------------- bad input
 
 def test_a_corrupt_file_in_the_middle_of_a_folder_is_named_before_training(tmp_path):

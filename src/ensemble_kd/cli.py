@@ -24,10 +24,11 @@ from . import pipeline, sweep
 from .config import Config, ConfigError, MethodConfig, load_config
 from . import distributed
 from .engine import CheckpointError, NonFiniteLossError, load_model
+from .engine.checkpoint import os_error
 from .engine.run_dir import RESUME_SAFE, check_resumable, claim_run_dir, saved_config
 from .engine.runs import MetricsLog, write_config
 from .ensemble import MANIFEST, TeacherSet
-from .ensemble.cache import open_cache
+from .ensemble.cache import describe_kept, open_cache
 from .report import (MARK, TEMPERATURE_NOTE, accuracy_vs_cost, load_results, print_table, reliability_diagram,
                      teacher_weights_over_training, write_results)
 
@@ -437,6 +438,16 @@ def _version() -> str:
         return sys.modules[__package__].__version__
 
 
+def _kept(run: Path) -> str:
+    """What an interrupted command leaves for --resume: a cache build's committed shards, or the checkpoint."""
+    cached = describe_kept(run)
+    if cached is not None:
+        return cached
+    if any(run.rglob("last.pt")) or any(run.rglob("model.pt")):
+        return "the last checkpoint is saved"
+    return "nothing was checkpointed yet (a resume starts over)"
+
+
 def _remedy(e: OSError) -> str:
     run = _RUNNING.get("dir")
     if e.errno == errno.ENOSPC:
@@ -472,14 +483,17 @@ def main(argv: list[str] | None = None) -> int:
     except NonFiniteLossError as e:
         err.print(f"[red]stopped:[/red] {escape(str(e))}", highlight=False)
         return 1
-    except OSError as e:  # a read-only run.dir, a full disk: the file and the reason, in one line
-        where = f" '{e.filename}'" if e.filename else ""
-        err.print(f"[red]error:[/red] {escape(e.strerror or str(e))}{escape(where)}; {escape(_remedy(e))}",
+    except (OSError, RuntimeError) as e:  # a read-only run.dir, a full disk: the file and the reason, in one line
+        cause = os_error(e)  # torch re-raises a failed write as a RuntimeError
+        if cause is None:
+            raise
+        where = f" '{cause.filename}'" if cause.filename else ""
+        err.print(f"[red]error:[/red] {escape(cause.strerror or str(cause))}{escape(where)}; {escape(_remedy(cause))}",
                   highlight=False)
         return 2
     except KeyboardInterrupt:
         run = _RUNNING.get("dir")
-        said = (f"interrupted: the last checkpoint is saved; continue with --resume {run}" if run is not None
+        said = (f"interrupted: {_kept(run)}; continue with --resume {run}" if run is not None
                 else "interrupted before anything was written; run the command again")
         err.print(escape(said), highlight=False)
         return 130

@@ -9,8 +9,9 @@ it off. It is named by a hash of the file's resolved path and the format version
 file's size and mtime_ns: when either differs from the file's now, the index is built again. An
 entry is written (to a temporary file, then renamed over, so concurrent readers see a whole entry
 or none) only after a build succeeded, so the errors a build raises for a bad file are raised
-every time. An entry that cannot be read, or does not hold what was asked for, is built again;
-a directory that cannot be written costs the rebuild and one warning line.
+every time. An entry that cannot be read, does not hold what was asked for, or whose arrays do not
+describe a file of its size (the caller's `check`: lengths that agree, offsets within the file) is
+built again; a directory that cannot be written costs the rebuild and one warning line.
 """
 
 from __future__ import annotations
@@ -49,8 +50,9 @@ def _stamp(path: str) -> np.ndarray:
     return np.array([FORMAT_VERSION, st.st_size, st.st_mtime_ns], dtype=np.int64)
 
 
-def _load(entry: Path, source: bytes, stamp: np.ndarray, fields: Mapping[str, DTypeLike]) -> dict | None:
-    """The entry's arrays if it is whole and is this file's index as it is now; else None."""
+def _load(entry: Path, source: bytes, stamp: np.ndarray, fields: Mapping[str, DTypeLike],
+          check: Callable[[dict, int], bool] | None) -> dict | None:
+    """The entry's arrays if it is whole, is this file's index as it is now and passes `check`; else None."""
     try:
         with np.load(entry, allow_pickle=False) as stored:
             if not np.array_equal(stored[_STAMP], stamp) or stored[_SOURCE].tobytes() != source:
@@ -59,6 +61,8 @@ def _load(entry: Path, source: bytes, stamp: np.ndarray, fields: Mapping[str, DT
     except Exception:  # missing, torn, not a zip, a bad header, a field lacking: whatever it is, it is rebuilt
         return None
     if any(a.dtype != np.dtype(fields[n]) or a.ndim != 1 for n, a in arrays.items()):
+        return None
+    if check is not None and not check(arrays, int(stamp[1])):  # a healthy sample blamed for a bad entry
         return None
     return arrays
 
@@ -81,9 +85,11 @@ def _built(build: Callable[[], Mapping], fields: Mapping[str, DTypeLike]) -> dic
 
 
 def cached_index(path: str | os.PathLike, kind: str, build: Callable[[], Mapping[str, np.ndarray]],
-                 fields: Mapping[str, DTypeLike]) -> dict[str, np.ndarray]:
+                 fields: Mapping[str, DTypeLike], check: Callable[[dict, int], bool] | None = None
+                 ) -> dict[str, np.ndarray]:
     """The index of the file at `path`: `fields` (name -> dtype, each a 1-D array) read from its
-    entry when that is valid, else `build()`, which is then stored for the next process."""
+    entry when that is valid (and `check(arrays, file_size)` holds), else `build()`, which is then
+    stored for the next process."""
     directory = index_cache_dir()
     if directory is None:
         return _built(build, fields)
@@ -92,7 +98,7 @@ def cached_index(path: str | os.PathLike, kind: str, build: Callable[[], Mapping
     key = hashlib.sha256(f"{kind}\0{FORMAT_VERSION}\0".encode() + source).hexdigest()
     entry = directory / f"{kind}-{key}.npz"
     before = _stamp(resolved)
-    found = _load(entry, source, before, fields)
+    found = _load(entry, source, before, fields, check)
     if found is not None:
         return found
     arrays = _built(build, fields)

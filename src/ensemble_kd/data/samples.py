@@ -228,33 +228,56 @@ SHARD_INDEX_FIELDS = {"names": np.uint8, "name_offsets": np.int64, "labels": np.
                       "sizes": np.int64}  # one shard's samples, names as a blob: what the index cache stores
 
 
+def _shard_index_holds(index: dict[str, np.ndarray], file_size: int) -> bool:
+    """Whether a stored shard index is self-consistent: one label, offset and size per name, the
+    names blob cut into non-empty names, every member's bytes inside a file of this size."""
+    n, cuts = len(index["labels"]), index["name_offsets"]
+    return (len(index["offsets"]) == len(index["sizes"]) == n and len(cuts) == n + 1 and n > 0
+            and cuts[0] == 0 and cuts[-1] == len(index["names"]) and bool(np.all(np.diff(cuts) > 0))
+            and bool(np.all(index["labels"] >= 0)) and bool(np.all(index["sizes"] >= 0))
+            and bool(np.all(index["offsets"] >= 0)) and bool(np.all(index["offsets"] + index["sizes"] <= file_size)))
+
+
 def _index_shard(path: Path) -> dict[str, np.ndarray]:
     """The shard's samples (names blob, labels, data offsets and sizes), from its headers and .cls members."""
     images: dict[str, tuple[str, int, int]] = {}
     labels: dict[str, int] = {}
+    others: dict[str, str] = {}  # key -> a member of it that is neither image nor label, for messages
+    last = None
     try:
         with tarfile.open(path, mode="r:") as tar:  # uncompressed only: compressed members have no offsets
-            for member in tar:
-                if not member.isfile():
-                    continue
-                base = os.path.basename(member.name)
-                if base.startswith("."):
-                    continue
-                key, ext = os.path.splitext(member.name)
-                ext = ext.lower()
-                if ext == ".cls":
-                    text = tar.extractfile(member).read().decode("utf-8", "replace").strip()
-                    try:
-                        labels[key] = int(text)
-                    except ValueError:
-                        raise ValueError(f"{member.name} in {path} holds {text[:20]!r}, not a class index; "
-                                         f"a .cls member is the sample's class as an integer.") from None
-                elif ext in IMAGE_EXTENSIONS:
-                    images[key] = (member.name, member.offset_data, member.size)
+            try:
+                for member in tar:
+                    last = member
+                    if not member.isfile() or os.path.basename(member.name).startswith("."):
+                        continue
+                    key, ext = os.path.splitext(member.name)
+                    ext = ext.lower()
+                    if ext == ".cls":
+                        _no_duplicate(labels, key, member.name, path)
+                        labels[key] = _class_index(tar, member, path)
+                    elif ext in IMAGE_EXTENSIONS:
+                        _no_duplicate(images, key, member.name, path)
+                        images[key] = (member.name, member.offset_data, member.size)
+                    else:
+                        others.setdefault(key, member.name)
+            except tarfile.ReadError as err:
+                if str(err) == "unexpected end of data" and last is not None:
+                    raise ValueError(_truncated(path, _runs_to(last))) from None
+                raise
+            _check_end(path, tar.offset)
     except tarfile.ReadError as err:
         raise ValueError(f"{path} is not an uncompressed tar file ({err}); tar shards must be plain .tar.") from None
+    if last is not None and last.offset_data + last.size > os.path.getsize(path):  # cut in the last member
+        raise ValueError(_truncated(path, _runs_to(last)))
     if not images:
         raise ValueError(f"tar shard {path} holds no images ({', '.join(IMAGE_EXTENSIONS)}); remove it.")
+    for key in sorted(labels):
+        if key not in images:
+            found = f" (its other member {others[key]} is not an image: {', '.join(IMAGE_EXTENSIONS)})" \
+                if key in others else ""
+            raise ValueError(f"{key}.cls in tar shard {path} has no image beside it{found}; add the sample's "
+                             f"image or remove its label.")
     keys = sorted(images)
     for key in keys:
         if key not in labels:
@@ -265,13 +288,54 @@ def _index_shard(path: Path) -> dict[str, np.ndarray]:
             "offsets": [images[k][1] for k in keys], "sizes": [images[k][2] for k in keys]}
 
 
+def _class_index(tar: tarfile.TarFile, member: tarfile.TarInfo, path: Path) -> int:
+    text = tar.extractfile(member).read().decode("utf-8", "replace").strip()
+    try:
+        return int(text)
+    except ValueError:
+        raise ValueError(f"{member.name} in {path} holds {text[:20]!r}, not a class index; "
+                         f"a .cls member is the sample's class as an integer.") from None
+
+
+def _no_duplicate(seen: dict, key: str, name: str, path: Path) -> None:
+    """A second image or label of one sample key would silently replace the first: refused."""
+    if key in seen:
+        first = seen[key][0] if isinstance(seen[key], tuple) else f"{key}.cls"
+        raise ValueError(f"tar shard {path} holds sample {key!r} twice ({first} and {name}); each key must "
+                         f"appear once (one image and one .cls): rewrite the shard without the duplicate.")
+
+
+def _check_end(path: Path, end: int) -> None:
+    """tarfile ends its walk quietly at a header cut short or damaged, or at the end of the file: a
+    shard must end with the end-of-archive blocks (zeros) where its last member ends."""
+    with open(path, "rb") as f:
+        f.seek(end)
+        tail = f.read(512)
+    if not tail:
+        raise ValueError(_truncated(path, f"its last member ends at byte {end} with no end-of-archive blocks after it"))
+    if len(tail) < 512 and tail.strip(b"\0"):
+        raise ValueError(_truncated(path, f"the member header at byte {end} is cut short"))
+    if tail.strip(b"\0"):
+        raise ValueError(f"tar shard {path} has a damaged member header at byte {end} (the samples after it would "
+                         f"be lost); copy or download it again, or remove it.")
+
+
+def _runs_to(member: tarfile.TarInfo) -> str:
+    return f"member {member.name} runs to byte {member.offset_data + member.size}"
+
+
+def _truncated(path: Path, where: str) -> str:
+    return (f"tar shard {path} is truncated: {where} but the file ends at byte {os.path.getsize(path)}; "
+            f"copy or download it again, or remove it.")
+
+
 def _list_shards(split_dir: Path, image_size: int, classes: tuple[str, ...] | None) -> TarSamples:
     shards = sorted(p for p in split_dir.iterdir() if p.suffix == ".tar" and p.is_file())
     if not shards:
         raise FileNotFoundError(f"{split_dir} holds no .tar shards; tar-shards needs {split_dir}/000000.tar ...")
     parts = []
     for i, shard in enumerate(shards):
-        parts.append(cached_index(shard, "tar", partial(_index_shard, shard), SHARD_INDEX_FIELDS))
+        parts.append(cached_index(shard, "tar", partial(_index_shard, shard), SHARD_INDEX_FIELDS, _shard_index_holds))
         if len(shards) > 20 and (i + 1) % 100 == 0:
             print(f"indexing {split_dir}: {i + 1} of {len(shards)} shards", file=sys.stderr, flush=True)
     # the shards' name blobs end to end; each shard's name offsets move by the bytes before it
@@ -307,6 +371,14 @@ def list_tar_shards(root: str | Path, image_size: int) -> tuple[TarSamples, TarS
             raise ValueError(f"{names_file} names {len(names)} classes but the training shards use "
                              f"{train.num_classes}; give one name a line for each.")
         train.classes = tuple(names)
+    else:  # a gap in the labels would be a class the model learns never to predict, unnoticed
+        empty = np.flatnonzero(np.bincount(train.labels, minlength=train.num_classes) == 0)
+        if len(empty):
+            shown = ", ".join(map(str, empty[:5])) + (", ..." if len(empty) > 5 else "")
+            raise ValueError(f"the training shards in {root / 'train'} have labels up to {train.num_classes - 1} "
+                             f"but no sample of {len(empty)} of those {train.num_classes} classes ({shown}); "
+                             f"number the classes 0..K-1 without gaps, or list every class in {names_file} "
+                             f"(one name a line) to train with empty classes.")
     return train, _list_shards(test_dir, image_size, train.classes)
 
 

@@ -60,12 +60,24 @@ def dequantize(feat, max_quantized_value: float = 2.0, min_quantized_value: floa
     return np.asarray(feat, dtype=np.float32) * np.float32(scalar) + np.float32(bias)
 
 
+def _framing_holds(index: dict[str, np.ndarray], file_size: int) -> bool:
+    """Whether a stored index is the framing of a file of this size: records end to end from byte 0,
+    each 12 header bytes, its data and a 4-byte checksum, the last one ending with the file."""
+    offsets, lengths = index["offsets"], index["lengths"]
+    if len(offsets) != len(lengths) or bool(np.any(lengths < 0)):
+        return False
+    starts = np.concatenate([[0], (offsets + lengths + 4)[:-1]]) + 12
+    end = int(offsets[-1] + lengths[-1] + 4) if len(offsets) else 0
+    return bool(np.array_equal(offsets, starts[:len(offsets)])) and end == file_size
+
+
 class TFRecordFile:
     """The records of one TFRecord file: their offsets, from the framing, and each one by number."""
 
     def __init__(self, path: str | os.PathLike):
         self.path = os.fspath(path)
-        index = cached_index(self.path, "tfrecord", self._scan, {"offsets": np.int64, "lengths": np.int64})
+        index = cached_index(self.path, "tfrecord", self._scan, {"offsets": np.int64, "lengths": np.int64},
+                             _framing_holds)
         self.offsets, self.lengths = index["offsets"], index["lengths"]
         self._handle = None
         self._pid = None

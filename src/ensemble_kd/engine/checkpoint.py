@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import json
 import os
-import pickle
 import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
+
+from ..models.weights import UnreadableFile, torch_load
 
 FORMAT = "ensemble-kd/train-state/1"
 
@@ -49,14 +50,24 @@ def atomic_write(path: str | Path, write) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except OSError as err:  # a full disk: the file it was for named, the previous version left in place
+    except BaseException as err:  # a full disk: the file it was for named, the previous version left in place
         Path(tmp).unlink(missing_ok=True)
-        if err.filename is None:
-            raise OSError(err.errno, err.strerror or str(err), str(path)) from err
-        raise
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        cause = os_error(err)
+        if cause is None or (cause is err and err.filename is not None):
+            raise
+        raise OSError(cause.errno, cause.strerror or str(cause), str(path)) from err
+
+
+def os_error(err: BaseException) -> OSError | None:
+    """The OSError behind `err`: itself, or the one torch.save's RuntimeError ("unexpected pos")
+    was raised while handling when a write into its file failed (ENOSPC re-raised as RuntimeError)."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, OSError):
+            return err
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return None
 
 
 def atomic_save(obj: Any, path: str | Path) -> None:
@@ -73,10 +84,9 @@ def load(path: str | Path, map_location="cpu") -> Any:
     if not path.is_file():
         raise CheckpointError(f"checkpoint '{path}' does not exist")
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise CheckpointError(f"'{path}' is not a readable ensemble-kd checkpoint ({first})") from None
+        return torch_load(path, "checkpoint", map_location=map_location)
+    except UnreadableFile as err:
+        raise CheckpointError(str(err)) from None
 
 
 def read_json(path: str | Path, remedy: str, keys: tuple[str, ...] = ()) -> dict:
@@ -114,10 +124,13 @@ def save_model(model: nn.Module, path: str | Path, info: dict | None = None) -> 
     atomic_write_text(path.with_suffix(".json"), json.dumps(sidecar, indent=2))
 
 
+_SIDECAR_REMEDY = "it is the model file's description: restore it, or train the model again"
+
+
 def model_data(path: str | Path) -> dict | None:
     """The data a model file was trained on (data.dataset_record), from its sidecar; None if unrecorded."""
     sidecar = Path(path).with_suffix(".json")
-    return json.loads(sidecar.read_text()).get("data") if sidecar.is_file() else None
+    return read_json(sidecar, _SIDECAR_REMEDY).get("data") if sidecar.is_file() else None
 
 
 def model_spec(path: str | Path) -> dict:
@@ -125,7 +138,7 @@ def model_spec(path: str | Path) -> dict:
     path = Path(path)
     sidecar = path.with_suffix(".json")
     if sidecar.is_file():
-        spec = json.loads(sidecar.read_text()).get("spec")
+        spec = read_json(sidecar, _SIDECAR_REMEDY).get("spec")
         if spec:
             return spec
     state = load(path)

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import signal
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +26,7 @@ from . import checkpoint as ckpt
 from .. import distributed
 from .runs import MetricsLog
 from .schedule import build_optimizer, build_scheduler
+from .signals import on_stop_signals
 from .seeding import rng_state, seed_everything, set_rng_state
 
 
@@ -177,24 +176,13 @@ class Trainer:
             self.progress.update(task, completed=self.total_steps)
         return self.model
 
-    @contextlib.contextmanager
     def _graceful_stop(self):
         """Ctrl-C or SIGTERM finish the current step, checkpoint, then stop; a second Ctrl-C stops at once."""
-        if threading.current_thread() is not threading.main_thread():
-            yield
-            return
-
-        def request(signum, frame):
+        def request():
             if self._stop_requested:
                 raise KeyboardInterrupt
             self._stop_requested = True
-
-        previous = {sig: signal.signal(sig, request) for sig in (signal.SIGINT, signal.SIGTERM)}
-        try:
-            yield
-        finally:
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
+        return on_stop_signals(request)
 
     def _train_epoch(self, task) -> None:
         self.model.train()

@@ -15,7 +15,10 @@ Layout of a cache directory:
   that a cache is never mistaken for, or written over, a train-teachers run.
 - the shards and progress records of `cache_store.py`, written as the build goes, so a killed
   build started again with the same settings resumes where it stopped (a different fingerprint
-  or storage starts afresh); once all ranks are done, one array per key and epoch, row i =
+  or storage starts afresh). A shard is committed when it holds `shard_size` samples, or when
+  COMMIT_SECONDS have passed since the last commit (a shard size larger than a rank's part must
+  not leave the whole build uncommitted until its end), and at once on Ctrl-C or SIGTERM, which
+  then stop the build: a kill loses at most COMMIT_SECONDS of work. Once all ranks are done, one array per key and epoch, row i =
   dataset index i, read memory-mapped.
 
 Rank r of W computes the indices r, r+W, r+2W, ... of every epoch (nothing is computed twice),
@@ -47,6 +50,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import time
 from pathlib import Path
 
 import numpy as np
@@ -54,19 +58,23 @@ import torch
 
 from .. import distributed
 from ..engine.checkpoint import atomic_write_text, read_json
+from ..engine.signals import on_stop_signals
 from ..methods import Needs, TeacherOutput
 from ..models.inputs import input_description
-from .cache_store import (EpochReader, class_dtype, consolidate, describe_size, read_progress, read_record,
-                          remove_built_files, remove_rank_files, write_progress, write_shard)
+from .cache_store import (EpochReader, array_damage, class_dtype, consolidate, describe_size, read_progress,
+                          read_record, remove_built_files, remove_rank_files, shard_file, write_progress, write_shard)
 from .teacher_set import TeacherSet
 
-__all__ = ["CACHE_MANIFEST", "CacheMismatchError", "CacheRows", "CachedTeachers", "build_cache", "fingerprint",
+__all__ = ["CACHE_MANIFEST", "CacheMismatchError", "CacheRows", "CachedTeachers", "build_cache", "describe_kept",
+           "fingerprint",
            "open_cache", "teacher_fingerprint"]
 
 FORMAT = "ensemble-kd/teacher-cache/2"
 CACHE_MANIFEST = "cache.json"
 DTYPES = {"float16": torch.float16, "float32": torch.float32}
 REBUILD = "rebuild it with `ensemble-kd cache-teachers`"
+COMMIT_SECONDS = 120.0  # the most computing time a kill (SIGKILL, a lost node) can take from a build
+_clock = time.monotonic
 
 
 class CacheMismatchError(ValueError):
@@ -201,20 +209,25 @@ def build_cache(teachers: TeacherSet, loader, out_dir: str | Path, *, epochs: in
     storage = {"epochs": epochs, "dtype": dtype, "top_k": top_k, "world_size": world_size,
                "batch_size": batch_size, "batches_per_shard": per_shard, "order": "index" if by_index else "training"}
     key = hashlib.blake2b(json.dumps([made, storage], sort_keys=True).encode(), digest_size=16).hexdigest()
-    manifest = read_record(out_dir / CACHE_MANIFEST)
+    manifest = read_record(out_dir / CACHE_MANIFEST)  # a damaged one is no manifest: the cache is built again
     if manifest is not None and manifest.get("key") == key and manifest.get("complete"):
-        report(f"cache: {out_dir} is already built for these teachers, data and settings")
-        return out_dir
+        damage = built_damage(out_dir, manifest)  # what the reader would refuse, checked the same way
+        if damage is None:
+            report(f"cache: {out_dir} is already built for these teachers, data and settings")
+            return out_dir
+        report(f"cache: {damage}; building the cache again")
     manifest = {"format": FORMAT, "key": key, "complete": False, "fingerprint": made, **storage,
                 "members": len(teachers), "names": list(teachers.names)}
     if rank == 0:  # a half-rewritten cache must not open under its old manifest
         atomic_write_text(out_dir / CACHE_MANIFEST, json.dumps(manifest, indent=2))
         remove_built_files(out_dir)
     record = read_progress(out_dir, rank)
-    if record is None or record.get("key") != key:
+    if record is None or record.get("key") != key or "batches" not in record:
         remove_rank_files(out_dir, rank)
-        record = {"key": key, "rows": [[] for _ in range(epochs)], "num_classes": teachers.num_classes,
-                  "complete": False}
+        record = {"key": key, "rows": [[] for _ in range(epochs)], "batches": [[] for _ in range(epochs)],
+                  "num_classes": teachers.num_classes, "complete": False}
+    else:
+        _keep_whole_shards(out_dir, rank, record, _row_keys(top_k), report)
 
     def report_size():
         report(describe_size(loader.size, len(teachers), record["num_classes"], epochs, top_k=top_k, dtype=dtype))
@@ -224,34 +237,41 @@ def build_cache(teachers: TeacherSet, loader, out_dir: str | Path, *, epochs: in
         report(f"cache: resuming, {sum(map(len, record['rows']))} shards of rank {rank} already written")
     storage_dtype, needs = DTYPES[dtype], Needs(teacher_logits=True)
     task = None
-    for epoch in range(epochs):
-        done = len(record["rows"][epoch])
-        total, batches = _rank_batches(loader, epoch, rank, world_size, batch_size, done * per_shard)
-        if progress is not None and task is None:
-            task = progress.add_task("cache teachers", total=epochs * total, status="")
-        if progress is not None:
-            progress.update(task, completed=epoch * total + min(total, done * per_shard))
-        if done * per_shard >= total:
-            continue
-        parts: list[dict] = []
-        for batch in batches:
-            logits = teachers.outputs(batch.x, needs).logits.transpose(0, 1)  # (B, M, K) float32
-            if not bool(torch.isfinite(logits.to(storage_dtype)).all()):  # one check for NaN and fp16 overflow
-                raise ValueError(f"the teachers' logits on epoch {epoch} views are not finite in {dtype} "
-                                 f"(largest magnitude {logits.abs().max().item():.4g}); check the teachers, "
-                                 f"or build the cache with cache.dtype=float32 if they exceed 65504")
-            if record["num_classes"] is None:
-                record["num_classes"] = int(logits.shape[-1])
-                report_size()
-            parts.append({"index": batch.index.to(torch.int32),
-                          **_compact(logits, storage_dtype, top_k)})
+    stop = _StopRequest()  # Ctrl-C and SIGTERM commit the batches computed so far, then stop the build
+    with on_stop_signals(stop.request):
+        for epoch in range(epochs):
+            done = sum(record["batches"][epoch])  # batches of this epoch already committed
+            total, batches = _rank_batches(loader, epoch, rank, world_size, batch_size, done)
+            if progress is not None and task is None:
+                task = progress.add_task("cache teachers", total=epochs * total, status="")
             if progress is not None:
-                progress.update(task, advance=1)
-            if len(parts) == per_shard:
+                progress.update(task, completed=epoch * total + min(total, done))
+            if done >= total:
+                continue
+            parts: list[dict] = []
+            committed = _clock()
+            for batch in _until_stopped(batches, stop):
+                logits = teachers.outputs(batch.x, needs).logits.transpose(0, 1)  # (B, M, K) float32
+                if not bool(torch.isfinite(logits.to(storage_dtype)).all()):  # one check for NaN and fp16 overflow
+                    raise ValueError(f"the teachers' logits on epoch {epoch} views are not finite in {dtype} "
+                                     f"(largest magnitude {logits.abs().max().item():.4g}); check the teachers, "
+                                     f"or build the cache with cache.dtype=float32 if they exceed 65504")
+                if record["num_classes"] is None:
+                    record["num_classes"] = int(logits.shape[-1])
+                    report_size()
+                parts.append({"index": batch.index.to(torch.int32),
+                              **_compact(logits, storage_dtype, top_k)})
+                if progress is not None:
+                    progress.update(task, advance=1)
+                if len(parts) == per_shard or _clock() - committed >= COMMIT_SECONDS:
+                    _flush(out_dir, epoch, rank, parts, record)
+                    parts, committed = [], _clock()
+                if stop:
+                    break
+            if parts:
                 _flush(out_dir, epoch, rank, parts, record)
-                parts = []
-        if parts:
-            _flush(out_dir, epoch, rank, parts, record)
+            if stop:
+                raise KeyboardInterrupt  # what was computed is committed: a resume starts after it
     record["complete"] = True
     write_progress(out_dir, rank, record)
     distributed.barrier()  # every rank's shards exist before the manifest says the cache is whole
@@ -261,12 +281,90 @@ def build_cache(teachers: TeacherSet, loader, out_dir: str | Path, *, epochs: in
     return out_dir
 
 
+def _keep_whole_shards(out_dir: Path, rank: int, record: dict, keys: tuple[str, ...], report) -> None:
+    """Trust the recorded shards of each epoch up to the first one missing or damaged (deleted, cut by
+    a copy): that one and those after it are computed again, as if the build had stopped there."""
+    for epoch, rows in enumerate(record["rows"]):
+        for shard, count in enumerate(rows):
+            damage = next((d for d in (array_damage(out_dir / shard_file(epoch, rank, shard, k), count)
+                                       for k in ("index", *keys)) if d is not None), None)
+            if damage is not None:
+                report(f"cache: {damage}; computing epoch {epoch} of rank {rank} again from shard {shard}")
+                del rows[shard:]
+                del record["batches"][epoch][shard:]
+                record["complete"] = False
+                break
+
+
+def built_damage(cache_dir: Path, manifest: dict) -> str | None:
+    """The first gathered array of a complete cache that is missing or damaged, in words; None if whole."""
+    num_samples = manifest["fingerprint"]["data"]["num_samples"]
+    keys = _row_keys(manifest["top_k"])
+    return next((d for d in (EpochReader(cache_dir, e, keys).damage(num_samples) for e in range(manifest["epochs"]))
+                 if d is not None), None)
+
+
 def _flush(out_dir: Path, epoch: int, rank: int, parts: list[dict], record: dict) -> None:
-    """Write one shard, then record it: the record is what a resumed build trusts."""
+    """Write one shard, then record it (its rows and batches): the record is what a resumed build trusts."""
     arrays = {k: torch.cat([p[k] for p in parts]).cpu().numpy() for k in parts[0]}
     write_shard(out_dir, epoch, rank, len(record["rows"][epoch]), arrays)
     record["rows"][epoch].append(len(arrays["index"]))
+    record["batches"][epoch].append(len(parts))
     write_progress(out_dir, rank, record)
+
+
+def _until_stopped(batches, stop):
+    """The batches, ending early when a stop was requested and the loader then fails (its worker
+    processes got the same Ctrl-C): what was computed is still committed."""
+    iterator = iter(batches)
+    while True:
+        try:
+            batch = next(iterator)
+        except StopIteration:
+            return
+        except Exception:
+            if stop:
+                return
+            raise
+        yield batch
+
+
+class _StopRequest:
+    """Set by Ctrl-C or SIGTERM while a build runs; a second Ctrl-C stops at once."""
+
+    def __init__(self):
+        self.requested = False
+
+    def __bool__(self) -> bool:
+        return self.requested
+
+    def request(self) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+
+def describe_kept(cache_dir: str | Path) -> str | None:
+    """What a stopped build leaves for a resume, in a clause ("3 shards holding 1,536 of 2,426 views are
+    kept"); None when `cache_dir` holds no cache build."""
+    cache_dir = Path(cache_dir)
+    manifest = read_record(cache_dir / CACHE_MANIFEST)
+    if manifest is None or "key" not in manifest:
+        return None
+    if manifest.get("complete"):
+        return "the cache is complete"
+    records = [r for r in (read_record(p) for p in sorted(cache_dir.glob("progress.rank*.json")))
+               if r is not None and r.get("key") == manifest["key"]]
+    shards = sum(len(rows) for r in records for rows in r.get("rows", []))
+    views = sum(sum(rows) for r in records for rows in r.get("rows", []))
+    try:
+        total = manifest["epochs"] * manifest["fingerprint"]["data"]["num_samples"]
+    except (KeyError, TypeError):
+        total = None
+    if not shards:
+        return "no shard was committed yet, so nothing is kept"
+    of = f" of {total:,}" if total else ""
+    return f"{shards} shard{'s' * (shards != 1)} holding {views:,}{of} teacher views are kept"
 
 
 def _complete(out_dir: Path, manifest: dict, num_samples: int) -> None:
@@ -461,10 +559,13 @@ def open_cache(cache_dir: str | Path, teachers: TeacherSet | list[dict] | None, 
     if not path.is_file():
         raise FileNotFoundError(f"{where} has no {CACHE_MANIFEST}: it is not a finished teacher cache; "
                                 f"build one with `ensemble-kd cache-teachers CONFIG cache.dir={cache_dir}`")
-    manifest = read_json(path, REBUILD, keys=("fingerprint",))
+    manifest = read_json(path, REBUILD, keys=("fingerprint", "complete", "epochs", "top_k", "names"))
     if isinstance(teachers, TeacherSet):
         teachers = teacher_fingerprint(teachers)
-    found = _difference(manifest["fingerprint"], fingerprint(teachers, loader, dataset=dataset))
+    try:
+        found = _difference(manifest["fingerprint"], fingerprint(teachers, loader, dataset=dataset))
+    except (KeyError, TypeError, AttributeError):  # valid JSON of another shape
+        raise ValueError(f"'{path}' is damaged (its fingerprint is not one a build writes); {REBUILD}") from None
     if found is not None:
         made, now = found
         raise CacheMismatchError(f"cache {where} was made for {made} but this run uses {now}; {REBUILD}")
@@ -472,10 +573,10 @@ def open_cache(cache_dir: str | Path, teachers: TeacherSet | list[dict] | None, 
         raise FileNotFoundError(f"teacher cache {where} is incomplete (its build stopped, or a rank has not "
                                 f"finished); run the same cache-teachers command again to resume it")
     device = torch.device(device) if device is not None else loader.device
+    damage = built_damage(cache_dir, manifest)
+    if damage is not None:
+        raise FileNotFoundError(f"teacher cache {where} is incomplete: {damage}; {REBUILD}")
     cached = CachedTeachers(cache_dir, manifest, device)
     for reader in cached._epochs:
-        for file in reader.files():
-            if not file.is_file():
-                raise FileNotFoundError(f"teacher cache {where} is incomplete: {file.name} is missing; {REBUILD}")
         reader.open()
     return cached

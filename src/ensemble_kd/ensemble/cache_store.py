@@ -19,6 +19,7 @@ of its batches, whatever the cache's size.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 from pathlib import Path
@@ -27,7 +28,7 @@ import numpy as np
 
 from ..engine.checkpoint import atomic_write, atomic_write_text
 
-__all__ = ["cache_bytes", "class_dtype", "consolidate", "describe_size", "EpochReader", "read_progress", "read_record",
+__all__ = ["array_damage", "cache_bytes", "class_dtype", "consolidate", "describe_size", "EpochReader", "read_progress", "read_record",
            "remove_built_files", "remove_rank_files", "shard_file", "write_progress", "write_shard"]
 
 ITEM_BYTES = {"float16": 2, "float32": 4}
@@ -87,11 +88,27 @@ def write_shard(cache_dir: Path, epoch: int, rank: int, shard: int, arrays: dict
 
 
 def read_record(path: Path) -> dict | None:
-    """A JSON record, or None when it is missing or was torn by a kill (the build then redoes its part)."""
+    """A JSON object, or None when it is missing, torn by a kill or otherwise damaged (not text, not
+    JSON, not an object): the build then redoes what it describes."""
     try:
-        return json.loads(path.read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
+        record = json.loads(path.read_text())
+    except (FileNotFoundError, UnicodeDecodeError, json.JSONDecodeError):
         return None
+    return record if isinstance(record, dict) else None
+
+
+def array_damage(path: Path, rows: int | None = None) -> str | None:
+    """What is wrong with a stored array, read as the reader maps it: "x.npy is missing", "x.npy is
+    damaged (...)", or one holding another number of rows than `rows`; None when it is whole."""
+    if not path.is_file():
+        return f"{path.name} is missing"
+    try:
+        array = np.load(path, mmap_mode="r")
+    except (ValueError, OSError, EOFError) as err:  # a cut header or data: numpy's own words say which
+        return f"{path.name} is damaged ({err})"
+    if rows is not None and array.shape[:1] != (rows,):
+        return f"{path.name} is damaged (it holds {array.shape[0] if array.ndim else 0} rows, not {rows})"
+    return None
 
 
 def read_progress(cache_dir: Path, rank: int) -> dict | None:
@@ -117,6 +134,19 @@ def remove_built_files(cache_dir: Path) -> None:
             path.unlink()
 
 
+def _reserve(tmp: Path, final: Path) -> None:
+    """Allocate the memory-mapped file's blocks now: a full disk is then an OSError naming the file,
+    not a SIGBUS when a page is written."""
+    try:
+        with open(tmp, "r+b") as f:
+            os.posix_fallocate(f.fileno(), 0, os.fstat(f.fileno()).st_size)
+    except OSError as err:
+        if err.errno in (errno.EOPNOTSUPP, errno.EINVAL):  # a file system without it: written as before
+            return
+        tmp.unlink(missing_ok=True)
+        raise OSError(err.errno, err.strerror, str(final)) from None
+
+
 def consolidate(cache_dir: Path, epoch: int, num_samples: int, shards: list[tuple[int, int]],
                 keys: tuple[str, ...]) -> int:
     """Gather epoch `epoch`'s shards ((rank, shard) each) into one array per key, row i = dataset index
@@ -131,6 +161,7 @@ def consolidate(cache_dir: Path, epoch: int, num_samples: int, shards: list[tupl
             index = np.load(cache_dir / shard_file(epoch, rank, shard, "index"))
             if out is None:
                 out = np.lib.format.open_memmap(tmp, mode="w+", dtype=rows.dtype, shape=(num_samples, *rows.shape[1:]))
+                _reserve(tmp, cache_dir / epoch_file(epoch, key))
             out[index] = rows  # a repeated index (padding): the same view, the same row
             present[index] = 1
         out.flush()
@@ -150,6 +181,10 @@ class EpochReader:
 
     def files(self) -> list[Path]:
         return [self.cache_dir / epoch_file(self.epoch, key) for key in ("present", *self.keys)]
+
+    def damage(self, num_samples: int) -> str | None:
+        """The first of this epoch's arrays that is missing or damaged, in words; None when all are whole."""
+        return next((d for d in (array_damage(f, num_samples) for f in self.files()) if d is not None), None)
 
     def open(self) -> None:
         self.present = np.load(self.cache_dir / epoch_file(self.epoch, "present"), mmap_mode="r")

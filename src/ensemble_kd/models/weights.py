@@ -4,21 +4,66 @@ Read without pickle (safetensors) or with torch.load(weights_only=True). Trainin
 wrap the state_dict (`state_dict`, `model`, `module`, EMA copies, DDP's `module.` and
 torch.compile's `_orig_mod.` prefixes); those are peeled off. A file that does not fit is
 refused in one sentence naming the first missing and unexpected keys and the first shape
-mismatch, before anything is copied into the model.
+mismatch, before anything is copied into the model; so is one holding integer (or boolean)
+tensors where the model has floating ones, which a cast would turn into whole numbers. Floating
+tensors of a narrower type (fp16, bf16) are widened to the model's, said once per file.
 """
 
 from __future__ import annotations
 
 import pickle
+import re
+import sys
+import warnings
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
+
 
 # Where training scripts put the weights, in the order tried: the trained weights before their EMA.
 WRAPPER_KEYS = ("state_dict", "model", "module", "net", "model_state_dict", "state_dict_ema", "model_ema")
 PREFIXES = ("module.", "_orig_mod.")
 SHOWN = 3  # keys named per kind of mismatch
+# safetensors header dtypes, for tensors of the file's shapes and types read from the header alone
+HEADER_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                 "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "I64": torch.int64,
+                 "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
+_widened: set[str] = set()  # files already said to be widened, in this process
+
+
+class UnreadableFile(ValueError):
+    """A torch file that torch.load(weights_only=True) cannot read; the message names it."""
+
+
+def torch_load(path: str | Path, what: str, **kwargs) -> Any:
+    """torch.load(weights_only=True) of `what` (e.g. "checkpoint"); a file it cannot read is named in a
+    UnreadableFile saying whether it is damaged or holds more than tensors, and never relays
+    torch's advice to load it with weights_only=False (which would run whatever code it holds)."""
+    try:
+        with warnings.catch_warnings():  # torch's notes on pickle protocols say nothing a user can act on
+            warnings.simplefilter("ignore")
+            return torch.load(path, weights_only=True, **kwargs)
+    except PermissionError:
+        raise
+    except Exception as err:  # miniz, pickle, EOF, EINVAL, KeyError on garbage: all one case to the user
+        raise UnreadableFile(f"{what} '{path}' {_unreadable(Path(path), err)}") from None
+
+
+def _unreadable(path: Path, err: Exception) -> str:
+    found = re.search(r"Unsupported global: GLOBAL (\S+)", str(err)) if isinstance(err, pickle.UnpicklingError) else None
+    if found:
+        return (f"holds Python objects besides tensors and plain containers (first {found[1]}), which are not "
+                f"loaded (unpickling them could run any code): it is no plain checkpoint or state_dict")
+    size = path.stat().st_size
+    with path.open("rb") as f:
+        zipped = f.read(4) == b"PK\x03\x04"
+    if size == 0:
+        return "is empty (damaged: a write that never finished)"
+    if zipped:
+        return f"is damaged: a torch file of {size} bytes that is truncated or corrupt"
+    return f"is damaged or not a file torch.save wrote ({size} bytes it cannot read as one)"
 
 
 def read_state_dict(path: str | Path, shapes_only: bool = False) -> dict[str, torch.Tensor]:
@@ -37,21 +82,21 @@ def read_state_dict(path: str | Path, shapes_only: bool = False) -> dict[str, to
         try:
             if shapes_only:
                 with safe_open(str(path), framework="pt") as f:
-                    return {k: torch.empty(f.get_slice(k).get_shape(), device="meta") for k in f.keys()}
+                    return {k: torch.empty(f.get_slice(k).get_shape(), device="meta",
+                                           dtype=HEADER_DTYPES.get(f.get_slice(k).get_dtype(), torch.uint8))
+                            for k in f.keys()}
             return load_file(str(path))
         except (SafetensorError, OSError) as err:
             raise ValueError(f"weights file '{path}' is not a readable safetensors file ({err})") from None
     try:
         try:
-            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=shapes_only)
-        except RuntimeError:
+            obj = torch_load(path, "weights file", map_location="cpu", mmap=shapes_only)
+        except UnreadableFile:
             if not shapes_only:
                 raise
-            obj = torch.load(path, map_location="cpu", weights_only=True)  # the legacy format cannot be mapped
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ValueError(f"weights file '{path}' is not a state_dict that torch.load(weights_only=True) "
-                         f"reads ({first}); save it with torch.save(model.state_dict()) or as safetensors") from None
+            obj = torch_load(path, "weights file", map_location="cpu")  # the legacy format cannot be mapped
+    except UnreadableFile as err:
+        raise UnreadableFile(f"{err}; save the weights with torch.save(model.state_dict()) or as safetensors") from None
     state = _find_state_dict(obj)
     if state is None:
         keys = ", ".join(map(repr, list(obj)[:6])) if isinstance(obj, dict) else type(obj).__name__
@@ -148,10 +193,34 @@ def _fits_as(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> s
     return "base"
 
 
+def _check_types(model: nn.Module, state: dict[str, torch.Tensor], path: str | Path) -> None:
+    """Refuse non-floating tensors for the model's floating ones (a cast makes them whole numbers,
+    small weights all zeros, and the network trains from nothing); say once that narrower floating
+    ones are widened."""
+    own = model.state_dict()
+    pairs = [(k, state[k].dtype, v.dtype) for k, v in own.items()
+             if k in state and v.dtype.is_floating_point and state[k].dtype != v.dtype]
+    bad = [(k, got, want) for k, got, want in pairs if not got.is_floating_point]
+    if bad:
+        key, got, want = bad[0]
+        raise ValueError(f"weights file '{path}' holds {len(bad)} non-floating tensors where the model has floating "
+                         f"ones (first '{key}': {str(got).removeprefix('torch.')} in the file, "
+                         f"{str(want).removeprefix('torch.')} in the model); a cast would make them whole numbers: "
+                         f"save the trained floating-point weights")
+    narrow = [(k, got, want) for k, got, want in pairs if got.itemsize < want.itemsize]
+    if narrow and str(path) not in _widened:
+        _widened.add(str(path))
+        kinds = sorted({str(got).removeprefix("torch.") for _, got, _ in narrow})
+        print(f"note: weights file '{path}' holds {'/'.join(kinds)} tensors; they are loaded as the model's "
+              f"{str(narrow[0][2]).removeprefix('torch.')}", file=sys.stderr, flush=True)
+
+
 def check_weights(model: nn.Module, path: str | Path) -> None:
     """Refuse, as load_weights would, a file that does not fit `model` (which may live on the meta
-    device), reading only its keys and shapes."""
-    _fits_as(model, read_state_dict(path, shapes_only=True), f"weights file '{path}'")
+    device), reading only its keys, shapes and types."""
+    state = read_state_dict(path, shapes_only=True)
+    _check_types(model if _fits_as(model, state, f"weights file '{path}'") == "whole" else model.plain_base(),
+                 state, path)
 
 
 def load_weights(model: nn.Module, path: str | Path) -> nn.Module:
@@ -162,7 +231,9 @@ def load_weights(model: nn.Module, path: str | Path) -> nn.Module:
     """
     state = read_state_dict(path)
     if _fits_as(model, state, f"weights file '{path}'") == "base":
+        _check_types(model.plain_base(), state, path)
         model.load_base_state(state)
     else:
+        _check_types(model, state, path)
         model.load_state_dict(state, strict=True)
     return model

@@ -43,9 +43,10 @@ def _figure(width: float, height: float, layout: str | None = "constrained"):
 
 
 def _save(fig, path: str | Path) -> Path:
+    from ..engine.checkpoint import atomic_write  # a full disk names the figure; a half-written one never stays
+
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, format="png", dpi=DPI)
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=DPI))
     return path
 
 
