@@ -66,8 +66,7 @@ from .cache_store import (EpochReader, array_damage, class_dtype, consolidate, d
 from .teacher_set import TeacherSet
 
 __all__ = ["CACHE_MANIFEST", "CacheMismatchError", "CacheRows", "CachedTeachers", "build_cache", "describe_kept",
-           "fingerprint",
-           "open_cache", "teacher_fingerprint"]
+           "fingerprint", "open_cache", "teacher_fingerprint"]
 
 FORMAT = "ensemble-kd/teacher-cache/2"
 CACHE_MANIFEST = "cache.json"
