@@ -8,7 +8,7 @@
 from __future__ import annotations
 
 # Importing the architecture files registers their models.
-from . import mobilenetv2, resnet_cifar, small, vgg, wrn  # noqa: F401
+from . import densenet, googlenet, mobilenet, mobilenetv2, resnet_cifar, shake_shake, small, vgg, wrn  # noqa: F401
 from . import video  # noqa: F401
 from . import multihead  # noqa: F401  (after the bases it builds on)
 from . import batchensemble  # noqa: F401  (after the bases it builds on)

@@ -1,7 +1,11 @@
-"""CIFAR ResNets (He et al. 2016, section 4.2): 6n+2 layers, widths 16/32/64, option A shortcuts.
+"""CIFAR ResNets: He et al. 2016 (section 4.2) and the ResNet-18 of kuangliu's pytorch-cifar.
 
 resnet20 0.27M, resnet32 0.46M, resnet44 0.66M, resnet56 0.86M, resnet110 1.7M parameters
-(10 classes). Stages: conv1/bn1 stem, layer1..layer3, adaptive average pool, fc.
+(10 classes): 6n+2 layers, widths 16/32/64, option A (parameter-free) shortcuts as in the paper;
+`shortcut="B"` gives the 1x1-conv + BN projections of RepDistiller's and AE-KD's code
+(resnet20 0.28M there). resnet18_cifar (11.2M): the MEAL code's ResNet-18, four stages of two
+basic blocks at widths 64..512, 3x3 stride-1 stem, no max-pool, projection shortcuts.
+Stages: conv1/bn1 stem, layer1..layerN, adaptive average pool, fc.
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .registry import register_model
-from .stages import stage_widths
+from .stages import run_stages, stage_widths
 
 
 class ShortcutA(nn.Module):
@@ -31,18 +35,27 @@ class ShortcutA(nn.Module):
         return F.pad(x[:, :, ::2, ::2], (0, 0, 0, 0, half, self.extra_channels - half))
 
 
-class BasicBlock(nn.Module):
-    """Two 3x3 conv-BN layers plus a shortcut, then ReLU."""
+SHORTCUTS = ("A", "B")
 
-    def __init__(self, in_planes: int, planes: int, stride: int = 1):
+
+def projection(in_planes: int, planes: int, stride: int) -> nn.Sequential:
+    """Option B: a strided 1x1 conv and BN (RepDistiller's and kuangliu's ResNets)."""
+    return nn.Sequential(nn.Conv2d(in_planes, planes, 1, stride, bias=False), nn.BatchNorm2d(planes))
+
+
+class BasicBlock(nn.Module):
+    """Two 3x3 conv-BN layers plus a shortcut (option A or B where the shape changes), then ReLU."""
+
+    def __init__(self, in_planes: int, planes: int, stride: int = 1, shortcut: str = "A"):
         super().__init__()
         self.conv1 = nn.Conv2d(in_planes, planes, 3, stride, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(planes)
         self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
         self.bn2 = nn.BatchNorm2d(planes)
-        self.shortcut = (
-            ShortcutA(planes - in_planes) if stride != 1 or in_planes != planes else nn.Identity()
-        )
+        if stride == 1 and in_planes == planes:
+            self.shortcut: nn.Module = nn.Identity()
+        else:
+            self.shortcut = ShortcutA(planes - in_planes) if shortcut == "A" else projection(in_planes, planes, stride)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Out-of-place ops throughout: a tap on bn2 must not see the residual added into it.
@@ -51,27 +64,27 @@ class BasicBlock(nn.Module):
         return F.relu(out + self.shortcut(x))
 
 
-class CifarResNet(nn.Module):
-    """ResNet-(6n+2) for small images; any in_channels, any input of at least 8x8."""
+class ResNet(nn.Module):
+    """Stem conv-BN-ReLU, stages of basic blocks (the first of each but the first strided), pool, fc;
+    any in_channels, any input of at least 2^(stages-1) pixels a side."""
 
-    def __init__(self, depth: int = 20, num_classes: int = 10, in_channels: int = 3,
-                 widths: Sequence[int] | None = None):
+    def __init__(self, name: str, blocks: Sequence[int], widths: Sequence[int], num_classes: int = 10,
+                 in_channels: int = 3, shortcut: str = "A"):
         super().__init__()
-        if depth < 8 or (depth - 2) % 6 != 0:
-            raise ValueError(f"CIFAR ResNet depth must be 6n+2 with n >= 1 (20, 32, 56, 110), got {depth}.")
-        n = (depth - 2) // 6
-        w1, w2, w3 = stage_widths(f"resnet{depth}", widths, (16, 32, 64))
-        self.conv1 = nn.Conv2d(in_channels, w1, 3, 1, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(w1)
-        self.layer1 = self._stage(w1, w1, n, stride=1)
-        self.layer2 = self._stage(w1, w2, n, stride=2)
-        self.layer3 = self._stage(w2, w3, n, stride=2)
+        if shortcut not in SHORTCUTS:
+            raise ValueError(f"{name} shortcut must be one of {', '.join(SHORTCUTS)}, got {shortcut!r}.")
+        self.conv1 = nn.Conv2d(in_channels, widths[0], 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(widths[0])
+        planes = widths[0]
+        for i, (n, width) in enumerate(zip(blocks, widths), start=1):
+            setattr(self, f"layer{i}", self._stage(planes, width, n, 1 if i == 1 else 2, shortcut))
+            planes = width
         self.pool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(w3, num_classes)
+        self.fc = nn.Linear(planes, num_classes)
         self.stem_points: tuple[str, ...] = ("conv1", "bn1")
-        self.tap_points: tuple[str, ...] = ("layer1", "layer2", "layer3")
+        self.tap_points: tuple[str, ...] = tuple(f"layer{i}" for i in range(1, len(blocks) + 1))
         self.head_points: tuple[str, ...] = ("pool", "fc")
-        self.stage_channels: tuple[int, ...] = (w1, w2, w3)
+        self.stage_channels: tuple[int, ...] = tuple(widths)
         for m in self.modules():
             if isinstance(m, (nn.Conv2d, nn.Linear)):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
@@ -79,8 +92,8 @@ class CifarResNet(nn.Module):
                     nn.init.zeros_(m.bias)
 
     @staticmethod
-    def _stage(in_planes: int, planes: int, blocks: int, stride: int) -> nn.Sequential:
-        layers = [BasicBlock(in_planes, planes, stride)]
+    def _stage(in_planes: int, planes: int, blocks: int, stride: int, shortcut: str) -> nn.Sequential:
+        layers = [BasicBlock(in_planes, planes, stride, shortcut)]
         layers += [BasicBlock(planes, planes) for _ in range(blocks - 1)]
         return nn.Sequential(*layers)
 
@@ -91,34 +104,58 @@ class CifarResNet(nn.Module):
         return self.fc(torch.flatten(self.pool(x), 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.layer3(self.layer2(self.layer1(self.forward_stem(x)))))
+        return self.forward_head(run_stages(self, self.forward_stem(x), self.tap_points))
+
+
+class CifarResNet(ResNet):
+    """ResNet-(6n+2) for small images; any in_channels, any input of at least 8x8."""
+
+    def __init__(self, depth: int = 20, num_classes: int = 10, in_channels: int = 3,
+                 widths: Sequence[int] | None = None, shortcut: str = "A"):
+        if depth < 8 or (depth - 2) % 6 != 0:
+            raise ValueError(f"CIFAR ResNet depth must be 6n+2 with n >= 1 (20, 32, 56, 110), got {depth}.")
+        name = f"resnet{depth}"
+        super().__init__(name, [(depth - 2) // 6] * 3, stage_widths(name, widths, (16, 32, 64)),
+                         num_classes, in_channels, shortcut)
 
 
 @register_model("resnet20")
-def resnet20(num_classes: int = 10, in_channels: int = 3, widths: Sequence[int] | None = None) -> CifarResNet:
-    """ResNet-20 (0.27M parameters at 10 classes)."""
-    return CifarResNet(20, num_classes, in_channels, widths)
+def resnet20(num_classes: int = 10, in_channels: int = 3, widths: Sequence[int] | None = None,
+             shortcut: str = "A") -> CifarResNet:
+    """ResNet-20 (0.27M parameters at 10 classes); shortcut "B" for AE-KD's projections."""
+    return CifarResNet(20, num_classes, in_channels, widths, shortcut)
 
 
 @register_model("resnet32")
-def resnet32(num_classes: int = 10, in_channels: int = 3, widths: Sequence[int] | None = None) -> CifarResNet:
-    """ResNet-32 (0.46M)."""
-    return CifarResNet(32, num_classes, in_channels, widths)
+def resnet32(num_classes: int = 10, in_channels: int = 3, widths: Sequence[int] | None = None,
+             shortcut: str = "A") -> CifarResNet:
+    """ResNet-32 (0.46M); shortcut "B" for AE-KD's projections."""
+    return CifarResNet(32, num_classes, in_channels, widths, shortcut)
 
 
 @register_model("resnet44")
-def resnet44(num_classes: int = 10, in_channels: int = 3, widths: Sequence[int] | None = None) -> CifarResNet:
-    """ResNet-44 (0.66M)."""
-    return CifarResNet(44, num_classes, in_channels, widths)
+def resnet44(num_classes: int = 10, in_channels: int = 3, widths: Sequence[int] | None = None,
+             shortcut: str = "A") -> CifarResNet:
+    """ResNet-44 (0.66M); shortcut "B" for AE-KD's projections."""
+    return CifarResNet(44, num_classes, in_channels, widths, shortcut)
 
 
 @register_model("resnet56")
-def resnet56(num_classes: int = 10, in_channels: int = 3, widths: Sequence[int] | None = None) -> CifarResNet:
-    """ResNet-56 (0.86M)."""
-    return CifarResNet(56, num_classes, in_channels, widths)
+def resnet56(num_classes: int = 10, in_channels: int = 3, widths: Sequence[int] | None = None,
+             shortcut: str = "A") -> CifarResNet:
+    """ResNet-56 (0.86M); shortcut "B" for AE-KD's projections."""
+    return CifarResNet(56, num_classes, in_channels, widths, shortcut)
 
 
 @register_model("resnet110")
-def resnet110(num_classes: int = 10, in_channels: int = 3, widths: Sequence[int] | None = None) -> CifarResNet:
-    """ResNet-110 (1.7M)."""
-    return CifarResNet(110, num_classes, in_channels, widths)
+def resnet110(num_classes: int = 10, in_channels: int = 3, widths: Sequence[int] | None = None,
+             shortcut: str = "A") -> CifarResNet:
+    """ResNet-110 (1.7M); shortcut "B" for AE-KD's projections."""
+    return CifarResNet(110, num_classes, in_channels, widths, shortcut)
+
+
+@register_model("resnet18_cifar")
+def resnet18_cifar(num_classes: int = 10, in_channels: int = 3, widths: Sequence[int] | None = None) -> ResNet:
+    """ResNet-18 of the MEAL code (kuangliu's pytorch-cifar): 11.17M at 10 classes."""
+    return ResNet("resnet18_cifar", [2, 2, 2, 2], stage_widths("resnet18_cifar", widths, (64, 128, 256, 512)),
+                  num_classes, in_channels, shortcut="B")

@@ -2,6 +2,10 @@
 
 WRN-16-2 0.69M, WRN-40-2 2.2M, WRN-28-10 36.5M parameters (10 classes).
 Stages: conv1 stem, layer1..layer3 (widths 16k/32k/64k), bn + ReLU, adaptive average pool, fc.
+
+wrn_latentbe is the WRN of the LatentBE code (cs-giung/distill-latentbe, giung2-jax's PreResNet,
+WRN-28-4 on CIFAR-100): the same layers and parameters, but its 1x1 projection shortcut takes
+the block's raw input, not the pre-activated one.
 """
 
 from __future__ import annotations
@@ -19,8 +23,9 @@ from .stages import stage_widths
 class WideBlock(nn.Module):
     """BN-ReLU-conv3x3-BN-ReLU-(dropout)-conv3x3 plus an identity or 1x1-conv shortcut."""
 
-    def __init__(self, in_planes: int, planes: int, stride: int, dropout: float):
+    def __init__(self, in_planes: int, planes: int, stride: int, dropout: float, preact_shortcut: bool = True):
         super().__init__()
+        self.preact_shortcut = preact_shortcut
         self.bn1 = nn.BatchNorm2d(in_planes)
         self.conv1 = nn.Conv2d(in_planes, planes, 3, stride, 1, bias=False)
         self.bn2 = nn.BatchNorm2d(planes)
@@ -35,8 +40,8 @@ class WideBlock(nn.Module):
         act = F.relu(self.bn1(x))
         out = self.conv1(act)
         out = self.conv2(self.dropout(F.relu(self.bn2(out))))
-        # As in the reference code: the projection shortcut sees the pre-activated input.
-        return out + (x if self.equal else self.shortcut(act))
+        # As in the reference code: the projection shortcut sees the pre-activated input (LatentBE's: the raw one).
+        return out + (x if self.equal else self.shortcut(act if self.preact_shortcut else x))
 
 
 class WideResNet(nn.Module):
@@ -50,6 +55,7 @@ class WideResNet(nn.Module):
         in_channels: int = 3,
         dropout: float = 0.0,
         widths: Sequence[int] | None = None,
+        preact_shortcut: bool = True,
     ):
         super().__init__()
         if depth < 10 or (depth - 4) % 6 != 0:
@@ -61,9 +67,9 @@ class WideResNet(nn.Module):
         n = (depth - 4) // 6
         widths = tuple(stage_widths(f"wrn{depth}_{width}", widths, (16 * width, 32 * width, 64 * width)))
         self.conv1 = nn.Conv2d(in_channels, 16, 3, 1, 1, bias=False)
-        self.layer1 = self._stage(16, widths[0], n, 1, dropout)
-        self.layer2 = self._stage(widths[0], widths[1], n, 2, dropout)
-        self.layer3 = self._stage(widths[1], widths[2], n, 2, dropout)
+        self.layer1 = self._stage(16, widths[0], n, 1, dropout, preact_shortcut)
+        self.layer2 = self._stage(widths[0], widths[1], n, 2, dropout, preact_shortcut)
+        self.layer3 = self._stage(widths[1], widths[2], n, 2, dropout, preact_shortcut)
         self.bn = nn.BatchNorm2d(widths[2])
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(widths[2], num_classes)
@@ -79,8 +85,9 @@ class WideResNet(nn.Module):
                 nn.init.zeros_(m.bias)
 
     @staticmethod
-    def _stage(in_planes: int, planes: int, blocks: int, stride: int, dropout: float) -> nn.Sequential:
-        layers = [WideBlock(in_planes, planes, stride, dropout)]
+    def _stage(in_planes: int, planes: int, blocks: int, stride: int, dropout: float,
+               preact_shortcut: bool) -> nn.Sequential:
+        layers = [WideBlock(in_planes, planes, stride, dropout, preact_shortcut)]
         layers += [WideBlock(planes, planes, 1, dropout) for _ in range(blocks - 1)]
         return nn.Sequential(*layers)
 
@@ -116,3 +123,12 @@ def _alias(depth: int, width: int):
 # The teacher/student pairs used across the KD literature (RepDistiller, AE-KD) and WRN-28-10.
 for _depth, _width in ((16, 1), (16, 2), (16, 4), (16, 8), (28, 2), (28, 10), (40, 1), (40, 2), (40, 4)):
     _alias(_depth, _width)
+
+
+@register_model("wrn_latentbe")
+def wrn_latentbe(
+    num_classes: int = 10, in_channels: int = 3, depth: int = 28, width: int = 4, dropout: float = 0.0,
+    widths: Sequence[int] | None = None,
+) -> WideResNet:
+    """LatentBE's WRN (default WRN-28-4, 5.87M at 100 classes): projection shortcuts on the raw block input."""
+    return WideResNet(depth, width, num_classes, in_channels, dropout, widths, preact_shortcut=False)
