@@ -1,0 +1,124 @@
+"""What `ensemble-kd reproduce` prints: the listing of entries, a dry run's plan with the models'
+sizes beside the paper's, and the final table in the paper's layout (paper, ours, difference)."""
+
+from __future__ import annotations
+
+from ..config import Config, ConfigError
+from .. import pipeline, sweep
+from .entry import Entry
+from .sizes import Built, student_size, teacher_sizes
+
+BUDGET_MARK = "*"
+
+
+def _m(n: int) -> str:
+    return f"{n / 1e6:.2f}M"
+
+
+def _ops(built: Built, entry: Entry) -> str:
+    if built.macs is None:
+        return "cost depends on the input's frames"
+    if entry.flops_are_macs:
+        return f"{built.macs / 1e9:.3g}G MACs"
+    return f"{2 * built.macs / 1e9:.3g}G FLOPs (2 x MACs)"
+
+
+def _params(built: Built, entry: Entry) -> str:
+    return f"{_m(built.folded)} (BN folded)" if entry.folded_params else _m(built.params)
+
+
+def plan(entry: Entry, config: Config, num_classes: int, input_shape: tuple) -> tuple[list[Built], list[Built]]:
+    """Every model the entry builds: teachers once each, one student per sweep variant."""
+    variants = sweep.variant_configs(config)
+    seen, students = set(), []
+    for name, _, variant in variants:
+        if name in seen:
+            continue
+        seen.add(name)
+        students.append(student_size(name, variant, pipeline.method_from(variant), num_classes, input_shape))
+    has_teachers = bool(config.teachers.members) or config.teachers.count > 0
+    teachers = teacher_sizes(config, num_classes, input_shape) if has_teachers else []
+    return teachers, students
+
+
+def cost_summary(entry: Entry) -> str:
+    """The base student's and the teachers' sizes, in the paper's convention (for the listing)."""
+    from ..config import load_config
+    try:
+        config = load_config(entry.config)
+        method = pipeline.method_from(config)
+        student = student_size(config.method.name, config, method, entry.num_classes, entry.input_shape)
+        text = f"student {_params(student, entry)}, {_ops(student, entry)}"
+        if method.needs.teachers:
+            teachers = teacher_sizes(config, entry.num_classes, entry.input_shape)
+            names = sorted({t.arch for t in teachers})
+            total = sum(t.params for t in teachers)
+            text += f"; {len(teachers)} teachers ({', '.join(names)}) {_m(total)} in all"
+        return text
+    except ConfigError as err:
+        return f"not buildable yet: {err}"
+
+
+def listing(entries: list[Entry]) -> list[str]:
+    lines = []
+    for e in entries:
+        run = [c for c in e.cells]
+        lines += [f"{e.name}",
+                  f"  paper:   {e.paper}, {e.table}",
+                  f"  rows:    {e.rows} ({len(run)} cells)",
+                  f"  config:  {e.config}",
+                  f"  figures: {e.figures_summary()}",
+                  f"  cost:    {cost_summary(e)}"]
+        lines += [f"  paper sizes: {s.model}: {s.params:g}M params, {s.flops:g}B FLOPs" for s in e.sizes]
+        lines += [f"  note:    {n}" for n in e.notes]
+    return lines
+
+
+def dry_run(entry: Entry, config: Config, num_classes: int, input_shape: tuple, run_dir) -> list[str]:
+    teachers, students = plan(entry, config, num_classes, input_shape)
+    seeds = config.sweep.seeds
+    lines = [f"reproduce {entry.name} (dry run: nothing trained or written): {entry.paper}, {entry.table}",
+             f"  config {entry.config}; run directory {run_dir}"]
+    if teachers:
+        lines.append(f"  teachers ({len(teachers)}, {config.teachers.train.epochs} epochs each"
+                     f"{', loaded from weights' if pipeline.loads_weights(config) else ''}):")
+        lines += [f"    {t.role}: {t.arch} {_params(t, entry)}, {_ops(t, entry)}" for t in teachers]
+    lines.append(f"  students ({len(students)} variants x {len(seeds)} seeds = {len(students) * len(seeds)} runs, "
+                 f"{config.student.train.epochs} epochs unless the variant says otherwise):")
+    lines += [f"    {s.role[len('student '):]}: {s.arch} {_params(s, entry)}, {_ops(s, entry)}" for s in students]
+    by_model = {s.role[len("student "):]: s for s in students}
+    for size in entry.sizes:
+        ours = by_model.get(size.model)
+        if ours is not None:
+            lines.append(f"  paper's size of {size.model}: {size.params:g}M params, {size.flops:g}B FLOPs; ours "
+                         f"{_params(ours, entry)}, {_ops(ours, entry)}")
+    return lines
+
+
+def paper_table(entry: Entry, rows: list[dict], budget: list[str]) -> list[str]:
+    """Markdown, the paper's rows and columns; each cell 'paper / ours (ours - paper)'."""
+    columns = list(dict.fromkeys(r["column"] for r in rows))
+    mark = BUDGET_MARK if budget else ""
+    lines = [f"{entry.paper}, {entry.table}: paper / ours{mark} (difference)", "",
+             "| | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    for name in dict.fromkeys(r["row"] for r in rows):
+        cells = {r["column"]: r for r in rows if r["row"] == name}
+        lines.append(f"| {name} | " + " | ".join(_cell(cells.get(c)) for c in columns) + " |")
+    lines.append("")
+    if budget:
+        lines.append(f"{BUDGET_MARK} budget differs from the paper's: {'; '.join(budget)}")
+    if any(r["paper"] is None for r in rows):
+        lines.append("— the paper's figure did not survive in its text (see `ensemble-kd reproduce`)")
+    return lines
+
+
+def _number(value) -> str:
+    return "—" if value is None else f"{value:.2f}" if abs(value) >= 1 else f"{value:.3f}"
+
+
+def _cell(r) -> str:
+    if r is None:
+        return ""
+    diff = "" if r["diff"] is None else f" ({r['diff']:+.2f})" if abs(r["diff"]) >= 0.01 or r["diff"] == 0 \
+        else f" ({r['diff']:+.3f})"
+    return f"{_number(r['paper'])} / {_number(r['ours'])}{diff}"
