@@ -311,10 +311,10 @@ def cmd_reproduce(args) -> None:
         raise ConfigError(f"'{args.name}' is an override: give the reproduction's NAME first "
                           f"(`ensemble-kd reproduce` lists them)")
     entry = reproduce.find(args.name)
-    config = load_config(entry.config, args.overrides)
+    config = load_config(entry.config_path, args.overrides)
     if args.dry_run:
         num_classes, shape = entry.num_classes, entry.input_shape
-        if config.data.name != load_config(entry.config).data.name:  # another dataset: its own sizes
+        if config.data.name != load_config(entry.config_path).data.name:  # another dataset: its own sizes
             data = pipeline.prepare_data(config)
             num_classes, shape = data.splits.num_classes, _input_shape(data.splits)
         for line in show.dry_run(entry, config, num_classes, shape, reproduce_run.run_dir_of(entry, config)):
@@ -322,7 +322,8 @@ def cmd_reproduce(args) -> None:
         return
     distributed.init_from_env(config.device)
     with progress_bar() as progress:
-        outcome = reproduce_run.reproduce(entry, config, overwrite=args.overwrite, progress=progress,
+        only = [v.strip() for v in args.only.split(",")] if args.only else None
+        outcome = reproduce_run.reproduce(entry, config, only=only, overwrite=args.overwrite, progress=progress,
                                           report=lambda line: err.print(line, highlight=False))
     if not distributed.world().is_main:
         return
@@ -464,6 +465,7 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("overrides", nargs="*", help="key=value overrides (a reduced budget is marked in the table)")
     rep.add_argument("--dry-run", action="store_true", help="build every model on the meta device and show the plan")
     rep.add_argument("--overwrite", action="store_true", help="train again what was made with another config")
+    rep.add_argument("--only", metavar="VARIANTS", help="comma-separated sweep variants to run (the table shows their cells)")
     rep.set_defaults(fn=cmd_reproduce)
     cmp = sub.add_parser("compare", help="put runs side by side: table, reliability diagrams, accuracy vs cost")
     cmp.add_argument("runs", nargs="+", metavar="RUN_DIR")

@@ -51,7 +51,8 @@ SCHEDULE = ("teachers (section 4.1): 240 epochs, lr 0.05 x0.1 at 150/180/210; re
 
 
 def variant(M: int, column: str) -> str:
-    return f"M={M} {column}"
+    """The sweep variant of a column ("AE-KD*" would share AE-KD's folder: it is "AE-KD features")."""
+    return f"M={M} {column.replace('*', ' features')}"
 
 
 def sweep_cells(figures, sizes=SIZES) -> tuple[Cell, ...]:
@@ -104,7 +105,7 @@ ENTRIES = [
                Cell("logits", "AVER", MIXED["AVER"], variant="AVER"),
                Cell("logits", "AE-KD", MIXED["AE-KD"], variant="AE-KD"),
                Cell("features", "FitNets", None, variant="FitNets"),
-               Cell("features", "AE-KD*", None, variant="AE-KD*")),
+               Cell("features", "AE-KD*", None, variant="AE-KD features")),
         num_classes=100, input_shape=(3, 32, 32),
         budget={"teachers.train.epochs": 240, "student.train.epochs": 350},
         notes=("the paper gives the logits variant's figures only; the features rows run with no figure to "

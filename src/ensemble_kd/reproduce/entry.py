@@ -9,6 +9,10 @@ and is shown with no difference.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
+
+# The repository (configs/ beside src/) of an editable or source install.
+REPO = Path(__file__).resolve().parents[3]
 
 # How a results row's value becomes the paper's figure: (row key, scale, from 100 - value).
 METRICS = {
@@ -68,6 +72,12 @@ class Entry:
     flops_are_macs: bool = True  # EnsembleNet's FLOPs are tensorflow.profiler's: 2 per multiply-add
     notes: tuple[str, ...] = ()  # what did not survive, what cannot run, where a setting comes from
     needs: tuple[str, ...] = field(default=())  # model names / method options from branches not yet merged
+
+    @property
+    def config_path(self) -> Path:
+        """The config file: in the repository this package runs from, else relative to the current directory."""
+        path = REPO / self.config
+        return path if path.is_file() else Path(self.config)
 
     def figures_summary(self) -> str:
         given = [c for c in self.cells if c.paper is not None]

@@ -33,7 +33,7 @@ NOT_TEACHERS = RESUME_SAFE + ("student.*", "method.*", "sweep.*", "perturb.*", "
 
 def budget_changes(entry: Entry, config: Config) -> list[str]:
     """Where the resolved config departs from the entry's (the paper's budget): 'key (paper -> ours)'."""
-    paper = flat(load_config(entry.config).model_dump(mode="json"))
+    paper = flat(load_config(entry.config_path).model_dump(mode="json"))
     ours = flat(config.model_dump(mode="json"))
     return [f"{key} ({paper.get(key)!r} -> {ours.get(key)!r})" for key in dict.fromkeys([*paper, *ours])
             if paper.get(key) != ours.get(key) and not any(fnmatch.fnmatchcase(key, p) for p in NOT_BUDGET)]
@@ -55,7 +55,9 @@ class Outcome:
     run_dir: Path
 
 
-def reproduce(entry: Entry, config: Config, *, overwrite: bool = False, progress=None, report=print) -> Outcome:
+def reproduce(entry: Entry, config: Config, *, only: list[str] | None = None, overwrite: bool = False,
+              progress=None, report=print) -> Outcome:
+    """Teachers, sweep (`only`: some variants, as `sweep --only`), teachers' rows; one row per cell run."""
     data = pipeline.prepare_data(config)
     check(entry, config, data)  # every variant's method and models, before anything is written
     run_dir = run_dir_of(entry, config)
@@ -64,13 +66,22 @@ def reproduce(entry: Entry, config: Config, *, overwrite: bool = False, progress
             source = _teachers(config, run_dir / "teachers", data, overwrite, progress, report)
             config = config.model_copy(update={"teachers": config.teachers.model_copy(update={"source": str(source)})})
         sweep_dir = run_dir / "sweep"
-        sweep.plan_runs(config, sweep_dir, overwrite=overwrite)  # a changed run is refused before training
+        sweep.plan_runs(config, sweep_dir, only=only, overwrite=overwrite)  # a changed run: refused before training
         write_config(sweep_dir, config, "sweep")
-        summary = sweep.run_sweep(config, sweep_dir, progress=progress, data=data, overwrite=overwrite)
-        teacher_rows = _teacher_rows(entry, config, data, run_dir)
+        summary = sweep.run_sweep(config, sweep_dir, progress=progress, data=data, only=only, overwrite=overwrite)
+        cells = [c for c in entry.cells if _runs(c, config, only)]
+        teacher_rows = _teacher_rows(cells, config, data, run_dir)
     ours = {_variant(row): row for row in summary}
-    return Outcome([_compare(cell, ours, teacher_rows) for cell in entry.cells], budget_changes(entry, config),
-                   run_dir)
+    return Outcome([_compare(cell, ours, teacher_rows) for cell in cells], budget_changes(entry, config), run_dir)
+
+
+def _runs(cell: Cell, config: Config, only) -> bool:
+    """A student cell whose variant runs; a teacher cell within the members there are."""
+    if cell.variant is not None:
+        return only is None or cell.variant.split(" [")[0] in only
+    kind, k = cell.teachers
+    return k < len(config.teachers.resolved_members()) if kind == "member" else k <= len(
+        config.teachers.resolved_members())
 
 
 def check(entry: Entry, config: Config, data) -> None:
@@ -102,12 +113,12 @@ def _teachers(config: Config, teachers_dir: Path, data, overwrite: bool, progres
     return teachers_dir
 
 
-def _teacher_rows(entry: Entry, config: Config, data, run_dir: Path) -> dict[int, list[dict]]:
+def _teacher_rows(cells: list[Cell], config: Config, data, run_dir: Path) -> dict[int, list[dict]]:
     """The first M teachers evaluated (members, ensemble, vote), once per M the cells ask for."""
     rows = {}
-    for M in sorted({c.teachers[1] for c in entry.cells if c.teachers and c.teachers[0] != "member"}
+    for M in sorted({c.teachers[1] for c in cells if c.teachers and c.teachers[0] != "member"}
                     | ({len(config.teachers.resolved_members())} if any(
-                        c.teachers and c.teachers[0] == "member" for c in entry.cells) else set())):
+                        c.teachers and c.teachers[0] == "member" for c in cells) else set())):
         out = run_dir / f"teachers-M{M}"
         if not (out / "results.json").is_file():
             capped = config.model_copy(update={"teachers": config.teachers.model_copy(update={"take": M})})

@@ -29,23 +29,23 @@ def _params(built: Built, entry: Entry) -> str:
 
 def plan(entry: Entry, config: Config, num_classes: int, input_shape: tuple) -> tuple[list[Built], list[Built]]:
     """Every model the entry builds: teachers once each, one student per sweep variant."""
-    variants = sweep.variant_configs(config)
-    seen, students = set(), []
-    for name, _, variant in variants:
+    seen, students, taught = set(), [], False
+    for name, _, variant in sweep.variant_configs(config):
         if name in seen:
             continue
         seen.add(name)
-        students.append(student_size(name, variant, pipeline.method_from(variant), num_classes, input_shape))
-    has_teachers = bool(config.teachers.members) or config.teachers.count > 0
-    teachers = teacher_sizes(config, num_classes, input_shape) if has_teachers else []
-    return teachers, students
+        method = pipeline.method_from(variant)
+        taught = taught or method.needs.teachers
+        students.append(student_size(name, variant, method, num_classes, input_shape))
+    taught = taught or any(c.teachers for c in entry.cells)
+    return (teacher_sizes(config, num_classes, input_shape) if taught else []), students
 
 
 def cost_summary(entry: Entry) -> str:
     """The base student's and the teachers' sizes, in the paper's convention (for the listing)."""
     from ..config import load_config
     try:
-        config = load_config(entry.config)
+        config = load_config(entry.config_path)
         method = pipeline.method_from(config)
         student = student_size(config.method.name, config, method, entry.num_classes, entry.input_shape)
         text = f"student {_params(student, entry)}, {_ops(student, entry)}"
@@ -80,9 +80,16 @@ def dry_run(entry: Entry, config: Config, num_classes: int, input_shape: tuple, 
     lines = [f"reproduce {entry.name} (dry run: nothing trained or written): {entry.paper}, {entry.table}",
              f"  config {entry.config}; run directory {run_dir}"]
     if teachers:
-        lines.append(f"  teachers ({len(teachers)}, {config.teachers.train.epochs} epochs each"
-                     f"{', loaded from weights' if pipeline.loads_weights(config) else ''}):")
-        lines += [f"    {t.role}: {t.arch} {_params(t, entry)}, {_ops(t, entry)}" for t in teachers]
+        how = ("loaded from weights" if pipeline.loads_weights(config) else
+               f"from {config.teachers.source}" if config.teachers.source else
+               f"trained {config.teachers.train.epochs} epochs each")
+        lines.append(f"  teachers ({len(teachers)}, {how}):")
+        groups: dict[tuple, list[int]] = {}
+        for i, t in enumerate(teachers):
+            groups.setdefault((t.arch, t.params, t.folded, t.macs), []).append(i)
+        for (arch, *_), members in groups.items():
+            t = teachers[members[0]]
+            lines.append(f"    {len(members)} x {arch} {_params(t, entry)}, {_ops(t, entry)}")
     lines.append(f"  students ({len(students)} variants x {len(seeds)} seeds = {len(students) * len(seeds)} runs, "
                  f"{config.student.train.epochs} epochs unless the variant says otherwise):")
     lines += [f"    {s.role[len('student '):]}: {s.arch} {_params(s, entry)}, {_ops(s, entry)}" for s in students]
