@@ -7,7 +7,7 @@ equal weights; AE-KD* is AE-KD on features. Top-1 accuracy (%), Table 3 also top
 
 from __future__ import annotations
 
-from .entry import Cell, Entry, Size
+from .entry import Cell, Entry
 
 SIZES = (1, 5, 10, 15, 20, 25)
 COLUMNS = ("Ens", "AVER", "AE-KD", "FitNets", "AE-KD*")
@@ -78,23 +78,16 @@ def _cifar(name, table, dataset, student, figures, config, epochs, alone=None) -
         notes=(SCHEDULE,))
 
 
+DATASETS = {"cifar10": "CIFAR-10", "cifar100": "CIFAR-100"}
+# Table 1's students: (our model, its epochs as section 4.1 gives them).
+STUDENTS = {"resnet20": ("resnet20", "resnet20", 350), "mobilenetv2": ("MobileNetV2", "mobilenetv2_aekd", 240)}
+
 ENTRIES = [
-    _cifar("aekd-t1-cifar10-resnet20", "Table 1 (CIFAR-10, resnet20)", "cifar10", "resnet20",
-           TABLE1["cifar10", "resnet20"], "configs/papers/aekd_t1_cifar10_resnet20.yaml", 350,
-           ALONE["cifar10", "resnet20"]),
-    _cifar("aekd-t1-cifar10-mobilenetv2", "Table 1 (CIFAR-10, MobileNetV2)", "cifar10", "mobilenetv2_aekd",
-           TABLE1["cifar10", "mobilenetv2"], "configs/papers/aekd_t1_cifar10_mobilenetv2.yaml", 240,
-           ALONE["cifar10", "mobilenetv2"]),
-    _cifar("aekd-t1-cifar100-resnet20", "Table 1 (CIFAR-100, resnet20)", "cifar100", "resnet20",
-           TABLE1["cifar100", "resnet20"], "configs/papers/aekd_t1_cifar100_resnet20.yaml", 350,
-           ALONE["cifar100", "resnet20"]),
-    _cifar("aekd-t1-cifar100-mobilenetv2", "Table 1 (CIFAR-100, MobileNetV2)", "cifar100", "mobilenetv2_aekd",
-           TABLE1["cifar100", "mobilenetv2"], "configs/papers/aekd_t1_cifar100_mobilenetv2.yaml", 240,
-           ALONE["cifar100", "mobilenetv2"]),
-    _cifar("aekd-t2-cifar10", "Table 2 (CIFAR-10, resnet56 student)", "cifar10", "resnet56",
-           TABLE2["cifar10"], "configs/papers/aekd_t2_cifar10.yaml", 240),
-    _cifar("aekd-t2-cifar100", "Table 2 (CIFAR-100, resnet56 student)", "cifar100", "resnet56",
-           TABLE2["cifar100"], "configs/papers/aekd_t2_cifar100.yaml", 240),
+    *(_cifar(f"aekd-t1-{ds}-{s}", f"Table 1 ({DATASETS[ds]}, {label})", ds, arch, TABLE1[ds, s],
+             f"configs/papers/aekd_t1_{ds}_{s}.yaml", epochs, ALONE[ds, s])
+      for ds in DATASETS for s, (label, arch, epochs) in STUDENTS.items()),
+    *(_cifar(f"aekd-t2-{ds}", f"Table 2 ({DATASETS[ds]}, resnet56 student)", ds, "resnet56", TABLE2[ds],
+             f"configs/papers/aekd_t2_{ds}.yaml", 240) for ds in DATASETS),
     Entry(
         name="aekd-mixed-cifar100", paper="AE-KD (Du et al. 2020)", table="section 4.1, mixed teachers",
         rows="CIFAR-100, resnet110 + WRN-40-2 + vgg13 -> resnet20; AVER, AE-KD (logits), FitNets, AE-KD* (features)",
