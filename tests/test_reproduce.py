@@ -26,6 +26,7 @@ def test_listing_names_every_entry_with_its_config_figures_and_cost(capsys):
     assert "figures: Ours Plus (ResNet-50)/top-1 21.79" in listing
     assert "figures: no numeric cell survived in the text" in listing  # MEAL's Table 3
     assert "student 0.27M, 0.0408G MACs; 25 teachers (resnet56)" in listing  # resnet20 from 25 resnet56
+    assert "training 8.4e+17 MACs in all" in listing  # below, by hand
 
 
 def test_every_config_names_its_paper_table_and_matches_its_budget():
@@ -74,6 +75,25 @@ def test_ensemblenet_imagenet_parameters_with_batch_norm_folded_equal_the_papers
     for size in find(name).sizes:
         ours = students[size.model].folded / 1e6
         assert round(ours, 1) == size.params, (name, size.model, ours)
+
+
+def test_training_compute_by_hand():
+    from ensemble_kd.reproduce.show import training_macs
+    from ensemble_kd.reproduce.sizes import measure
+
+    entry = find("aekd-t1-cifar10-resnet20")
+    teacher = measure("t", "resnet56", {"shortcut": "B"}, 10, (3, 32, 32)).macs
+    student = measure("s", "resnet20", {"shortcut": "B"}, 10, (3, 32, 32)).macs
+    n = 50000
+    # 25 teachers x 240 epochs; the student alone x 350; 4 runs per M (AVER, AE-KD, FitNets, AE-KD*) x 350,
+    # each reading M teachers forward once per image
+    expected = 25 * 3 * teacher * n * 240 + 3 * student * n * 350 + sum(
+        4 * (3 * student + M * teacher) * n * 350 for M in (1, 5, 10, 15, 20, 25))
+    assert training_macs(entry, load_config(entry.config_path)) == expected
+    # MEAL reads one teacher per iteration: a 2-teacher entry loaded from weights trains none
+    meal = find("meal-t4-imagenet-plus")
+    r50, r101, r152 = (measure("m", f"torchvision/resnet{d}", {}, 1000, (3, 224, 224)).macs for d in (50, 101, 152))
+    assert training_macs(meal, load_config(meal.config_path)) == (3 * r50 + (r101 + r152) // 2) * 1281167 * 100
 
 
 def test_folded_count_by_hand():

@@ -73,7 +73,7 @@ def _cifar(name, table, dataset, student, figures, config, epochs, alone=None) -
     return Entry(
         name=name, paper="AE-KD (Du et al. 2020)", table=table,
         rows=f"{dataset}, resnet56 x M -> {student}; M in 1, 5, 10, 15, 20, 25; Ens, AVER, AE-KD, FitNets, AE-KD*",
-        config=config, cells=cells, num_classes=10 if dataset == "cifar10" else 100, input_shape=(3, 32, 32),
+        config=config, cells=cells, num_classes=10 if dataset == "cifar10" else 100, input_shape=(3, 32, 32), train_images=50000,
         budget={"teachers.train.epochs": 240, "student.train.epochs": epochs, "teachers.count": 25},
         notes=(SCHEDULE,))
 
@@ -99,7 +99,7 @@ ENTRIES = [
                Cell("logits", "AE-KD", MIXED["AE-KD"], variant="AE-KD"),
                Cell("features", "FitNets", None, variant="FitNets"),
                Cell("features", "AE-KD*", None, variant="AE-KD features")),
-        num_classes=100, input_shape=(3, 32, 32),
+        num_classes=100, input_shape=(3, 32, 32), train_images=50000,
         budget={"teachers.train.epochs": 240, "student.train.epochs": 350},
         notes=("the paper gives the logits variant's figures only; the features rows run with no figure to "
                "compare", SCHEDULE)),
@@ -113,7 +113,7 @@ ENTRIES = [
                     for M, row in TABLE3.items()
                     for (column, k), value in zip([(c, k) for c in ("Ensemble", "AVER", "AE-KD")
                                                    for k in ("top-1", "top-5")], row)),
-        num_classes=1000, input_shape=(3, 224, 224),
+        num_classes=1000, input_shape=(3, 224, 224), train_images=1281167,
         budget={"teachers.train.epochs": 90, "student.train.epochs": 90, "teachers.count": 5},
         notes=("the paper follows [21] (CCKD) for the ImageNet setting and states no schedule; ours is the "
                "standard 90-epoch step recipe at batch 256",

@@ -39,7 +39,7 @@ ENTRIES = [
         rows="ResNet-152 baseline; multi-headed (base (64, 128), 2 branches (176, 352)) with the ensembling "
              "loss λ = 1, 0, -1.5 and co-distillation μ = 3; top-1, top-5",
         config="configs/papers/ensemblenet_t1a_resnet152.yaml", cells=_rows(TABLE1A, IMAGENET_VARIANTS, TOP),
-        num_classes=1000, input_shape=(3, 224, 224), budget={"student.train.epochs": 180},
+        num_classes=1000, input_shape=(3, 224, 224), train_images=1281167, budget={"student.train.epochs": 180},
         sizes=(Size("baseline", 60.1, 21.8), Size("co-distillation μ=3", 58.2, 21.0)),
         folded_params=True, flops_are_macs=False, notes=IMAGENET_NOTES,
         needs=("method.options branch_widths, label_smoothing (branch ensnet)",)),
@@ -49,7 +49,7 @@ ENTRIES = [
         rows="SE-ResNet-152 baseline; multi-headed (base (64, 128), 2 branches (176, 352)) with the ensembling "
              "loss λ = 1, 0, -1.5 and co-distillation μ = 3; top-1, top-5",
         config="configs/papers/ensemblenet_t1b_seresnet152.yaml", cells=_rows(TABLE1B, IMAGENET_VARIANTS, TOP),
-        num_classes=1000, input_shape=(3, 224, 224), budget={"student.train.epochs": 180},
+        num_classes=1000, input_shape=(3, 224, 224), train_images=1281167, budget={"student.train.epochs": 180},
         sizes=(Size("baseline", 66.7, 21.9), Size("co-distillation μ=3", 64.5, 21.1)),
         folded_params=True, flops_are_macs=False,
         notes=IMAGENET_NOTES + ("SE reduction ratio 16 with batch norm in the SE layers (the paper); timm's "

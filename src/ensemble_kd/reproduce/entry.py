@@ -72,6 +72,7 @@ class Entry:
     flops_are_macs: bool = True  # EnsembleNet's FLOPs are tensorflow.profiler's: 2 per multiply-add
     notes: tuple[str, ...] = ()  # what did not survive, what cannot run, where a setting comes from
     needs: tuple[str, ...] = field(default=())  # model names / method options from branches not yet merged
+    train_images: int | None = None  # the paper's training set, for the training compute in the listing
 
     @property
     def config_path(self) -> Path:

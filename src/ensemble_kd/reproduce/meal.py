@@ -38,7 +38,7 @@ ENTRIES = [
         config="configs/papers/meal_t1_cifar10.yaml",
         cells=(_err("base model", "error", 6.34, variant="base model"),)
         + tuple(_err(r, "error", 6.32 if r == "max-pool alignment" else None, variant=r) for r in T1_ROWS),
-        num_classes=10, input_shape=(3, 32, 32), budget={"student.train.epochs": 350, "teachers.train.epochs": 350},
+        num_classes=10, input_shape=(3, 32, 32), train_images=50000, budget={"student.train.epochs": 350, "teachers.train.epochs": 350},
         notes=(LOST + " (base model 6.34 from Figure 8; max pooling 6.32 from section 6.3)", CODE,
                "one VGG-19-BN teacher, as the authors' single-MEAL command; which layers rows 4 and 5 add "
                "is not in the text: ours are every stage end")),
@@ -51,7 +51,7 @@ ENTRIES = [
             _err(arch, "Single", single, variant=f"{arch} single"),
             _err(arch, "Traditional Ens.", ens, teachers=("ensemble", 5 if "Shake" not in arch else 6)),
             _err(arch, "Our Ens.", ours, variant=f"{arch} MEAL"))),
-        num_classes=10, input_shape=(3, 32, 32), budget={"student.train.epochs": 350, "teachers.train.epochs": 350},
+        num_classes=10, input_shape=(3, 32, 32), train_images=50000, budget={"student.train.epochs": 350, "teachers.train.epochs": 350},
         notes=(LOST + " (Figure 8 baselines; Shake-Shake 2.86 -> 2.54 from the introduction)", CODE,
                "teachers: a zoo of VGG-19-BN, ResNet-18, DenseNet-BC, GoogLeNet, MobileNet (ours; the paper "
                "names the zoo, not the set per row), Shake-Shake added only for the Shake-Shake student (as "
@@ -62,7 +62,7 @@ ENTRIES = [
         rows="VGG-19-BN, GoogLeNet, ResNet-18, DenseNet-BC (k=24): Dropout (p 0.2), MEAL; test error",
         config="configs/papers/meal_t3_cifar10.yaml",
         cells=tuple(_err(arch, "Our Ens.", None, variant=f"{arch} MEAL") for arch in TABLE3),
-        num_classes=10, input_shape=(3, 32, 32), budget={"student.train.epochs": 350, "teachers.train.epochs": 350},
+        num_classes=10, input_shape=(3, 32, 32), train_images=50000, budget={"student.train.epochs": 350, "teachers.train.epochs": 350},
         notes=(LOST + " (no figure of Table 3 survived)", CODE,
                "the Dropout column is not run: these networks take no dropout option here"),
     ),
@@ -76,7 +76,7 @@ ENTRIES = [
                Cell("Traditional Ens.", "top-5", TABLE4["Traditional Ens."][1], metric="err5", teachers=("ensemble", 2)),
                _err("Ours (ResNet-50)", "top-1", None, variant="MEAL"),
                Cell("Ours (ResNet-50)", "top-5", None, metric="err5", variant="MEAL")),
-        num_classes=1000, input_shape=(3, 224, 224), budget={"student.train.epochs": 100},
+        num_classes=1000, input_shape=(3, 224, 224), train_images=1281167, budget={"student.train.epochs": 100},
         notes=("the main row's own figures did not survive; ResNet-50's and the traditional ensemble's are "
                "the prose's (section 6.4); Table 4's inference times survived (VGG-19-BN 5.70e-3 s, ResNet-50 "
                "and ours 1.10e-2 s, ensemble 1.67e-2 s) and are not compared",
@@ -89,7 +89,7 @@ ENTRIES = [
         cells=(_err("Ours Plus (ResNet-50)", "top-1", TABLE4["Ours Plus (ResNet-50)"][0], variant="MEAL Plus"),
                Cell("Ours Plus (ResNet-50)", "top-5", TABLE4["Ours Plus (ResNet-50)"][1], metric="err5",
                     variant="MEAL Plus")),
-        num_classes=1000, input_shape=(3, 224, 224), budget={"student.train.epochs": 100},
+        num_classes=1000, input_shape=(3, 224, 224), train_images=1281167, budget={"student.train.epochs": 100},
         notes=("the paper states no ImageNet schedule: ours, the standard 100-epoch step recipe; teachers "
                "are loaded from torchvision weights files",)),
 ]

@@ -52,7 +52,7 @@ def _entry(name, table, dataset, figures, config) -> Entry:
         rows="DE-4 WRN-28-4 teacher -> WRN-28-4: KD, AE-KD, KD + LatentBE, + ConfODS, + TDiv-SDiv; ACC, NLL, "
              "ECE, cNLL, cECE",
         config=config, cells=_cells(figures), num_classes=10 if dataset == "cifar10" else 100,
-        input_shape=(3, 32, 32), budget={"teachers.train.epochs": 200, "student.train.epochs": 200,
+        input_shape=(3, 32, 32), train_images=45000, budget={"teachers.train.epochs": 200, "student.train.epochs": 200,
                                          "teachers.count": 4},
         notes=(CODE, "Proxy-End2 (Ryabinin et al.) is not implemented: its row is listed with the paper's "
                "figures, not run", "AE-KD's options are not in the summary or the code: C 0.6 and the KD "

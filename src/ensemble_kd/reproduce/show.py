@@ -41,6 +41,31 @@ def plan(entry: Entry, config: Config, num_classes: int, input_shape: tuple) -> 
     return (teacher_sizes(config, num_classes, input_shape) if taught else []), students
 
 
+def training_macs(entry: Entry, config: Config) -> int | None:
+    """Multiply-accumulates of the whole entry, counted as 3 x forward (forward and backward) per
+    training image and epoch for every teacher and every (variant, seed) run, plus one forward of
+    the teachers a run distils from online. None where a model's cost depends on its input. No
+    GPU-hours: they depend on a throughput we have not measured."""
+    if entry.train_images is None:
+        return None
+    teachers = teacher_sizes(config, entry.num_classes, entry.input_shape)
+    if any(t.macs is None for t in teachers):
+        return None
+    total = 0
+    if not pipeline.loads_weights(config):
+        total += sum(3 * t.macs for t in teachers) * entry.train_images * config.teachers.train.epochs
+    for name, _, variant in sweep.variant_configs(config):
+        method = pipeline.method_from(variant)
+        student = student_size(name, variant, method, entry.num_classes, entry.input_shape)
+        if student.macs is None:
+            return None
+        taught = sum(t.macs for t in teachers[: variant.teachers.take]) if method.needs.teachers else 0
+        if variant.method.name == "meal":  # one teacher drawn per iteration
+            taught //= len(teachers[: variant.teachers.take])
+        total += (3 * student.macs + taught) * entry.train_images * variant.student.train.epochs
+    return total
+
+
 def cost_summary(entry: Entry) -> str:
     """The base student's and the teachers' sizes, in the paper's convention (for the listing)."""
     from ..config import load_config
@@ -54,6 +79,9 @@ def cost_summary(entry: Entry) -> str:
             names = sorted({t.arch for t in teachers})
             total = sum(t.params for t in teachers)
             text += f"; {len(teachers)} teachers ({', '.join(names)}) {_m(total)} in all"
+        macs = training_macs(entry, config)
+        if macs is not None:
+            text += f"; training {macs:.2g} MACs in all (3 x forward per image and epoch)"
         return text
     except ConfigError as err:
         return f"not buildable yet: {err}"
