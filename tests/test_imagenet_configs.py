@@ -57,10 +57,14 @@ def test_meal_resnet50_from_two_teachers_loaded_from_files(folder, tmp_path):
     assert (tmp_path / "meal" / "model.pt").exists()
 
 
-def test_ensemblenet_multihead_resnet50(folder, tmp_path):
+def test_ensemblenet_multihead_resnet152_of_table_1a(folder, tmp_path):
     assert main(["distill", str(CONFIGS / "imagenet_ensemblenet.yaml"), *_tiny(folder, tmp_path, "enet")]) == 0
-    net = create("multihead", num_classes=3, base="torchvision/resnet50", branches=2, fork="layer4")
+    net = create("multihead", num_classes=3, base="timm/resnet152", branches=2, fork="layer3",
+                 branch_widths=[176, 352], base_kwargs={"act_layer": "relu6", "zero_init_last": False})
+    assert type(net.branches[0].layer4[0].act2).__name__ == "ReLU6"  # capped at 6, as the paper's
     net.load_state_dict(torch.load(tmp_path / "enet" / "model.pt", weights_only=True))
+    config = load_config(CONFIGS / "imagenet_ensemblenet.yaml", [])
+    assert config.method.options["mu"] == 3 and config.method.options["label_smoothing"] == 0.1
 
 
 @pytest.mark.parametrize("config,count", [("imagenet_latentbe.yaml", 4), ("imagenet_aekd.yaml", 5)])

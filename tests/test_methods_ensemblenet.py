@@ -13,7 +13,7 @@ from ensemble_kd.config import load_config
 from ensemble_kd.data.loader import Batch
 from ensemble_kd.methods import StudentOutput, create_method
 from ensemble_kd.methods.ensemblenet import Probs, codistillation_loss, ensembling_loss, pair_loss
-from ensemble_kd.metrics.cost import count_flops, count_parameters
+from ensemble_kd.metrics.cost import count_flops, count_macs, count_parameters, count_parameters_bn_folded
 from ensemble_kd.models import create, forward_with_taps, register_model
 
 
@@ -219,3 +219,149 @@ def test_ensemblenet_trains_on_generated_video_features_and_reports_gap_and_map(
     assert row["map"] > 0.2 and row["gap"] > 0.15  # chance: about 0.11 mAP (2 labels of 20 per item)
     assert row["flops"] > 0 and row["params"] <= count_parameters(create("dbof", num_classes=20, in_channels=32,
                                                                          cluster_size=64, hidden_size=32))
+
+
+# --------------------------------------------------------------------------- the paper's networks (Table 1)
+def _paper_pair(base):
+    """The baseline and its multi-headed version of Table 1: fork after block 2, two branches of (176, 352)."""
+    with torch.device("meta"):  # full size, shapes only: no memory, no initialisation
+        plain = create(base, num_classes=1000)
+        net = create("multihead", base=base, num_classes=1000, fork="layer3", branch_widths=[176, 352])
+    return plain, net
+
+
+@pytest.mark.parametrize("base, paper_baseline, paper_multihead", [
+    ("torchvision/resnet152", 60.1, 58.2), ("timm/resnet152", 60.1, 58.2),  # Table 1a
+    ("timm/seresnet152", 66.7, 64.5)])  # Table 1b
+def test_table1_parameter_counts_with_batch_norm_folded(base, paper_baseline, paper_multihead):
+    plain, net = _paper_pair(base)
+    assert round(count_parameters_bn_folded(plain) / 1e6, 1) == paper_baseline
+    assert round(count_parameters_bn_folded(net) / 1e6, 1) == paper_multihead
+    # folding: each BN's 2C parameters become the C of a bias (the convolutions have none)
+    bn = sum(m.num_features for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    assert count_parameters_bn_folded(net) == count_parameters(net) - bn
+
+
+def test_branch_widths_are_the_bottleneck_widths_of_the_branched_blocks():
+    plain, net = _paper_pair("timm/seresnet152")
+    assert net.shared_points == ("layer1", "layer2") and net.branch_points == ("layer3", "layer4")
+    assert net.branch_widths == (256, 512, 4 * 176, 4 * 352)  # output channels: planes × 4
+    for branch in net.branches:
+        assert not hasattr(branch, "layer1") and not hasattr(branch, "layer2")  # in the trunk, once
+        for stage, planes, blocks in ((branch.layer3, 176, 36), (branch.layer4, 352, 3)):
+            assert len(stage) == blocks
+            assert all(b.conv1.out_channels == b.conv2.out_channels == planes for b in stage)
+            assert all(b.conv3.out_channels == 4 * planes for b in stage)
+            assert all(b.se.fc1.out_channels == 4 * planes // 16 for b in stage)  # the paper's reduction 16
+        assert branch.layer3[0].conv1.in_channels == 512  # fed by the shared layer2
+        assert branch.fc.in_features == 4 * 352 and branch.fc.out_features == 1000
+    assert all(b.se.fc1.out_channels == b.conv3.out_channels // 16 for b in net.trunk.layer2)
+    x = torch.randn(2, 3, 32, 32)
+    small = create("multihead", base="torchvision/resnet50", num_classes=4, fork="layer3", branch_widths=[24, 40])
+    assert small.branches[1].layer4[2].conv3.out_channels == 160 and small(x).shape == (2, 4)
+
+
+def test_branch_widths_are_checked_and_exclude_width_factor():
+    with pytest.raises(ValueError, match=r"branch_widths must be 2 positive integers, one per branched stage "
+                                         r"\['layer2', 'layer3'\]"):
+        create("multihead", base="resnet20", fork="layer2", branch_widths=[8])
+    with pytest.raises(ValueError, match="branch_widths or width_factor, not both"):
+        create("multihead", base="resnet20", branch_widths=[32], width_factor=1.5)
+    with pytest.raises(ValueError, match="branch_widths or width_factor, not both"):
+        create_method("ensemblenet", branch_widths=[32], width_factor=1.5)
+    net = create("multihead", base="resnet20", fork="layer2", branch_widths=[24, 48])  # our models: stage widths
+    assert net.branch_widths == (16, 24, 48) and net.width_factor == pytest.approx(32 / 24)
+    method = create_method("ensemblenet", fork="layer3", branch_widths=[176, 352], mu=3, label_smoothing=0.1)
+    arch, kwargs = method.student_spec("timm/resnet152", {})
+    assert kwargs["branch_widths"] == [176, 352] and kwargs["fork"] == "layer3"
+
+
+# --------------------------------------------------------------------------- label smoothing (section 4.1)
+def test_label_smoothing_enters_the_ground_truth_terms_only():
+    """By hand, K = 4, ε = 0.1: g becomes 0.925 on the label and 0.025 elsewhere, in l(g, p_ens) (and
+    l(g, p_i) in the ensembling structure); the co-distillation targets p_ens stay as they are."""
+    z, _, y = _random(N=2, B=5, K=4)
+    p = z.softmax(-1)
+    p_ens = p.mean(0)
+    g = torch.full((5, 4), 0.025)
+    g[torch.arange(5), y] = 0.925
+    ens_term = -(g * p_ens.log()).sum(-1).mean()
+    aux = sum(-(p_ens * p[i].log()).sum(-1).mean() for i in range(2))
+    own = sum(-(g * p[i].log()).sum(-1).mean() for i in range(2))
+    batch = Batch(torch.zeros(5, 1), y, torch.arange(5))
+    codistill = create_method("ensemblenet", mu=3.0, label_smoothing=0.1)
+    got = codistill.loss(batch, StudentOutput(None, {"heads": z}), None)
+    torch.testing.assert_close(got.loss, 3.0 * aux + 2 * ens_term)
+    ensembling = create_method("ensemblenet", structure="ensembling", lam=-1.5, label_smoothing=0.1)
+    got = ensembling.loss(batch, StudentOutput(None, {"heads": z}), None)
+    torch.testing.assert_close(got.loss, 2.5 * own + 2 * -1.5 * ens_term)
+    plain = create_method("ensemblenet", mu=3.0).loss(batch, StudentOutput(None, {"heads": z}), None)
+    assert not torch.allclose(plain.loss, 3.0 * aux + 2 * ens_term)  # the default (0) leaves g alone
+
+
+def test_label_smoothing_of_soft_and_multilabel_targets():
+    z, _, y = _random(N=2, B=3, K=4)
+    soft = torch.tensor([[0.7, 0.3, 0.0, 0.0], [0.0, 1.0, 0.0, 0.0], [0.25, 0.25, 0.25, 0.25]])
+    batch = Batch(torch.zeros(3, 1), y, torch.arange(3), target=soft)  # mixed views
+    smoothed = 0.8 * soft + 0.05  # ε = 0.2 over K = 4
+    expected, _ = codistillation_loss(Probs.of_logits(z), smoothed, 2.0)
+    got = create_method("ensemblenet", label_smoothing=0.2).loss(batch, StudentOutput(None, {"heads": z}), None)
+    torch.testing.assert_close(got.loss, expected)
+    method = create_method("ensemblenet", label_smoothing=0.2)
+    method.multilabel = True  # what bind() sets for a DBoF
+    hot = torch.tensor([[1.0, 0.0, 1.0, 0.0]] * 3)
+    expected, _ = codistillation_loss(Probs.of_logits(z, multilabel=True), 0.8 * hot + 0.1, 2.0)
+    got = method.loss(Batch(torch.zeros(3, 1), hot, torch.arange(3)), StudentOutput(None, {"heads": z}), None)
+    torch.testing.assert_close(got.loss, expected)
+    for bad in (1.0, -0.1, True):
+        with pytest.raises(ValueError, match="label_smoothing must be a number in"):
+            create_method("ensemblenet", label_smoothing=bad)
+
+
+def test_an_ensemblenet_run_prints_the_papers_cost_conventions_beside_ours():
+    """#Params with batch norm folded beside the parameters, FLOPs (2 per multiply-accumulate) beside MACs."""
+    from ensemble_kd import cli
+
+    columns = cli._eval_columns(load_config(None, ["method.name=ensemblenet"]))
+    assert columns[columns.index("params"):columns.index("params") + 2] == ["params", "params_bn_folded"]
+    assert columns[columns.index("macs"):columns.index("macs") + 2] == ["macs", "flops"]
+    plain = cli._eval_columns(load_config(None, ["method.name=ce"]))
+    assert plain == cli.EVAL_COLUMNS and "flops" not in plain and "params_bn_folded" not in plain
+    assert cli._eval_columns(load_config(None, []), load_config(None, ["method.name=ensemblenet"])) == columns
+
+
+def _subsampling_in_the_last_unit(net):
+    """The paper's ResNet (section 4.1): each of blocks 1-3 subsamples in its last unit's 3x3 conv (the
+    shortcut takes every other pixel), the next block's first unit keeps the resolution."""
+    for model in [net.trunk, *net.branches] if hasattr(net, "trunk") else [net]:
+        for k in (1, 2, 3):
+            lower, upper = getattr(model, f"layer{k}", None), getattr(model, f"layer{k + 1}", None)
+            if lower is not None and not isinstance(lower, torch.nn.Identity):
+                lower[-1].conv2.stride = (2, 2)
+                lower[-1].downsample = torch.nn.MaxPool2d(1, stride=2)
+            if upper is not None:
+                upper[0].conv2.stride = (1, 1)
+                upper[0].downsample[0].stride = (1, 1)
+    return net
+
+
+@pytest.mark.slow  # two full-size FLOP counts: about 10 s
+def test_table1_flops_are_twice_our_macs_with_the_papers_subsampling():
+    """FLOPs as tensorflow.profiler counts them (a multiply and an add: 2 per MAC) give Table 1a's
+    21.8B and 21.0B at 224 once the ResNet subsamples where the paper's does (ours: 23.0B, 22.2B)."""
+    plain, net = (_subsampling_in_the_last_unit(m) for m in _paper_pair("torchvision/resnet152"))
+    assert round(2 * count_macs(plain, (3, 224, 224)) / 1e9, 1) == 21.8
+    assert round(2 * count_macs(net, (3, 224, 224)) / 1e9, 1) == 21.0
+
+
+@pytest.mark.parametrize("options, says", [("{branch_widths: [8, 8]}", "branch_widths must be 1 positive integers"),
+                                           ("{width_factor: -1}", "width_factor must be a positive number")])
+def test_network_options_the_builder_refuses_stop_distill_before_anything_is_written(tmp_path, capsys, options,
+                                                                                      says):
+    from ensemble_kd.cli import main
+
+    assert main(["distill", "method.name=ensemblenet", f"method.options={options}", f"run.dir={tmp_path}",
+                 "run.name=refused", "device=cpu"]) != 0
+    err = " ".join(capsys.readouterr().err.split())  # rich wraps long lines
+    assert "config key 'method.options' (ensemblenet's student)" in err and says in err
+    assert not (tmp_path / "refused").exists()

@@ -274,6 +274,28 @@ def test_count_parameters():
     assert count_parameters(shared) == 12
 
 
+def test_count_parameters_with_batch_norm_folded_by_hand():
+    from ensemble_kd.metrics.cost import count_parameters_bn_folded
+
+    # conv without bias + BN: the BN's scale goes into the weights, its shift becomes a bias of 4
+    model = nn.Sequential(nn.Conv2d(2, 4, 3, bias=False), nn.BatchNorm2d(4), nn.ReLU())
+    assert count_parameters(model) == 72 + 8 and count_parameters_bn_folded(model) == 72 + 4
+    # a layer with a bias already absorbs the shift: the BN costs nothing
+    model = nn.Sequential(nn.Linear(5, 3), nn.BatchNorm1d(3))
+    assert count_parameters_bn_folded(model) == 18
+    # a BN with nothing before it folds forwards into the next linear: its shift, through the weights,
+    # becomes that layer's bias (6), which the BN after it then shares; the last linear keeps its own
+    model = nn.Sequential(nn.BatchNorm1d(5), nn.Linear(5, 6, bias=False), nn.BatchNorm1d(6), nn.Linear(6, 2))
+    assert count_parameters(model) == 10 + 30 + 12 + 14 and count_parameters_bn_folded(model) == 30 + 6 + 14
+    # a BN that folds nowhere (an activation between it and its neighbours, or other widths) keeps its 2C
+    model = nn.Sequential(nn.Conv2d(2, 4, 1, bias=False), nn.ReLU(), nn.BatchNorm2d(4), nn.Conv2d(4, 3, 1))
+    assert count_parameters_bn_folded(model) == 8 + 8 + 15
+    model = nn.Sequential(nn.Conv2d(2, 4, 1, bias=False), nn.Identity(), nn.Dropout(), nn.BatchNorm2d(4))
+    assert count_parameters_bn_folded(model) == 8 + 4  # identities and dropouts are no barrier
+    assert count_parameters_bn_folded(nn.Sequential(nn.BatchNorm2d(3), nn.Conv2d(3, 2, 3))) == 6 + 56
+    assert count_parameters_bn_folded(nn.BatchNorm1d(7, affine=False)) == 0
+
+
 def test_count_flops_linear_and_conv():
     assert count_flops(nn.Linear(10, 5), (10,)) == 2 * 10 * 5  # 100; bias not counted
     # Conv 2 -> 4 channels, 3x3 kernel, 5x5 input, no padding -> 3x3 output:
@@ -300,6 +322,9 @@ def test_evaluation_rows_report_macs_and_flops_named_as_such():
     from ensemble_kd.evaluation.evaluate import cost_row
     row = cost_row(nn.Linear(10, 5), (10,), torch.device("cpu"), SimpleNamespace(cost=True, latency=False))
     assert row["macs"] == 50 and row["flops"] == 100
+    row = cost_row(nn.Sequential(nn.Linear(10, 5, bias=False), nn.BatchNorm1d(5)), (10,), torch.device("cpu"),
+                   SimpleNamespace(cost=False, latency=False))
+    assert row == {"params": 60, "params_bn_folded": 55}  # EnsembleNet's #Params
 
 
 def test_cost_functions_restore_modes_and_follow_dtype():

@@ -342,3 +342,86 @@ def test_multiheaded_dbof_shrinks_the_experts_within_the_base_budget():
     assert net(_frames()).shape == (4, 6)
     with pytest.raises(ValueError, match="cannot set widths"):
         create("multihead", base="dbof", num_classes=6, in_channels=8, branch_kwargs={"widths": (4, 4)})
+
+
+# ----------------------------------------------------------------------------- 25 random frames (section 4.2)
+def _drawn(loader, epoch):
+    """{video index: its (count, D) training frames} over an epoch."""
+    return {int(i): x for b in loader.batches(epoch) for i, x in zip(b.index, b.x)}
+
+
+def test_training_frames_are_drawn_per_video_as_a_pure_function_of_seed_epoch_and_index():
+    ds = make_video_dataset(24, num_classes=4, feature_dim=5, max_frames=40, min_frames=3, seed=4)
+    drawn = _drawn(VideoLoader(ds, batch_size=6, seed=7, frames_per_video=25), 0)
+    assert len(drawn) == 24 and all(x.shape == (25, 5) for x in drawn.values())
+    for i, x in drawn.items():  # every drawn frame is one of the video's own (the padding is never drawn)
+        own = ds.features[i, : int(ds.num_frames[i])]
+        assert all(bool((own == frame).all(-1).any()) for frame in x)
+    short = int(ds.num_frames.argmin())
+    assert len(torch.unique(drawn[short], dim=0)) <= int(ds.num_frames[short]) < 25  # with replacement
+    # the same video gets the same frames in another batch layout and another epoch order ...
+    other = VideoLoader(ds, batch_size=5, seed=7, frames_per_video=25)
+    again = {int(i): x for b in other.batches_at([torch.tensor([3, 17, 0]), torch.tensor([9])], 0)
+             for i, x in zip(b.index, b.x)}
+    assert all(torch.equal(again[i], drawn[i]) for i in again)
+    # ... and other frames in another epoch or with another seed
+    for changed in (_drawn(VideoLoader(ds, batch_size=6, seed=7, frames_per_video=25), 1),
+                    _drawn(VideoLoader(ds, batch_size=6, seed=8, frames_per_video=25), 0)):
+        assert sum(not torch.equal(changed[i], drawn[i]) for i in drawn) >= 20
+    # evaluation takes every frame
+    evaluate = VideoLoader(ds, batch_size=6, train=False, frames_per_video=25)
+    assert all(b.x.shape[1] == int(ds.num_frames[b.index].max()) for b in evaluate.batches(None))
+    assert VideoLoader(ds, batch_size=6, frames_per_video=25).views_fingerprint() == {"frames_per_video": 25}
+    assert VideoLoader(ds, batch_size=6).views_fingerprint() == {}  # caches made before still match
+    with pytest.raises(ValueError, match="frames_per_video must be a positive integer"):
+        VideoLoader(ds, batch_size=6, frames_per_video=0)
+
+
+def test_drawn_frame_positions_are_the_same_in_another_process():
+    import subprocess
+    import sys
+
+    code = ("import torch; from ensemble_kd.data.frames import frame_positions; "
+            "print(frame_positions(torch.tensor([300, 7, 1]), torch.tensor([0, 5, 123456789]), epoch=3, seed=11, "
+            "count=25).tolist())")
+    from ensemble_kd.data.frames import frame_positions
+
+    here = frame_positions(torch.tensor([300, 7, 1]), torch.tensor([0, 5, 123456789]), epoch=3, seed=11, count=25)
+    there = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert eval(there) == here.tolist()
+    assert here[2].tolist() == [0] * 25 and int(here[0].max()) < 300 and int(here[1].max()) < 7
+    assert len(set(here[0].tolist())) > 20  # spread over the long video
+
+
+def test_table2_dbof_sizes_at_full_scale():
+    """The paper's YouTube-8M DBoF: cluster 4096, hidden 4096, MoE-5 over 1152 features and 3862
+    classes; its multi-headed version forks after the pooling into two (hidden 3000, MoE-3) branches.
+    Counted with batch norm folded, by hand (the paper states 229M and 226M: see the README)."""
+    from ensemble_kd.metrics.cost import count_parameters_bn_folded
+
+    C, D = 3862, 1152
+
+    def head(hidden, experts):  # hidden layer (BN -> bias), MoE gates (no bias) and experts, output gate
+        return 4096 * hidden + hidden + hidden * C * (experts + 1) + hidden * C * experts + C * experts + C * C + C
+
+    frames = D * 4096 + 4096 + 4096 * 4096 + 4096  # input BN folded forwards; clustering, its context gate
+    kwargs = {"cluster_size": 4096, "hidden_size": 4096, "num_experts": 5}
+    with torch.device("meta"):
+        base = create("dbof", num_classes=C, in_channels=D, **kwargs)
+        net = create("multihead", base="dbof", num_classes=C, in_channels=D, base_kwargs=kwargs, fork="hidden",
+                     branch_widths=[3000], branch_kwargs={"num_experts": 3})
+    assert count_parameters_bn_folded(base) == frames + head(4096, 5)  # 227.2M
+    assert count_parameters_bn_folded(net) == frames + 2 * head(3000, 3)  # 238.2M
+    assert [(b.hidden[0].out_features, b.classifier[0].num_experts) for b in net.branches] == [(3000, 3)] * 2
+
+
+def test_data_frames_per_video_reaches_the_training_loader_and_is_refused_for_images():
+    from ensemble_kd import pipeline
+    from ensemble_kd.config import ConfigError, load_config
+
+    config = load_config(None, ["data.name=video-synthetic", "data.frames_per_video=5", "device=cpu"])
+    data = pipeline.prepare_data(config)
+    assert next(iter(data.train_loader(config.data, seed=0).batches(0))).x.shape[1] == 5
+    assert next(iter(data.test.batches(None))).x.shape[1] > 5  # evaluation: every frame
+    with pytest.raises(ConfigError, match="'data.frames_per_video' draws frames of videos; data.name 'digits'"):
+        pipeline.prepare_data(load_config(None, ["data.frames_per_video=5", "device=cpu"]))

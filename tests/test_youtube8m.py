@@ -79,6 +79,24 @@ def test_streamed_batches_are_the_dequantized_frames_zero_padded(root):
     assert torch.equal(torch.cat([b.index for b in evaluate.batches(None)]), torch.arange(20))
 
 
+def test_streamed_training_batches_draw_frames_per_video(root):
+    from ensemble_kd.data.frames import frame_positions
+
+    root, videos = root
+    ds = YouTube8M([root / "validate0000.tfrecord"], num_classes=CLASSES)
+    loader = YouTube8MLoader(ds, batch_size=8, train=True, seed=3, frames_per_video=6)
+    for batch in loader.batches(2):
+        assert batch.x.shape == (8, 6, 1152)
+        lengths = torch.tensor([len(videos["validate0000"][i][1]) for i in batch.index])
+        positions = frame_positions(lengths, batch.index, epoch=2, seed=3, count=6)
+        for row, i in enumerate(batch.index.tolist()):
+            want = torch.from_numpy(dequantize(videos["validate0000"][i][1]))[positions[row]]
+            torch.testing.assert_close(batch.x[row], want)
+    assert loader.views_fingerprint() == {"frames_per_video": 6}
+    evaluate = YouTube8MLoader(ds, batch_size=8, train=False, frames_per_video=6)
+    assert next(iter(evaluate.batches(None))).x.shape[1] > 6  # evaluation: every frame
+
+
 def test_dbof_trains_a_step_on_youtube8m_through_the_pipeline(root, tmp_path):
     root, _ = root
     config = load_config(None, ["device=cpu", "data.name=youtube8m", f"data.root={root}", f"data.num_classes={CLASSES}",

@@ -36,6 +36,9 @@ DEMO_COLUMNS = ["name", "acc", "nll", "ece", "cnll", "cece", "params", "macs", "
 EVAL_COLUMNS = ["name", "acc", "gap", "map", "hit1", "top5", "nll", "ece", "cnll", "cece", "brier", "corr_acc",
                 "corr_nll", "corr_ece", "ood_auroc_maxprob", "ood_auroc_entropy", "params", "macs",
                 "latency_ms", "throughput"]
+# EnsembleNet's tables count parameters with batch norm folded and FLOPs as 2·MACs (tensorflow.profiler)
+ENSEMBLENET_COLUMNS = [c for col in EVAL_COLUMNS for c in
+                       {"params": ("params", "params_bn_folded"), "macs": ("macs", "flops")}.get(col, (col,))]
 
 # Wide enough for the results table when the output is a file or a CI log.
 out = Console(width=None if sys.stdout.isatty() else 160)
@@ -187,7 +190,7 @@ def cmd_distill(args) -> None:
         if not distributed.world().is_main:
             return
         _finish(run_dir, pipeline.evaluate_student(config, student, data, info),
-                f"{pipeline.student_row_name(config)} on {config.data.name}", EVAL_COLUMNS)
+                f"{pipeline.student_row_name(config)} on {config.data.name}", _eval_columns(config))
 
 
 def cmd_cache_teachers(args) -> None:
@@ -233,7 +236,8 @@ def cmd_sweep(args) -> None:
         return
     if config.teachers.source:  # the teachers beside their students
         rows = [r for r in _teacher_rows(config, data, run_dir) if not r["name"].startswith("majority")] + rows
-    _finish(run_dir, rows, f"sweep on {config.data.name}", EVAL_COLUMNS + ["train_time_s"])
+    columns = _eval_columns(*(variant for _, _, variant in sweep.variant_configs(config)))
+    _finish(run_dir, rows, f"sweep on {config.data.name}", columns + ["train_time_s"])
 
 
 def _teacher_rows(config, data, run_dir: Path) -> list[dict]:
@@ -401,6 +405,11 @@ def _claim(config: Config, command: str, args, shared: bool = False, reentrant: 
                        reentrant=reentrant) as run_dir:
         _RUNNING["dir"] = run_dir
         yield run_dir
+
+
+def _eval_columns(*configs) -> list[str]:
+    """The printed columns of runs: with an EnsembleNet among them, its paper's cost conventions too."""
+    return ENSEMBLENET_COLUMNS if any(c.method.name == "ensemblenet" for c in configs) else EVAL_COLUMNS
 
 
 def _finish(run_dir: Path, rows: list[dict], title: str, columns: list[str]) -> None:

@@ -56,6 +56,8 @@ class DataConfig(_Section):
     root: str | None = None
     num_classes: int | None = Field(None, gt=0)  # youtube8m: the label vocabulary (default 3862)
     max_frames: int = Field(300, gt=0)  # youtube8m: frames kept of each video
+    # video: frames drawn per video in training (seeded by seed, epoch, index); None: all; eval: all
+    frames_per_video: int | None = Field(None, gt=0)
     val_fraction: float = Field(0.1, ge=0.0, lt=1.0)
     split_seed: int = 0
     view_seed: int | None = None  # training order and views; None: the trained model's seed

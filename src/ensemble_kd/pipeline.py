@@ -57,7 +57,7 @@ class Data:
         if isinstance(self.splits, VideoSplits):
             return video_loader(self.splits.train, batch_size=cfg.batch_size, train=True, seed=seed,
                                 device=self.device, rank=rank, world_size=world_size,
-                                workers=getattr(cfg, "workers", 0))
+                                workers=getattr(cfg, "workers", 0), frames_per_video=cfg.frames_per_video)
         spec = AugmentSpec(**cfg.augment.model_dump()) if cfg.augment else self.splits.augment
         v = cfg.views
         mix = MixSpec(mixup_alpha=v.mixup_alpha, cutmix_alpha=v.cutmix_alpha, mix_prob=v.mix_prob)
@@ -88,6 +88,9 @@ def prepare_data(config: Config, device: torch.device | None = None) -> Data:
     """Load the dataset named by the config and put its eval splits on the device."""
     device = device or distributed.device_for(distributed.world(), resolve_device(config.device))
     cfg = config.data
+    if cfg.frames_per_video is not None and cfg.name not in VIDEO_DATASETS:
+        raise ConfigError(f"config key 'data.frames_per_video' draws frames of videos; data.name {cfg.name!r} is "
+                          f"not video ({', '.join(VIDEO_DATASETS)}): remove it")
     with distributed.main_rank_first():  # the ranks after it read the indices it built
         if cfg.name in VIDEO_DATASETS:
             splits = load_video_splits(cfg.name, root=cfg.root, val_fraction=cfg.val_fraction,
@@ -346,12 +349,18 @@ def prepare_distill(config: Config, data: Data, teachers=None):
         # teachers shared between runs (the demo) were folded; this method needs their BatchNorm
         unfolded = TeacherSet([copy.deepcopy(m).to(data.device) for m in teachers.source_members], teachers.names)
         teachers = fast_teachers(config, unfolded, method.needs)
-    if config.student.weights is not None:  # into the network the method builds (LatentBE's, EnsembleNet's)
-        arch, kwargs = method.student_spec(config.student.arch, config.student.kwargs,
-                                           len(teachers) if teachers is not None else None)
-        with torch.device("meta"):
-            student = create(arch, num_classes=data.splits.num_classes, in_channels=data.splits.in_channels, **kwargs)
-        _check_weights_file("student", config.student.weights, student)
+    arch, kwargs = method.student_spec(config.student.arch, config.student.kwargs,
+                                       len(teachers) if teachers is not None else None)
+    if arch != config.student.arch or config.student.weights is not None:
+        # the network the method builds (LatentBE's, EnsembleNet's), from its options: shapes only
+        try:
+            with torch.device("meta"):
+                student = create(arch, num_classes=data.splits.num_classes, in_channels=data.splits.in_channels,
+                                 **kwargs)
+        except ValueError as err:
+            raise ConfigError(f"config key 'method.options' ({config.method.name}'s student): {err}") from None
+        if config.student.weights is not None:
+            _check_weights_file("student", config.student.weights, student)
     return method, teachers
 
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .frames import SampledFrames, check_frames_per_video
 from .loader import Batch, ShardedLoader
 from .youtube8m import YouTube8M, YouTube8MLoader, list_splits
 
@@ -136,32 +137,36 @@ def load_video_npz(path: str | os.PathLike) -> VideoDataset:
                         torch.from_numpy(labels.astype(np.float32)))
 
 
-class VideoLoader(ShardedLoader):
+class VideoLoader(SampledFrames, ShardedLoader):
     """Batches of a VideoDataset held on `device`, with DeviceLoader's order and interface.
 
     A batch holds x float32 (B, T_b, D), trimmed to its longest item T_b, y float32 (B, C) and
-    the indices. Frame features have no augmented views, so `view_epoch` is ignored.
+    the indices. With `frames_per_video` a training batch holds that many frames of each video
+    instead, drawn for (seed, view_epoch, index) (data/frames.py); evaluation takes every frame.
     """
 
     def __init__(self, dataset: VideoDataset, *, batch_size: int, train: bool = True, seed: int = 0,
                  device: str | torch.device = "cpu", drop_last: bool | None = None, rank: int = 0,
-                 world_size: int = 1) -> None:
+                 world_size: int = 1, frames_per_video: int | None = None) -> None:
         super().__init__(len(dataset), batch_size=batch_size, train=train, seed=seed, device=device,
                          drop_last=drop_last, rank=rank, world_size=world_size)
+        self.frames_per_video = check_frames_per_video(frames_per_video)
         self.features = dataset.features.to(self.device)
         self.num_frames = dataset.num_frames.to(self.device)
         self.labels = dataset.labels.to(self.device)
 
     def batches(self, epoch: int | None, start: int = 0, view_epoch: int | None = None) -> Iterator[Batch]:
         """Yield the epoch's batches, skipping the first `start` (to resume mid-epoch)."""
-        return self.batches_at(self.batch_indices(epoch, start), view_epoch)
+        return self.batches_at(self.batch_indices(epoch, start), epoch if view_epoch is None else view_epoch)
 
     def batches_at(self, index_batches, view_epoch: int | None = None) -> Iterator[Batch]:
         """The batches of the given dataset indices (what the teacher cache computes)."""
         for idx in index_batches:
             idx = idx.to(self.device)
-            longest = int(self.num_frames.index_select(0, idx).max())
-            yield Batch(self.features.index_select(0, idx)[:, :longest], self.labels.index_select(0, idx), idx)
+            num_frames = self.num_frames.index_select(0, idx)
+            x = self.features.index_select(0, idx)[:, :int(num_frames.max())]
+            yield Batch(self.frames(x, num_frames, idx, view_epoch), self.labels.index_select(0, idx), idx)
+
 
 
 def video_loader(dataset, *, workers: int = 0, **kw) -> VideoLoader | YouTube8MLoader:

@@ -32,6 +32,7 @@ import torch
 from google.protobuf.message import DecodeError
 from tfrecord import example_pb2
 
+from .frames import SampledFrames, check_frames_per_video
 from .index_cache import cached_index
 from .loader import Batch, ShardedLoader
 
@@ -219,18 +220,21 @@ def _identity(item):
     return item
 
 
-class YouTube8MLoader(ShardedLoader):
+class YouTube8MLoader(SampledFrames, ShardedLoader):
     """Batches of a YouTube8M set with VideoLoader's order and interface, read by `workers` processes.
 
     A batch holds x float32 (B, T_b, 1152) dequantized on the device and zero after each video's
-    frames, y float32 (B, C) multi-hot, and the indices. Frame features have no augmented views.
+    frames, y float32 (B, C) multi-hot, and the indices; with `frames_per_video`, a training batch
+    holds that many frames drawn from each video, as VideoLoader's.
     """
 
     def __init__(self, videos: YouTube8M, *, batch_size: int, train: bool = True, seed: int = 0,
                  device: str | torch.device = "cpu", drop_last: bool | None = None, rank: int = 0,
-                 world_size: int = 1, workers: int = 0, prefetch: int = 2) -> None:
+                 world_size: int = 1, workers: int = 0, prefetch: int = 2, frames_per_video: int | None = None
+                 ) -> None:
         super().__init__(len(videos), batch_size=batch_size, train=train, seed=seed, device=device,
                          drop_last=drop_last, rank=rank, world_size=world_size)
+        self.frames_per_video = check_frames_per_video(frames_per_video)
         if isinstance(workers, bool) or not isinstance(workers, int) or workers < 0:
             raise ValueError(f"workers must be a non-negative integer, got {workers!r}.")
         self.videos, self.workers, self.prefetch = videos, workers, prefetch
@@ -238,7 +242,7 @@ class YouTube8MLoader(ShardedLoader):
 
     def batches(self, epoch: int | None, start: int = 0, view_epoch: int | None = None) -> Iterator[Batch]:
         """Yield the epoch's batches, skipping the first `start` (not read) to resume mid-epoch."""
-        return self.batches_at(self.batch_indices(epoch, start), view_epoch)
+        return self.batches_at(self.batch_indices(epoch, start), epoch if view_epoch is None else view_epoch)
 
     def batches_at(self, index_batches: Iterable[torch.Tensor], view_epoch: int | None = None) -> Iterator[Batch]:
         """The batches of the given dataset indices, in order (what the teacher cache computes)."""
@@ -251,9 +255,11 @@ class YouTube8MLoader(ShardedLoader):
             if "error" in item:
                 raise ValueError(item["error"])
             frames = item["frames"].to(self.device, non_blocking=True)
-            valid = torch.arange(frames.shape[1], device=self.device) < item["num_frames"].to(self.device)[:, None]
+            num_frames, idx = item["num_frames"].to(self.device), item["index"].to(self.device)
+            valid = torch.arange(frames.shape[1], device=self.device) < num_frames[:, None]
             x = dequantize(frames) * valid[..., None]  # padding stays zero: the models find it so
-            yield Batch(x, item["y"].to(self.device), item["index"].to(self.device))
+            yield Batch(self.frames(x, num_frames, idx, view_epoch), item["y"].to(self.device), idx)
+
 
     def fingerprint_data(self) -> dict:
         return {"num_samples": self.size, "image_shape": [self.videos.max_frames, FEATURE_DIM],

@@ -1,7 +1,7 @@
 """Evaluation as the papers do it: test metrics, temperature fitted on validation, cost.
 
 A row is a plain dict (name, acc, nll, ece, cnll, cece, temperature, temperature_at_bound, brier,
-params, macs, flops = 2·macs, ...) plus the reliability bins, so `compare` can redraw diagrams
+params, params_bn_folded (EnsembleNet's #Params), macs, flops = 2·macs (EnsembleNet's #FLOPs), ...) plus the reliability bins, so `compare` can redraw diagrams
 from results.json.
 """
 
@@ -13,6 +13,7 @@ from torch import nn
 from ..ensemble import TeacherSet, majority_vote
 from ..metrics import (classification_metrics, count_macs, count_parameters, eval_mode, measure_latency,
                        measure_throughput, reliability_bins)
+from ..metrics.cost import count_parameters_bn_folded
 from ..metrics.multilabel import global_average_precision, mean_average_precision
 from ..models import unwrap
 from ..models.multihead import ensemble_logits
@@ -40,7 +41,7 @@ def metrics_row(name: str, probs: torch.Tensor, labels: torch.Tensor, *, val_log
 
 
 def cost_row(model: nn.Module, input_shape, device, eval_cfg) -> dict:
-    row = {"params": count_parameters(model)}
+    row = _params(model)
     if eval_cfg.cost:
         row.update(_macs_and_flops(count_macs(model, input_shape)))
     if eval_cfg.latency:
@@ -73,7 +74,7 @@ def evaluate_multilabel(name: str, model: nn.Module, test_loader, eval_cfg, devi
     row = {"name": name, "gap": global_average_precision(scores, labels, top_k=20),
            "map": mean_average_precision(scores, labels),
            "hit1": labels.gather(1, scores.argmax(1, keepdim=True)).mean().item(),
-           "params": count_parameters(model)}
+           **_params(model)}
     if eval_cfg.cost:
         example = next(iter(test_loader.batches(0))).x[:1]
         row.update(_macs_and_flops(count_macs(model, tuple(example.shape[1:]), example=example)))
@@ -112,7 +113,7 @@ def _sum_costs(rows: list[dict]) -> dict:
     """An ensemble costs the sum of its members (latency too: M forward passes; the members'
     interquartile ranges add up to a bound on the ensemble's)."""
     out = {}
-    for key in ("params", "macs", "flops", "latency_ms", "latency_ms_iqr"):
+    for key in ("params", "params_bn_folded", "macs", "flops", "latency_ms", "latency_ms_iqr"):
         if all(key in r for r in rows):
             out[key] = sum(r[key] for r in rows)
     if all("throughput" in r for r in rows):
@@ -120,8 +121,14 @@ def _sum_costs(rows: list[dict]) -> dict:
     return out
 
 
+def _params(model: nn.Module) -> dict:
+    """Parameters, and with batch norm folded into the layers next to it (EnsembleNet's #Params)."""
+    return {"params": count_parameters(model), "params_bn_folded": count_parameters_bn_folded(model)}
+
+
 def _macs_and_flops(macs: int) -> dict:
-    """MACs, the papers' "FLOPs", and FLOPs proper (2 per multiply-accumulate), both named as such."""
+    """MACs (what the CIFAR, MEAL and AE-KD papers call FLOPs) and FLOPs, 2 per multiply-accumulate
+    (EnsembleNet's #FLOPs: tensorflow.profiler counts the multiply and the add), both named as such."""
     return {"macs": macs, "flops": 2 * macs}
 
 

@@ -60,6 +60,23 @@ def class_targets(batch) -> torch.Tensor:
     return batch.y if target is None else target
 
 
+def smooth_labels(targets: torch.Tensor, eps: float, multilabel: bool = False) -> torch.Tensor:
+    """Label smoothing of (B, K) targets: (1-eps)·t + eps/K for a class distribution (one-hot or the
+    soft targets of mixed views, as torch's cross_entropy smooths probabilities), (1-eps)·t + eps/2
+    for independent multi-label targets (each class a two-way distribution, as TensorFlow's
+    sigmoid_cross_entropy smooths)."""
+    if not eps:
+        return targets
+    t = targets.float()
+    return t * (1 - eps) + eps * (0.5 if multilabel else 1.0 / t.shape[-1])
+
+
+def check_label_smoothing(value, method: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
+        raise ValueError(f"{method} option label_smoothing must be a number in [0, 1), got {value!r}")
+    return float(value)
+
+
 class Method(nn.Module):
     """Base class: subclasses set `needs` and implement `loss`."""
 

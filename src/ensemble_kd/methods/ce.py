@@ -7,20 +7,18 @@ from __future__ import annotations
 
 import torch.nn.functional as F
 
-from .base import Method, MethodLoss, register_method, class_targets
+from .base import Method, MethodLoss, check_label_smoothing, class_targets, register_method, smooth_labels
 
 
 @register_method("ce")
 class CrossEntropy(Method):
     def __init__(self, label_smoothing: float = 0.0):
         super().__init__()
-        if not 0.0 <= label_smoothing < 1.0:
-            raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
-        self.label_smoothing = label_smoothing
+        self.label_smoothing = check_label_smoothing(label_smoothing, "ce")
 
     def loss(self, batch, student, teachers=None) -> MethodLoss:
         if batch.y.dim() == 2:  # multi-hot labels (video): binary cross entropy, summed over classes
-            y = batch.y.float() * (1 - self.label_smoothing) + 0.5 * self.label_smoothing
+            y = smooth_labels(batch.y.float(), self.label_smoothing, multilabel=True)
             loss = F.binary_cross_entropy_with_logits(student.logits.float(), y, reduction="sum") / len(y)
         else:
             loss = F.cross_entropy(student.logits, class_targets(batch), label_smoothing=self.label_smoothing)

@@ -15,6 +15,12 @@ weight 1: the gate always learns to lower l(g, p_ens), even when λ < 0.
 
 For multi-label models (the video DBoF) p_i = sigmoid and l is the binary cross entropy
 summed over classes; everything else is the same.
+
+`label_smoothing` ε (the paper's ImageNet runs: 0.1, section 4.1) smooths the ground truth g, so
+it enters the terms l(g, ·) only: l(g, p_ens) and, in the ensembling structure, l(g, p_i). The
+co-distillation targets p_ens are the network's own predictions, already soft: smoothing them
+would pull the branches towards uniform on top of the labels' smoothing, which the paper's
+label smoothing (TensorFlow's, on the one-hot labels) never does.
 """
 
 from __future__ import annotations
@@ -26,7 +32,8 @@ import torch.nn.functional as F
 
 from ..models import unwrap
 from ..models.multihead import ENSEMBLERS, MultiHeadNet, mix_log
-from .base import Method, MethodLoss, Needs, register_method, class_targets
+from .base import (Method, MethodLoss, Needs, check_label_smoothing, class_targets, register_method,
+                   smooth_labels)
 from .gradients import scale_gradient
 
 STRUCTURES = ("codistill", "ensembling")
@@ -113,15 +120,17 @@ class EnsembleNet(Method):
     """Co-distillation (default) or the ensembling loss over a multi-headed student.
 
     Loss options: structure (codistill | ensembling), mu (2), lam (0; negative allowed), loss
-    (ce | l2), stop_gradient (True). Network options, passed to the multi-head builder in place of
-    the student's architecture: branches (2), fork (a stage name; default the last stage),
-    width_factor (default: the smallest that keeps the net no larger than the base), ensembler
-    (mean | gate).
+    (ce | l2), stop_gradient (True), label_smoothing (0; on g only). Network options, passed to the
+    multi-head builder in place of the student's architecture: branches (2), fork (a stage name;
+    default the last stage), width_factor (default: the smallest that keeps the net no larger than
+    the base) or branch_widths (the branched stages' widths in the base's width config), ensembler
+    (mean | gate), branch_kwargs.
     """
 
     def __init__(self, structure: str = "codistill", mu: float = 2.0, lam: float = 0.0, loss: str = "ce",
                  stop_gradient: bool = True, branches: int = 2, fork: str | None = None,
-                 width_factor: float | None = None, ensembler: str = "mean", branch_kwargs: dict | None = None):
+                 width_factor: float | None = None, ensembler: str = "mean", branch_kwargs: dict | None = None,
+                 branch_widths: list[int] | None = None, label_smoothing: float = 0.0):
         super().__init__()
         if structure not in STRUCTURES:
             raise ValueError(f"ensemblenet option structure must be one of {', '.join(STRUCTURES)}, got {structure!r}")
@@ -135,11 +144,14 @@ class EnsembleNet(Method):
             raise ValueError(f"ensemblenet option stop_gradient must be true or false, got {stop_gradient!r}")
         self.structure, self.kind, self.stop_gradient = structure, loss, stop_gradient
         self.mu, self.lam = _number("mu", mu), _number("lam", lam)
+        self.label_smoothing = check_label_smoothing(label_smoothing, "ensemblenet")
+        if branch_widths is not None and width_factor is not None:
+            raise ValueError("ensemblenet takes branch_widths or width_factor, not both; drop one of them")
         if branch_kwargs is not None and not isinstance(branch_kwargs, dict):
             raise ValueError(f"ensemblenet option branch_kwargs must be a mapping (e.g. {{num_experts: 3}}), "
                              f"got {branch_kwargs!r}")
         self.network = {"branches": branches, "fork": fork, "width_factor": width_factor, "ensembler": ensembler,
-                        "branch_kwargs": branch_kwargs}
+                        "branch_kwargs": branch_kwargs, "branch_widths": branch_widths}
         self.needs = Needs(student_taps=("heads", "ensembler") if ensembler == "gate" else ("heads",))
         self.multilabel = False
 
@@ -169,6 +181,7 @@ class EnsembleNet(Method):
         else:  # one-hot labels, or the soft targets of mixed views
             targets = class_targets(batch)
             g = targets.float() if targets.dim() == 2 else F.one_hot(targets, z.shape[-1]).float()
+        g = smooth_labels(g, self.label_smoothing, self.multilabel)  # the labels only: see the module's note
         if self.structure == "ensembling":
             loss, logs = ensembling_loss(branches, g, self.lam, self.kind, weights)
         else:

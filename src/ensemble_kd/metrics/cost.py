@@ -1,4 +1,5 @@
-"""Inference cost of a model: parameters, MACs (and FLOPs = 2·MACs) per sample, latency (median and spread) and throughput."""
+"""Inference cost of a model: parameters (also with batch norm folded, as EnsembleNet counts them),
+MACs (and FLOPs = 2·MACs) per sample, latency (median and spread) and throughput."""
 
 from __future__ import annotations
 
@@ -17,6 +18,49 @@ from torch.utils.flop_counter import FlopCounterMode
 def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
     """Number of parameter elements (shared parameters counted once); optionally only trainable ones."""
     return int(sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only))
+
+
+_WEIGHTED = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+
+
+def count_parameters_bn_folded(model: nn.Module) -> int:
+    """Parameters once every batch norm is folded into the layer next to it, as for inference
+    (EnsembleNet's #Params: "we fold batch norm operations during inference when possible").
+
+    A BN is an affine map per channel: folded into the convolution or linear layer before it (the
+    one with as many outputs as the BN has channels), its scale multiplies that layer's weights
+    (no parameters) and its shift becomes that layer's bias: C parameters in place of the BN's 2C,
+    none if the layer has a bias already. A BN with no such layer before it (a DBoF's input BN)
+    folds forwards into the linear layer after it (as many inputs as channels): its shift, through
+    the weights, becomes that layer's bias. A BN that folds nowhere (an activation between it and
+    its neighbours) keeps its 2C. "Before" and "after" are the leaf modules' registration order
+    (identities and dropouts skipped), which is the order they run in torchvision's, timm's and
+    this package's networks.
+    """
+    modules = [m for m in model.modules()
+               if not next(m.children(), None) and not isinstance(m, (nn.Identity, nn.modules.dropout._DropoutNd))]
+    biased = {id(m) for m in modules if isinstance(m, _WEIGHTED) and m.bias is not None}
+    total = count_parameters(model)
+    for i, bn in enumerate(modules):
+        if not isinstance(bn, nn.modules.batchnorm._BatchNorm) or not bn.affine:
+            continue
+        before = modules[i - 1] if i > 0 else None
+        after = modules[i + 1] if i + 1 < len(modules) else None
+        if isinstance(before, _WEIGHTED) and _outputs(before) == bn.num_features:
+            into, bias = before, bn.num_features
+        elif isinstance(after, nn.Linear) and after.in_features == bn.num_features:
+            into, bias = after, after.out_features
+        else:
+            continue
+        total -= 2 * bn.num_features
+        if id(into) not in biased:
+            total += bias
+            biased.add(id(into))
+    return int(total)
+
+
+def _outputs(layer: nn.Module) -> int:
+    return layer.out_features if isinstance(layer, nn.Linear) else layer.out_channels
 
 
 @contextlib.contextmanager
@@ -69,8 +113,9 @@ def _sync(device: torch.device) -> None:
 
 
 def count_macs(model: nn.Module, input_shape: Sequence[int], example: torch.Tensor | None = None) -> int:
-    """Multiply-accumulates of one forward pass per sample: what the CIFAR and ImageNet papers
-    (and most users) call "FLOPs", e.g. nn.Linear(10, 5) gives 10 * 5 = 50. Half of `count_flops`."""
+    """Multiply-accumulates of one forward pass per sample: what the CIFAR papers, MEAL's and AE-KD's
+    (and most users) call "FLOPs", e.g. nn.Linear(10, 5) gives 10 * 5 = 50. Half of `count_flops`,
+    which is what EnsembleNet's tables call FLOPs (tensorflow.profiler: a multiply and an add are two)."""
     return count_flops(model, input_shape, example) // 2
 
 

@@ -8,7 +8,10 @@ A library ResNet has no `widths` argument, so the multi-head builder asks this m
 whose stages from `at` on are narrower, built with the library's own blocks: timm's ResNet takes
 the per-stage planes as `channels`; torchvision's is rebuilt stage by stage with its `_make_layer`
 and initialised as its constructor does. A width is a stage's output channels; the block's planes
-are width / expansion (4 for bottlenecks), rounded.
+are width / expansion (4 for bottlenecks), rounded. The width config (multihead's branch_widths,
+the EnsembleNet paper's tables) counts planes: `width_unit` is the expansion. timm's SE-ResNets
+(`timm/seresnet152`) are timm ResNets with SE blocks, rebuilt the same way (timm's SE module
+sizes its reduction from the block's channels).
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ def expose_stages(model: nn.Module) -> bool:
     model.tap_points = ("layer1", "layer2", "layer3", "layer4")
     model.head_points = ("global_pool", "fc") if kind == "timm" else ("avgpool", "fc")
     model.stage_channels = tuple(_stage_out(getattr(model, p)) for p in model.tap_points)
+    model.width_unit = type(model.layer1[0]).expansion  # width config = planes (a paper's bottleneck widths)
     return True
 
 
@@ -63,12 +67,27 @@ def at_widths(base_model: nn.Module, base: str, num_classes: int, in_channels: i
         # timm's own constructor takes the planes per stage; the stages below `at` keep the base's.
         keep = _planes(base_model, [_stage_out(getattr(base_model, f"layer{i + 1}")) for i in range(4)])
         model = create(base, num_classes=num_classes, in_channels=in_channels,
-                       **{**kwargs, "channels": tuple(keep[:at] + planes[at:])})
+                       **{**kwargs, **_se_ratio_kept(base_model), "channels": tuple(keep[:at] + planes[at:])})
     else:
         model = create(base, num_classes=num_classes, in_channels=in_channels, **kwargs)
         _rebuild_torchvision(model, planes, at, num_classes, kwargs)
     expose_stages(model)
     return model
+
+
+def _se_ratio_kept(model: nn.Module) -> dict:
+    """timm's block arguments that keep an SE-ResNet's reduction ratio exact in narrower stages: timm
+    rounds the SE's reduced channels up to a multiple of 8 (704 / 16 = 44 -> 48), the SE-ResNet's
+    ratio (16, as the EnsembleNet paper sets it) gives 44. Empty for blocks without timm's SEModule."""
+    se = getattr(model.layer1[0], "se", None)
+    if type(se).__name__ != "SEModule":
+        return {}
+    from functools import partial
+
+    from timm.layers import SEModule
+
+    ratio = se.fc1.out_channels / se.fc1.in_channels  # the base's own, e.g. 1/16
+    return {"block_args": {"attn_layer": partial(SEModule, rd_ratio=ratio, rd_divisor=1)}}
 
 
 def _rebuild_torchvision(model: nn.Module, planes: list[int], at: int, num_classes: int, kwargs: dict) -> None:

@@ -10,6 +10,11 @@ head are built N times, as branches, at the base's widths divided by `width_fact
 `branch_kwargs` over the base's keyword arguments (e.g. {num_experts: 3} for a DBoF whose base has
 5, as the paper shrinks MoE-5 to MoE-3). By default the factor is the smallest (on a 0.05 grid)
 that keeps the whole network no larger than the base (about 1.4 for two branches, as the paper's ≈1.5).
+`branch_widths` instead names the branched stages' widths outright, in the base's width config (the
+paper's tables): a bottleneck ResNet's planes, so the paper's ResNet-152 with two branches of
+(176, 352) from layer3 is
+
+    create("multihead", base="timm/resnet152", num_classes=1000, fork="layer3", branch_widths=[176, 352])
 
 forward(x) is the ensembler's prediction from one pass, as logits: log p_ens for a
 classifier (softmax gives p_ens back), logit(p_ens) for a multi-label model (sigmoid does).
@@ -70,7 +75,8 @@ def ensemble_logits(branch_logits: torch.Tensor, weights: torch.Tensor | None = 
 class MultiHeadNet(nn.Module):
     def __init__(self, base: str, num_classes: int = 10, in_channels: int = 3, branches: int = 2,
                  fork: str | None = None, width_factor: float | None = None, ensembler: str = "mean",
-                 base_kwargs: dict | None = None, branch_kwargs: dict | None = None, pretrained: bool = False):
+                 base_kwargs: dict | None = None, branch_kwargs: dict | None = None, pretrained: bool = False,
+                 branch_widths: list[int] | None = None):
         super().__init__()
         if isinstance(branches, bool) or not isinstance(branches, int) or branches < 1:
             raise ValueError(f"multihead branches must be a positive integer, got {branches!r}.")
@@ -97,16 +103,23 @@ class MultiHeadNet(nn.Module):
         if branch_kwargs and library:
             raise ValueError(f"multihead branch_kwargs apply to this package's models, not to {base!r}")
         if "widths" in branch_kwargs:
-            raise ValueError("multihead branch_kwargs cannot set widths: width_factor sets the branches' widths")
-        if width_factor is None:
+            raise ValueError("multihead branch_kwargs cannot set widths: set branch_widths (or width_factor)")
+        if branch_widths is not None:
+            if width_factor is not None:
+                raise ValueError("multihead takes branch_widths or width_factor, not both; drop one of them")
+            widths = explicit_widths(trunk, at, branch_widths)
+        elif width_factor is None:
             gate = (base_widths[at - 1] + 3) * branches if ensembler == "gate" else 0  # linear + BN
             width_factor = fitting_width_factor(base, num_classes, in_channels, branches, at, kwargs, extra=gate,
                                                 branch_kwargs=branch_kwargs)
-        if isinstance(width_factor, bool) or not isinstance(width_factor, (int, float)) or not width_factor > 0:
-            raise ValueError(f"multihead width_factor must be a positive number, got {width_factor!r}.")
-        widths = branch_widths(base_widths, at, width_factor)
+        if branch_widths is None:
+            if isinstance(width_factor, bool) or not isinstance(width_factor, (int, float)) or not width_factor > 0:
+                raise ValueError(f"multihead width_factor must be a positive number, got {width_factor!r}.")
+            widths = narrowed_widths(base_widths, at, width_factor)
         kwargs.pop("widths", None)
-        self.base, self.width_factor = base, float(width_factor)
+        self.base = base
+        # with explicit widths: the first branched stage's base width over its branch width
+        self.width_factor = float(width_factor) if width_factor is not None else base_widths[at] / widths[at]
         self.shared_points, self.branch_points = tuple(points[:at]), tuple(points[at:])
         self.multilabel = bool(getattr(trunk, "multilabel", False))
         members = [_member(trunk if library else None, base, num_classes, in_channels,
@@ -144,9 +157,23 @@ class MultiHeadNet(nn.Module):
         return ensemble_logits(z, weights, self.multilabel)
 
 
-def branch_widths(widths, at: int, factor: float) -> list[int]:
+def narrowed_widths(widths, at: int, factor: float) -> list[int]:
     """The base's stage widths, those from stage `at` on divided by `factor` (at least 1)."""
     return list(widths[:at]) + [max(1, round(w / factor)) for w in widths[at:]]
+
+
+def explicit_widths(trunk: nn.Module, at: int, branch_widths) -> list[int]:
+    """The stage widths of a member whose stages `at`.. have `branch_widths`, given in the base's width
+    config: a stage's output channels are its config width times the model's `width_unit` (a
+    bottleneck ResNet's expansion, 4: the paper's width config counts the bottleneck's planes)."""
+    points = list(trunk.tap_points)
+    upper = points[at:]
+    if (not isinstance(branch_widths, (list, tuple)) or len(branch_widths) != len(upper)
+            or not all(isinstance(w, int) and not isinstance(w, bool) and w >= 1 for w in branch_widths)):
+        raise ValueError(f"multihead branch_widths must be {len(upper)} positive integers, one per branched stage "
+                         f"{upper} (fork {points[at]!r}), got {branch_widths!r}.")
+    unit = getattr(trunk, "width_unit", 1)
+    return list(trunk.stage_channels[:at]) + [w * unit for w in branch_widths]
 
 
 # Library networks given the stage contract, each: expose_stages(model) -> bool (the names set in
@@ -187,7 +214,7 @@ def fitting_width_factor(base: str, num_classes: int, in_channels: int, branches
         for step in range(0, 20 * (branches + 1)):
             factor = 1.0 + 0.05 * step
             member = _member(reference if library else None, base, num_classes, in_channels, rest,
-                             branch_widths(widths, at, factor), at)
+                             narrowed_widths(widths, at, factor), at)
             per_branch = sum(_count(member.get_submodule(n)) for n in (*member.tap_points[at:], *member.head_points))
             if shared + branches * per_branch + extra <= budget:
                 return round(factor, 2)
@@ -218,7 +245,7 @@ def _drop(model: nn.Module, names) -> None:
 def multihead(num_classes: int = 10, in_channels: int = 3, base: str = "small_cnn", branches: int = 2,
               fork: str | None = None, width_factor: float | None = None, ensembler: str = "mean",
               base_kwargs: dict | None = None, branch_kwargs: dict | None = None,
-              pretrained: bool = False) -> MultiHeadNet:
+              pretrained: bool = False, branch_widths: list[int] | None = None) -> MultiHeadNet:
     """EnsembleNet's multi-headed version of `base` (any model with stages): N branches from `fork`."""
     return MultiHeadNet(base, num_classes, in_channels, branches, fork, width_factor, ensembler, base_kwargs,
-                        branch_kwargs, pretrained)
+                        branch_kwargs, pretrained, branch_widths)

@@ -7,7 +7,9 @@ A model that keeps it has
 - optionally `forward_stem(x)` and `forward_head(h)` (else the stem's and the head's modules run
   in order, flattened before a Linear), with forward(x) = head(stages(stem(x)));
 - `stage_channels`: each stage's output channels, and a `widths` constructor argument that
-  sets them (the multi-head builder shrinks the branches through it).
+  sets them (the multi-head builder shrinks the branches through it);
+- optionally `width_unit` (default 1): output channels per unit of the model's width config, the
+  widths a paper's table states (a bottleneck ResNet's planes: 4).
 small_cnn, the CIFAR ResNets, the WRNs and dbof keep it; timm's and torchvision's ResNets are
 given it by models/library_resnets.py (their widths rebuilt there, not by an argument), timm's
 ConvNeXt by models/library_convnext.py (through its `dims` argument).

@@ -25,7 +25,7 @@ TEMPERATURE_NOTE = (f"temperature scaling hit a bound of its range (T={T_MIN:g} 
 COLUMNS: tuple[str, ...] = (
     "name", "acc", "gap", "map", "hit1", "top5", "nll", "ece", "cnll", "cece", "brier",
     "corr_acc", "corr_nll", "corr_ece", "ood_auroc_maxprob", "ood_auroc_entropy",
-    "params", "macs", "flops", "latency_ms", "throughput", "train_time_s",
+    "params", "params_bn_folded", "macs", "flops", "latency_ms", "throughput", "train_time_s",
 )  # fmt: skip
 
 HEADERS: dict[str, str] = {
@@ -47,6 +47,7 @@ HEADERS: dict[str, str] = {
     "brier": "Brier",
     "temperature": "T",
     "params": "params",
+    "params_bn_folded": "params (BN folded)",
     "macs": "MACs",
     "flops": "FLOPs",
     "latency_ms": "latency (ms)",
@@ -85,6 +86,7 @@ _FORMATS = {
     "brier": lambda x: f"{x:.4f}",
     "temperature": lambda x: f"{x:.3f}",
     "params": lambda x: _si(x, 2, 1e5),
+    "params_bn_folded": lambda x: _si(x, 2, 1e5),
     "macs": lambda x: _si(x, 1, 1e6),
     "flops": lambda x: _si(x, 1, 1e6),
     "latency_ms": lambda x: f"{x:.3f}",
