@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .init import he_init
 from .registry import register_model
 
 
@@ -66,11 +67,7 @@ class DenseNetBC(nn.Module):
         self.fc = nn.Linear(planes, num_classes)
         self.tap_points: tuple[str, ...] = ("layer1", "layer2", "layer3")
         self.stage_channels: tuple[int, ...] = tuple(stage_channels)
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.Linear):
-                nn.init.zeros_(m.bias)
+        he_init(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.layer3(self.layer2(self.layer1(self.conv1(x))))

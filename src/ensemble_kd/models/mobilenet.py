@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .init import he_init
 from .registry import register_model
 
 # Output channels of each block by stage; a stage's first block has stride 2 (the first stage's, 1).
@@ -44,9 +45,7 @@ class MobileNet(nn.Module):
         self.fc = nn.Linear(channels, num_classes)
         self.tap_points: tuple[str, ...] = tuple(f"layer{i}" for i in range(1, len(STAGES) + 1))
         self.stage_channels: tuple[int, ...] = tuple(widths[-1] for widths in STAGES)
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        he_init(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.stem(x)

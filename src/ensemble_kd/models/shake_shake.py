@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .init import he_init
 from .registry import register_model
 from .stages import run_stages, stage_widths
 
@@ -107,12 +108,7 @@ class ShakeShakeNet(nn.Module):
         self.tap_points: tuple[str, ...] = ("layer1", "layer2", "layer3")
         self.head_points: tuple[str, ...] = ("pool", "fc")
         self.stage_channels: tuple[int, ...] = tuple(widths)
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Linear):
-                nn.init.zeros_(m.bias)
+        he_init(self)
 
     def forward_stem(self, x: torch.Tensor) -> torch.Tensor:
         return self.bn1(self.conv1(x))

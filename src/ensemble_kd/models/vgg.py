@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .init import he_init
 from .registry import register_model
 
 # Channels per conv; "M" is a 2x2 max-pool that closes a stage.
@@ -60,11 +61,7 @@ class VGG(nn.Module):
         self.stage_channels: tuple[int, ...] = tuple(
             int(c) for c, nxt in zip(CONFIGS[depth], CONFIGS[depth][1:]) if nxt == "M"
         )
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.Linear):
-                nn.init.zeros_(m.bias)
+        he_init(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.pool(self.features(x))
@@ -117,13 +114,8 @@ class VGGAEKD(nn.Module):
         self.classifier = nn.Linear(channels, num_classes)
         self.tap_points: tuple[str, ...] = tuple(f"layer{i}" for i in range(1, len(blocks) + 1))
         self.stage_channels: tuple[int, ...] = tuple(widths[-1] for widths in blocks)
-        for m in self.modules():  # as theirs: He-normal convs (fan-out), N(0, 0.01) classifier, zero biases
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Linear):
-                nn.init.normal_(m.weight, 0.0, 0.01)
-                nn.init.zeros_(m.bias)
+        he_init(self)  # as theirs, with an N(0, 0.01) classifier
+        nn.init.normal_(self.classifier.weight, 0.0, 0.01)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for name in self.tap_points:

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .init import he_init
 from .registry import register_model
 from .stages import stage_widths
 
@@ -78,11 +79,7 @@ class WideResNet(nn.Module):
         self.tap_points: tuple[str, ...] = ("layer1", "layer2", "layer3")
         self.head_points: tuple[str, ...] = ("bn", "pool", "fc")
         self.stage_channels: tuple[int, ...] = widths
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.Linear):
-                nn.init.zeros_(m.bias)
+        he_init(self)
 
     @staticmethod
     def _stage(in_planes: int, planes: int, blocks: int, stride: int, dropout: float,
