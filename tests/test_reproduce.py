@@ -96,22 +96,6 @@ def test_training_compute_by_hand():
     assert training_macs(meal, load_config(meal.config_path)) == (3 * r50 + (r101 + r152) // 2) * 1281167 * 100
 
 
-def test_folded_count_by_hand():
-    import torch
-    from torch import nn
-
-    from ensemble_kd.reproduce.sizes import folded_parameters
-
-    # conv 3->4 without bias (108) + BN(4) (8) + linear 4->2 with bias (10) + BN1d(2) (4) = 130;
-    # folding removes 4 (the conv gains a bias of 4) and 4 (the linear's BN: its bias absorbs the shift)
-    net = nn.Sequential(nn.Conv2d(3, 4, 3, bias=False), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(4, 2),
-                        nn.BatchNorm1d(2))
-    assert sum(p.numel() for p in net.parameters()) == 130
-    assert folded_parameters(net) == 130 - 4 - 4
-    with torch.device("meta"):
-        assert folded_parameters(nn.Sequential(nn.BatchNorm2d(5, affine=False))) == 0
-
-
 def _run(tmp_path, name, *overrides, only):
     code = main(["reproduce", name, f"run.dir={tmp_path}", "run.name=r", *overrides, "--only", only])
     assert code == 0
@@ -166,7 +150,7 @@ def test_ensemblenet_smoke_run(tmp_path):
     table, cells = _run(tmp_path, "ensemblenet-t2-youtube8m", "data.name=video-synthetic", "data.root=null",
                         "data.num_classes=null", "data.batch_size=256", "student.train.epochs=1",
                         "student.kwargs={cluster_size: 16, hidden_size: 16, num_experts: 2}", "device=cpu",
-                        "method.options.branch_kwargs={hidden_size: 12, num_experts: 1}",
+                        "method.options.branch_widths=[12]", "method.options.branch_kwargs={num_experts: 1}",
                         only="baseline DBoF,co-distillation μ=2")
     assert "| | GAP | mAP |" in table and "| Baseline | 87.93 / " in table and "| μ=2 | 88.36 / " in table
     assert "student.kwargs.cluster_size (4096 -> 16)" in table

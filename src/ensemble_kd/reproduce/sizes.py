@@ -7,10 +7,9 @@ import functools
 from dataclasses import dataclass
 
 import torch
-from torch import nn
 
 from ..config import Config, ConfigError
-from ..metrics.cost import count_macs, count_parameters
+from ..metrics.cost import count_macs, count_parameters, count_parameters_bn_folded
 from ..models import create
 
 
@@ -19,22 +18,8 @@ class Built:
     role: str  # "teacher 0", "student <variant>"
     arch: str
     params: int
-    folded: int  # batch norm folded into the layer before it (which gains a bias where it had none)
+    folded: int  # batch norm folded (EnsembleNet's #Params: metrics.cost.count_parameters_bn_folded)
     macs: int | None  # None: the model's cost depends on its input's values (video frames)
-
-
-def folded_parameters(model: nn.Module) -> int:
-    """Parameters once every affine batch norm is folded: its scale and shift (2C) become the bias of
-    the layer before it (C), so each folds away C parameters, or 2C where that layer had a bias."""
-    removed = 0
-    previous = None
-    for module in model.modules():
-        if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.affine:
-            had_bias = isinstance(previous, (nn.Conv2d, nn.Linear, nn.Conv1d)) and previous.bias is not None
-            removed += module.num_features * (2 if had_bias else 1)
-        if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)):
-            previous = module
-    return count_parameters(model) - removed
 
 
 @functools.lru_cache(maxsize=256)
@@ -49,7 +34,7 @@ def _measure(arch: str, kwargs: tuple, num_classes: int, input_shape: tuple) -> 
         macs = count_macs(model, input_shape)
     except (NotImplementedError, RuntimeError):  # a video model reads its frames' values (padding)
         macs = None
-    return count_parameters(model), folded_parameters(model), macs
+    return count_parameters(model), count_parameters_bn_folded(model), macs
 
 
 def _frozen(value):
