@@ -318,10 +318,12 @@ def cmd_reproduce(args) -> None:
     config = load_config(entry.config_path, args.overrides)
     if args.dry_run:
         num_classes, shape = entry.num_classes, entry.input_shape
-        if config.data.name != load_config(entry.config_path).data.name:  # another dataset: its own sizes
+        paper_data = config.data.name == load_config(entry.config_path).data.name
+        if not paper_data:  # another dataset: its own sizes
             data = pipeline.prepare_data(config)
             num_classes, shape = data.splits.num_classes, _input_shape(data.splits)
-        for line in show.dry_run(entry, config, num_classes, shape, reproduce_run.run_dir_of(entry, config)):
+        for line in show.dry_run(entry, config, num_classes, shape, reproduce_run.run_dir_of(entry, config),
+                                 paper_data):
             out.print(line, highlight=False, markup=False, soft_wrap=True)
         return
     distributed.init_from_env(config.device)

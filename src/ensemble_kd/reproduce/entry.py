@@ -48,10 +48,9 @@ class Cell:
 
 @dataclass(frozen=True)
 class Size:
-    """A model the paper sizes, in its own convention: `params` (millions), `flops` (billions);
-    `folded`: parameters with batch norm folded (EnsembleNet), `flops_are_macs`: the paper's FLOPs
-    are multiply-accumulates (CIFAR/ImageNet papers) or a multiply and an add as two (EnsembleNet)."""
-    model: str  # "student <variant>", "teacher"
+    """A model the paper sizes, in its own convention (the entry's folded_params and flops_are_macs):
+    `params` in millions, `flops` in billions."""
+    model: str  # the sweep variant whose student it is
     params: float | None = None
     flops: float | None = None
 

@@ -90,10 +90,9 @@ def cost_summary(entry: Entry) -> str:
 def listing(entries: list[Entry]) -> list[str]:
     lines = []
     for e in entries:
-        run = [c for c in e.cells]
         lines += [f"{e.name}",
                   f"  paper:   {e.paper}, {e.table}",
-                  f"  rows:    {e.rows} ({len(run)} cells)",
+                  f"  rows:    {e.rows} ({len(e.cells)} cells)",
                   f"  config:  {e.config}",
                   f"  figures: {e.figures_summary()}",
                   f"  cost:    {cost_summary(e)}"]
@@ -102,7 +101,9 @@ def listing(entries: list[Entry]) -> list[str]:
     return lines
 
 
-def dry_run(entry: Entry, config: Config, num_classes: int, input_shape: tuple, run_dir) -> list[str]:
+def dry_run(entry: Entry, config: Config, num_classes: int, input_shape: tuple, run_dir,
+            paper_data: bool = True) -> list[str]:
+    """The plan, each model's size; beside the paper's sizes when the data is the paper's."""
     teachers, students = plan(entry, config, num_classes, input_shape)
     seeds = config.sweep.seeds
     lines = [f"reproduce {entry.name} (dry run: nothing trained or written): {entry.paper}, {entry.table}",
@@ -122,7 +123,7 @@ def dry_run(entry: Entry, config: Config, num_classes: int, input_shape: tuple, 
                  f"{config.student.train.epochs} epochs unless the variant says otherwise):")
     lines += [f"    {s.role[len('student '):]}: {s.arch} {_params(s, entry)}, {_ops(s, entry)}" for s in students]
     by_model = {s.role[len("student "):]: s for s in students}
-    for size in entry.sizes:
+    for size in entry.sizes if paper_data else ():
         ours = by_model.get(size.model)
         if ours is not None:
             lines.append(f"  paper's size of {size.model}: {size.params:g}M params, {size.flops:g}B FLOPs; ours "
