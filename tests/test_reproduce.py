@@ -49,13 +49,16 @@ def test_every_config_names_its_paper_table_and_matches_its_budget():
 
 
 @pytest.mark.parametrize("name", list(ENTRIES))
-def test_dry_run_builds_every_model_at_full_size(name, capsys):
+def test_dry_run_builds_every_model_at_full_size(name, capsys, tmp_path):
     entry = find(name)
-    code = main(["reproduce", name, "--dry-run", "run.dir=/nonexistent/never-written"])
+    code = main(["reproduce", name, "--dry-run", f"run.dir={tmp_path / 'runs'}"])
     captured = capsys.readouterr()
     assert code == 0, (f"{name}: the dry run failed ({captured.err.strip()}); "
                        f"it needs {', '.join(entry.needs) or 'nothing unmerged'}")
     assert "dry run: nothing trained or written" in captured.out and "students (" in captured.out
+    assert not (tmp_path / "runs").exists()
+    for size in entry.sizes:  # the paper's sizes are printed beside ours
+        assert f"paper's size of {size.model}: {size.params:g}M params" in captured.out
 
 
 def _sizes(name):
