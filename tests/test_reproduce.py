@@ -157,3 +157,15 @@ def test_ensemblenet_smoke_run(tmp_path):
                         only="baseline DBoF,co-distillation μ=2")
     assert "| | GAP | mAP |" in table and "| Baseline | 87.93 / " in table and "| μ=2 | 88.36 / " in table
     assert "student.kwargs.cluster_size (4096 -> 16)" in table
+
+
+def test_an_interrupted_reproduce_says_the_same_command_continues_it(tmp_path, monkeypatch, capsys):
+    from ensemble_kd.reproduce import run
+
+    def stop(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(run.pipeline, "train_teachers", stop)
+    code = main(["reproduce", "aekd-t1-cifar10-resnet20", f"run.dir={tmp_path}", "run.name=r", *DIGITS,
+                 "teachers.count=1", "--only", "M=1 AVER"])
+    assert code == 130
+    assert f"the same command continues it in {tmp_path / 'r'}" in capsys.readouterr().err.replace("\n", "")

@@ -327,6 +327,8 @@ def cmd_reproduce(args) -> None:
             out.print(line, highlight=False, markup=False, soft_wrap=True)
         return
     distributed.init_from_env(config.device)
+    _RUNNING["again"] = (f"interrupted: the last checkpoint is saved; the same command continues it in "
+                         f"{reproduce_run.run_dir_of(entry, config)}")
     with progress_bar() as progress:
         only = [v.strip() for v in args.only.split(",")] if args.only else None
         outcome = reproduce_run.reproduce(entry, config, only=only, overwrite=args.overwrite, progress=progress,
@@ -534,7 +536,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         run = _RUNNING.get("dir")
-        said = (f"interrupted: the last checkpoint is saved; continue with --resume {run}" if run is not None
+        said = (_RUNNING["again"] if "again" in _RUNNING else
+                f"interrupted: the last checkpoint is saved; continue with --resume {run}" if run is not None
                 else "interrupted before anything was written; run the command again")
         err.print(escape(said), highlight=False)
         return 130
