@@ -169,3 +169,22 @@ def test_an_interrupted_reproduce_says_the_same_command_continues_it(tmp_path, m
                  "teachers.count=1", "--only", "M=1 AVER"])
     assert code == 130
     assert f"the same command continues it in {tmp_path / 'r'}" in capsys.readouterr().err.replace("\n", "")
+
+
+@pytest.mark.slow
+def test_cache_serves_the_variants_that_read_logits_alone(tmp_path):
+    overrides = [*DIGITS, "teachers.count=1", "data.view_seed=0", "--cache"]
+    table, _ = _run(tmp_path, "aekd-t1-cifar10-resnet20", *overrides, only="M=1 AVER,M=1 FitNets")
+    assert "data.view_seed (None -> 0)" in table  # every seed on the same views: a budget change
+    assert (tmp_path / "r" / "cache-M1" / "cache.json").is_file()
+    aver = load_config(tmp_path / "r" / "sweep" / "M=1_AVER" / "seed0" / "config.yaml")
+    fitnets = load_config(tmp_path / "r" / "sweep" / "M=1_FitNets" / "seed0" / "config.yaml")
+    assert aver.teachers.cache == str(tmp_path / "r" / "cache-M1") and aver.cache.epochs == 1
+    assert fitnets.teachers.cache is None  # hints need the teachers' taps: online
+    model = tmp_path / "r" / "sweep" / "M=1_AVER" / "seed0" / "model.pt"
+    before = model.stat().st_mtime_ns
+    _run(tmp_path, "aekd-t1-cifar10-resnet20", *overrides, only="M=1 AVER,M=1 FitNets")  # reused, not retrained
+    assert model.stat().st_mtime_ns == before
+    assert main(["reproduce", "aekd-t1-cifar10-resnet20", f"run.dir={tmp_path}", "run.name=s", *DIGITS,
+                 "teachers.count=1", "--cache", "--only", "M=1 AVER"]) == 2  # no view_seed: refused
+    assert not (tmp_path / "s").exists()

@@ -331,7 +331,8 @@ def cmd_reproduce(args) -> None:
                          f"{reproduce_run.run_dir_of(entry, config)}")
     with progress_bar() as progress:
         only = [v.strip() for v in args.only.split(",")] if args.only else None
-        outcome = reproduce_run.reproduce(entry, config, only=only, overwrite=args.overwrite, progress=progress,
+        outcome = reproduce_run.reproduce(entry, config, only=only, overwrite=args.overwrite, cache=args.cache,
+                                          progress=progress,
                                           report=lambda line: err.print(line, highlight=False))
     if not distributed.world().is_main:
         return
@@ -478,6 +479,8 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("overrides", nargs="*", help="key=value overrides (a reduced budget is marked in the table)")
     rep.add_argument("--dry-run", action="store_true", help="build every model on the meta device and show the plan")
     rep.add_argument("--overwrite", action="store_true", help="train again what was made with another config")
+    rep.add_argument("--cache", action="store_true",
+                     help="read the teachers' logits from caches where the method can (needs data.view_seed)")
     rep.add_argument("--only", metavar="VARIANTS", help="comma-separated sweep variants to run (the table shows their cells)")
     rep.set_defaults(fn=cmd_reproduce)
     cmp = sub.add_parser("compare", help="put runs side by side: table, reliability diagrams, accuracy vs cost")

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .. import pipeline, sweep
-from ..config import Config, load_config
+from ..config import Config, ConfigError, load_config
 from ..engine.run_dir import RESUME_SAFE, RunDirError, clear, contents, flat, locked, run_changes
 from ..engine.runs import write_config
 from ..ensemble import MANIFEST, TeacherSet
@@ -56,15 +56,23 @@ class Outcome:
 
 
 def reproduce(entry: Entry, config: Config, *, only: list[str] | None = None, overwrite: bool = False,
-              progress=None, report=print) -> Outcome:
-    """Teachers, sweep (`only`: some variants, as `sweep --only`), teachers' rows; one row per cell run."""
+              cache: bool = False, progress=None, report=print) -> Outcome:
+    """Teachers, caches (`cache`), sweep (`only`: some variants, as `sweep --only`), teachers' rows;
+    one row per cell run."""
     data = pipeline.prepare_data(config)
     check(entry, config, data)  # every variant's method and models, before anything is written
+    if cache and config.data.view_seed is None:
+        raise ConfigError("reproduce --cache needs data.view_seed: a cache holds one set of training views, "
+                          "and without it every student seed has its own; set data.view_seed=0 (every seed then "
+                          "trains on the same views)")
+    budget = budget_changes(entry, config)
     run_dir = run_dir_of(entry, config)
     with locked(run_dir):
         if trains_teachers(config) and needs_teachers(entry, config):
             source = _teachers(config, run_dir / "teachers", data, overwrite, progress, report)
             config = config.model_copy(update={"teachers": config.teachers.model_copy(update={"source": str(source)})})
+        if cache:
+            config = _with_caches(config, run_dir, data, only, progress, report)
         sweep_dir = run_dir / "sweep"
         sweep.plan_runs(config, sweep_dir, only=only, overwrite=overwrite)  # a changed run: refused before training
         write_config(sweep_dir, config, "sweep")
@@ -72,7 +80,35 @@ def reproduce(entry: Entry, config: Config, *, only: list[str] | None = None, ov
         cells = [c for c in entry.cells if _runs(c, config, only)]
         teacher_rows = _teacher_rows(cells, config, data, run_dir)
     ours = {_variant(row): row for row in summary}
-    return Outcome([_compare(cell, ours, teacher_rows) for cell in cells], budget_changes(entry, config), run_dir)
+    return Outcome([_compare(cell, ours, teacher_rows) for cell in cells], budget, run_dir)
+
+
+def cacheable(needs, config: Config) -> bool:
+    """A run the teacher cache can serve (ensemble/cache.py): the teachers' logits alone, in eval mode,
+    on unperturbed views."""
+    return (needs.teacher_logits and not needs.teacher_taps and needs.teacher_bn == "eval"
+            and config.perturb.kind == "none")
+
+
+def _with_caches(config: Config, run_dir: Path, data, only, progress, report) -> Config:
+    """Each variant that a cache can serve reads its teachers' logits from RUN/cache-M<k>, built by
+    cache-teachers' machinery once per ensemble size k, over as many epochs of views as the student
+    trains (so the student sees exactly the views it would online); a killed build resumes."""
+    variants = {name: dict(overrides) for name, overrides in config.sweep.variants.items()}
+    members = len(config.teachers.resolved_members())
+    built: set[Path] = set()
+    for name, _, variant in sweep.variant_configs(config):
+        if (only and name not in only) or not cacheable(pipeline.method_from(variant).needs, variant):
+            continue
+        where = run_dir / f"cache-M{min(variant.teachers.take or members, members)}"
+        epochs = variant.student.train.epochs
+        if where not in built:
+            exact = variant.model_copy(update={"cache": variant.cache.model_copy(update={"epochs": epochs})})
+            report(f"teacher cache: {where} ({epochs} epochs of views)")
+            pipeline.cache_teachers(exact, where, progress=progress, data=data, report=report)
+            built.add(where)
+        variants[name].update({"teachers.cache": str(where), "cache.epochs": epochs})
+    return config.model_copy(update={"sweep": config.sweep.model_copy(update={"variants": variants})})
 
 
 def _runs(cell: Cell, config: Config, only) -> bool:
