@@ -129,6 +129,10 @@ def test_aekd_smoke_run_ends_in_the_papers_layout_and_resumes(tmp_path):
     assert (tmp_path / "r" / "sweep" / "M=1_AVER" / "seed0" / "model.pt").stat().st_mtime_ns == before
     assert main(["reproduce", "aekd-t1-cifar10-resnet20", f"run.dir={tmp_path}", "run.name=r", *overrides,
                  "teachers.train.epochs=2", "--only", "M=1 AVER"]) == 2
+    # a row that takes more teachers than the config makes: refused before anything is written
+    assert main(["reproduce", "aekd-t1-cifar10-resnet20", f"run.dir={tmp_path}", "run.name=t", *overrides,
+                 "--only", "M=5 AVER"]) == 2
+    assert not (tmp_path / "t").exists()
 
 
 @pytest.mark.slow

@@ -60,7 +60,7 @@ def reproduce(entry: Entry, config: Config, *, only: list[str] | None = None, ov
     """Teachers, caches (`cache`), sweep (`only`: some variants, as `sweep --only`), teachers' rows;
     one row per cell run."""
     data = pipeline.prepare_data(config)
-    check(entry, config, data)  # every variant's method and models, before anything is written
+    check(entry, config, data, only)  # every variant's method, models and teachers, before anything is written
     if cache and config.data.view_seed is None:
         raise ConfigError("reproduce --cache needs data.view_seed: a cache holds one set of training views, "
                           "and without it every student seed has its own; set data.view_seed=0 (every seed then "
@@ -120,10 +120,15 @@ def _runs(cell: Cell, config: Config, only) -> bool:
         config.teachers.resolved_members())
 
 
-def check(entry: Entry, config: Config, data) -> None:
-    for _, _, variant in sweep.variant_configs(config):
+def check(entry: Entry, config: Config, data, only=None) -> None:
+    members = len(config.teachers.resolved_members())
+    for name, _, variant in sweep.variant_configs(config):
         pipeline.method_from(variant)
         pipeline.check_models(variant, data, teachers=False)
+        take = variant.teachers.take
+        if config.teachers.source is None and take is not None and take > members and (not only or name in only):
+            raise ConfigError(f"sweep variant '{name}' takes {take} teachers but the config makes {members}; "
+                              f"raise teachers.count, or leave that row out with --only")
     if trains_teachers(config):
         pipeline.check_models(config, data, student=False)
 
