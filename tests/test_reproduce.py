@@ -97,6 +97,12 @@ def test_training_compute_by_hand():
     meal = find("meal-t4-imagenet-plus")
     r50, r101, r152 = (measure("m", f"torchvision/resnet{d}", {}, 1000, (3, 224, 224)).macs for d in (50, 101, 152))
     assert training_macs(meal, load_config(meal.config_path)) == (3 * r50 + (r101 + r152) // 2) * 1281167 * 100
+    # EnsembleNet trains no teachers: the baseline and four multi-headed runs, 180 epochs each
+    enet = find("ensemblenet-t1a-resnet152")
+    students = _sizes("ensemblenet-t1a-resnet152")
+    heads = students["co-distillation μ=3"].macs
+    assert training_macs(enet, load_config(enet.config_path)) == 3 * (students["baseline"].macs + 4 * heads) \
+        * 1281167 * 180
 
 
 def _run(tmp_path, name, *overrides, only):

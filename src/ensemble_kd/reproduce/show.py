@@ -6,6 +6,7 @@ from __future__ import annotations
 from ..config import Config, ConfigError
 from .. import pipeline, sweep
 from .entry import Entry
+from .run import needs_teachers
 from .sizes import Built, student_size, teacher_sizes
 
 BUDGET_MARK = "*"
@@ -48,11 +49,11 @@ def training_macs(entry: Entry, config: Config) -> int | None:
     GPU-hours: they depend on a throughput we have not measured."""
     if entry.train_images is None:
         return None
-    teachers = teacher_sizes(config, entry.num_classes, entry.input_shape)
+    teachers = teacher_sizes(config, entry.num_classes, entry.input_shape) if needs_teachers(entry, config) else []
     if any(t.macs is None for t in teachers):
         return None
     total = 0
-    if not pipeline.loads_weights(config):
+    if not pipeline.loads_weights(config):  # teachers trained here
         total += sum(3 * t.macs for t in teachers) * entry.train_images * config.teachers.train.epochs
     for name, _, variant in sweep.variant_configs(config):
         method = pipeline.method_from(variant)
