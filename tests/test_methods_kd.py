@@ -150,7 +150,8 @@ def test_kd_and_aver_weights_options():
     z = torch.randn(4, 3)
     for name in ("kd", "aver"):
         a = create_method(name, alpha=0.3).loss(_batch(y), StudentOutput(z, {}), TeacherOutput(zt, {}))
-        b = create_method(name, ce_weight=0.7, kd_weight=0.3).loss(_batch(y), StudentOutput(z, {}), TeacherOutput(zt, {}))
+        b = create_method(name, ce_weight=0.7, kd_weight=0.3).loss(_batch(y), StudentOutput(z, {}),
+                                                                   TeacherOutput(zt, {}))
         torch.testing.assert_close(a.loss, b.loss)
         torch.testing.assert_close(b.loss, 0.7 * b.logs["ce"] + 0.3 * b.logs["kd"])
         with pytest.raises(ValueError, match="not both"):

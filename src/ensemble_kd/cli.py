@@ -481,7 +481,8 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--overwrite", action="store_true", help="train again what was made with another config")
     rep.add_argument("--cache", action="store_true",
                      help="read the teachers' logits from caches where the method can (needs data.view_seed)")
-    rep.add_argument("--only", metavar="VARIANTS", help="comma-separated sweep variants to run (the table shows their cells)")
+    rep.add_argument("--only", metavar="VARIANTS",
+                     help="comma-separated sweep variants to run (the table shows their cells)")
     rep.set_defaults(fn=cmd_reproduce)
     cmp = sub.add_parser("compare", help="put runs side by side: table, reliability diagrams, accuracy vs cost")
     cmp.add_argument("runs", nargs="+", metavar="RUN_DIR")

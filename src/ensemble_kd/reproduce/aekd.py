@@ -72,8 +72,10 @@ def _cifar(name, table, dataset, student, figures, config, epochs, alone=None) -
         cells = (Cell("alone", "student", alone, variant="student alone"),) + cells
     return Entry(
         name=name, paper="AE-KD (Du et al. 2020)", table=table,
-        rows=f"{dataset}, resnet56 x M -> {student}; M in 1, 5, 10, 15, 20, 25; Ens, AVER, AE-KD, FitNets, AE-KD*",
-        config=config, cells=cells, num_classes=10 if dataset == "cifar10" else 100, input_shape=(3, 32, 32), train_images=50000,
+        rows=f"{dataset}, resnet56 x M -> {student}; M in 1, 5, 10, 15, 20, 25; "
+             f"Ens, AVER, AE-KD, FitNets, AE-KD*",
+        config=config, cells=cells, num_classes=10 if dataset == "cifar10" else 100, input_shape=(3, 32, 32),
+        train_images=50000,
         budget={"teachers.train.epochs": 240, "student.train.epochs": epochs, "teachers.count": 25},
         notes=(SCHEDULE,))
 

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 from .entry import Cell, Entry
 
-LOST = "the table's numeric cells did not survive in the paper's text: compared against what survived in prose / Figure 8"
+LOST = ("the table's numeric cells did not survive in the paper's text: compared against what survived in "
+        "prose / Figure 8")
 CODE = ("schedule: the authors' code (AaronHeee/MEAL README and main.py): lr 0.1, x0.1 at 150 and 250 of 350 epochs, "
         "momentum 0.9, weight decay 5e-4 (DenseNet: 1e-4 with Nesterov, milestones doubled for 2+ teachers), "
         "batch 128, discriminator lr 1e-3; teachers the same (the authors download theirs: ours)")
@@ -38,7 +39,8 @@ ENTRIES = [
         config="configs/papers/meal_t1_cifar10.yaml",
         cells=(_err("base model", "error", 6.34, variant="base model"),)
         + tuple(_err(r, "error", 6.32 if r == "max-pool alignment" else None, variant=r) for r in T1_ROWS),
-        num_classes=10, input_shape=(3, 32, 32), train_images=50000, budget={"student.train.epochs": 350, "teachers.train.epochs": 350},
+        num_classes=10, input_shape=(3, 32, 32), train_images=50000,
+        budget={"student.train.epochs": 350, "teachers.train.epochs": 350},
         notes=(LOST + " (base model 6.34 from Figure 8; max pooling 6.32 from section 6.3)", CODE,
                "one VGG-19-BN teacher, as the authors' single-MEAL command; which layers rows 4 and 5 add "
                "is not in the text: ours are every stage end")),
@@ -51,7 +53,8 @@ ENTRIES = [
             _err(arch, "Single", single, variant=f"{arch} single"),
             _err(arch, "Traditional Ens.", ens, teachers=("ensemble", 5 if "Shake" not in arch else 6)),
             _err(arch, "Our Ens.", ours, variant=f"{arch} MEAL"))),
-        num_classes=10, input_shape=(3, 32, 32), train_images=50000, budget={"student.train.epochs": 350, "teachers.train.epochs": 350},
+        num_classes=10, input_shape=(3, 32, 32), train_images=50000,
+        budget={"student.train.epochs": 350, "teachers.train.epochs": 350},
         notes=(LOST + " (Figure 8 baselines; Shake-Shake 2.86 -> 2.54 from the introduction)", CODE,
                "teachers: a zoo of VGG-19-BN, ResNet-18, DenseNet-BC, GoogLeNet, MobileNet (ours; the paper "
                "names the zoo, not the set per row), Shake-Shake added only for the Shake-Shake student (as "
@@ -62,18 +65,21 @@ ENTRIES = [
         rows="VGG-19-BN, GoogLeNet, ResNet-18, DenseNet-BC (k=24): Dropout (p 0.2), MEAL; test error",
         config="configs/papers/meal_t3_cifar10.yaml",
         cells=tuple(_err(arch, "Our Ens.", None, variant=f"{arch} MEAL") for arch in TABLE3),
-        num_classes=10, input_shape=(3, 32, 32), train_images=50000, budget={"student.train.epochs": 350, "teachers.train.epochs": 350},
+        num_classes=10, input_shape=(3, 32, 32), train_images=50000,
+        budget={"student.train.epochs": 350, "teachers.train.epochs": 350},
         notes=(LOST + " (no figure of Table 3 survived)", CODE,
                "the Dropout column is not run: these networks take no dropout option here"),
     ),
     Entry(
         name="meal-t4-imagenet", paper="MEAL (Shen et al. 2019)", table="Table 4 (ImageNet, main row)",
-        rows="VGG-19-BN + ResNet-50 teachers -> ResNet-50: teachers, traditional ensemble, MEAL; top-1/top-5 error",
+        rows="VGG-19-BN + ResNet-50 teachers -> ResNet-50: teachers, traditional ensemble, MEAL; "
+             "top-1/top-5 error",
         config="configs/papers/meal_t4_imagenet.yaml",
         cells=(_err("ResNet-50", "top-1", TABLE4["ResNet-50"][0], teachers=("member", 1)),
                Cell("ResNet-50", "top-5", TABLE4["ResNet-50"][1], metric="err5", teachers=("member", 1)),
                _err("Traditional Ens.", "top-1", TABLE4["Traditional Ens."][0], teachers=("ensemble", 2)),
-               Cell("Traditional Ens.", "top-5", TABLE4["Traditional Ens."][1], metric="err5", teachers=("ensemble", 2)),
+               Cell("Traditional Ens.", "top-5", TABLE4["Traditional Ens."][1], metric="err5",
+                    teachers=("ensemble", 2)),
                _err("Ours (ResNet-50)", "top-1", None, variant="MEAL"),
                Cell("Ours (ResNet-50)", "top-5", None, metric="err5", variant="MEAL")),
         num_classes=1000, input_shape=(3, 224, 224), train_images=1281167, budget={"student.train.epochs": 100},

@@ -79,7 +79,8 @@ def cost_summary(entry: Entry) -> str:
             teachers = teacher_sizes(config, entry.num_classes, entry.input_shape)
             names = sorted({t.arch for t in teachers})
             total = sum(t.params for t in teachers)
-            text += f"; {len(teachers)} teacher{'s' if len(teachers) > 1 else ''} ({', '.join(names)}) {_m(total)} in all"
+            plural = "s" if len(teachers) > 1 else ""
+            text += f"; {len(teachers)} teacher{plural} ({', '.join(names)}) {_m(total)} in all"
         macs = training_macs(entry, config)
         if macs is not None:
             text += f"; training {macs:.2g} MACs in all (3 x forward per image and epoch)"
