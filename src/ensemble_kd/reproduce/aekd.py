@@ -120,5 +120,5 @@ ENTRIES = [
         notes=("the paper follows [21] (CCKD) for the ImageNet setting and states no schedule; ours is the "
                "standard 90-epoch step recipe at batch 256",
                "Ensemble top-1 is the majority vote (Table 1's symbols); a vote has no top-5: ours is the mean "
-               "of probabilities'")),
+               "of probabilities")),
 ]
