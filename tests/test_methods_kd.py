@@ -116,3 +116,47 @@ def test_bad_options_are_named(name, options, match):
 def test_missing_teacher_logits_are_named():
     with pytest.raises(ValueError, match="needs teacher logits"):
         create_method("aver").loss(_batch([0]), StudentOutput(torch.zeros(1, 2), {}), TeacherOutput(None, {}))
+
+
+def test_aver_at_aekd_weights_equals_aekd_at_c_one_over_m():
+    # AE-KD's AVER is its Eq. 7 with equal weights: CE weight 1 plus 0.9 KD (the authors' -r 1 -a 0.9).
+    # aekd at C = 1/M weights the per-teacher KD losses 1/M each: the same gradient, and the same loss
+    # but for the ensemble's T²·JSD (aver's KD is towards the mean, aekd's the mean of the KDs: see above).
+    torch.manual_seed(5)
+    M, T, zt, y = 4, 4.0, torch.randn(4, 6, 5) * 2, torch.randint(0, 5, (6,))
+    z1 = torch.randn(6, 5, requires_grad=True)
+    z2 = z1.detach().clone().requires_grad_(True)
+    aver = create_method("aver", ce_weight=1.0, kd_weight=0.9, temperature=T).loss(
+        _batch(y), StudentOutput(z1, {}), TeacherOutput(zt, {}))
+    aekd = create_method("aekd", C=1 / M, ce_weight=1.0, kd_weight=0.9, temperature=T).loss(
+        _batch(y), StudentOutput(z2, {}), TeacherOutput(zt, {}))
+    p = F.softmax(zt / T, -1)
+    entropy = lambda q: -(q * q.log()).sum(-1).mean(-1)  # noqa: E731
+    jsd = entropy(p.mean(0)) - entropy(p).mean()
+    torch.testing.assert_close(aver.loss, aekd.loss - 0.9 * T * T * jsd, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(aver.logs["ce"], aekd.logs["ce"])
+    aver.loss.backward()
+    aekd.loss.backward()
+    torch.testing.assert_close(z1.grad, z2.grad, atol=1e-7, rtol=1e-5)
+    # the default alpha form is another loss: CE weight 0.1, KD 0.9
+    z3 = z1.detach().clone().requires_grad_(True)
+    create_method("aver", temperature=T).loss(_batch(y), StudentOutput(z3, {}), TeacherOutput(zt, {})).loss.backward()
+    assert not torch.allclose(z3.grad, z1.grad, atol=1e-4)
+
+
+def test_kd_and_aver_weights_options():
+    torch.manual_seed(6)
+    zt, y = torch.randn(2, 4, 3), torch.randint(0, 3, (4,))
+    z = torch.randn(4, 3)
+    for name in ("kd", "aver"):
+        a = create_method(name, alpha=0.3).loss(_batch(y), StudentOutput(z, {}), TeacherOutput(zt, {}))
+        b = create_method(name, ce_weight=0.7, kd_weight=0.3).loss(_batch(y), StudentOutput(z, {}),
+                                                                   TeacherOutput(zt, {}))
+        torch.testing.assert_close(a.loss, b.loss)
+        torch.testing.assert_close(b.loss, 0.7 * b.logs["ce"] + 0.3 * b.logs["kd"])
+        with pytest.raises(ValueError, match="not both"):
+            create_method(name, alpha=0.5, kd_weight=0.9)
+        with pytest.raises(ValueError, match="ce_weight"):
+            create_method(name, ce_weight=-1)
+    c = create_method("aver", kd_weight=0.9)  # the other weight defaults to AE-KD's (CE 1)
+    assert (c.ce_weight, c.kd_weight) == (1.0, 0.9)

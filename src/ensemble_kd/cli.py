@@ -10,6 +10,7 @@ import argparse
 import contextlib
 import errno
 import importlib.metadata
+import json
 import os
 import sys
 import time
@@ -302,6 +303,56 @@ def cmd_models(args) -> None:
             out.print(f"  {name}", highlight=False)
 
 
+def cmd_reproduce(args) -> None:
+    """No NAME: the papers' experiments listed. NAME: run it (or --dry-run: build and show it)."""
+    from . import reproduce
+    from .reproduce import run as reproduce_run, show
+
+    if args.name is None:
+        for line in show.listing(list(reproduce.ENTRIES.values())):
+            out.print(line, highlight=False, markup=False, soft_wrap=True)
+        return
+    if "=" in args.name:
+        raise ConfigError(f"'{args.name}' is an override: give the reproduction's NAME first "
+                          f"(`ensemble-kd reproduce` lists them)")
+    entry = reproduce.find(args.name)
+    config = load_config(entry.config_path, args.overrides)
+    if args.dry_run:
+        num_classes, shape = entry.num_classes, entry.input_shape
+        paper_data = config.data.name == load_config(entry.config_path).data.name
+        if not paper_data:  # another dataset: its own sizes
+            data = pipeline.prepare_data(config)
+            num_classes, shape = data.splits.num_classes, _input_shape(data.splits)
+        for line in show.dry_run(entry, config, num_classes, shape, reproduce_run.run_dir_of(entry, config),
+                                 paper_data):
+            out.print(line, highlight=False, markup=False, soft_wrap=True)
+        return
+    distributed.init_from_env(config.device)
+    _RUNNING["again"] = (f"interrupted: the last checkpoint is saved; the same command continues it in "
+                         f"{reproduce_run.run_dir_of(entry, config)}")
+    with progress_bar() as progress:
+        only = [v.strip() for v in args.only.split(",")] if args.only else None
+        outcome = reproduce_run.reproduce(entry, config, only=only, overwrite=args.overwrite, cache=args.cache,
+                                          progress=progress,
+                                          report=lambda line: err.print(line, highlight=False))
+    if not distributed.world().is_main:
+        return
+    lines = show.paper_table(entry, outcome.rows, outcome.budget)
+    for line in lines:
+        out.print(line, highlight=False, markup=False, soft_wrap=True)
+    (outcome.run_dir / "reproduce.md").write_text("\n".join(lines) + "\n")
+    (outcome.run_dir / "reproduce.json").write_text(json.dumps({"entry": entry.name, "cells": outcome.rows,
+                                                                "budget_differs": outcome.budget}, indent=2))
+    err.print(f"results: {outcome.run_dir / 'reproduce.md'}", highlight=False)
+
+
+def _input_shape(splits) -> tuple[int, ...]:
+    size = getattr(splits, "image_size", None)
+    if size is None:  # video: frames x features
+        return (splits.max_frames if hasattr(splits, "max_frames") else 30, splits.in_channels)
+    return (splits.in_channels, *size)
+
+
 def _installed(module: str) -> bool:
     import importlib.util
 
@@ -424,6 +475,16 @@ def build_parser() -> argparse.ArgumentParser:
     mdl = sub.add_parser("models", help="list the model names arch: takes (ours, timm's, torchvision's)")
     mdl.add_argument("pattern", nargs="?", help="a shell pattern, e.g. 'resnet1*' or 'timm/*'")
     mdl.set_defaults(fn=cmd_models)
+    rep = sub.add_parser("reproduce", help="list the papers' experiments, or run one: the paper's figures beside ours")
+    rep.add_argument("name", nargs="?", metavar="NAME", help="an experiment (no NAME: list them)")
+    rep.add_argument("overrides", nargs="*", help="key=value overrides (a reduced budget is marked in the table)")
+    rep.add_argument("--dry-run", action="store_true", help="build every model on the meta device and show the plan")
+    rep.add_argument("--overwrite", action="store_true", help="train again what was made with another config")
+    rep.add_argument("--cache", action="store_true",
+                     help="read the teachers' logits from caches where the method can (needs data.view_seed)")
+    rep.add_argument("--only", metavar="VARIANTS",
+                     help="comma-separated sweep variants to run (the table shows their cells)")
+    rep.set_defaults(fn=cmd_reproduce)
     cmp = sub.add_parser("compare", help="put runs side by side: table, reliability diagrams, accuracy vs cost")
     cmp.add_argument("runs", nargs="+", metavar="RUN_DIR")
     cmp.add_argument("--out", help="output directory (default runs/compare-<time>)")
@@ -493,7 +554,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         run = _RUNNING.get("dir")
-        said = (f"interrupted: {_kept(run)}; continue with --resume {run}" if run is not None
+        said = (_RUNNING["again"] if "again" in _RUNNING else
+                f"interrupted: {_kept(run)}; continue with --resume {run}" if run is not None
                 else "interrupted before anything was written; run the command again")
         err.print(escape(said), highlight=False)
         return 130

@@ -1,6 +1,10 @@
 """Hinton KD from one teacher, and AVER: KD towards the ensemble's mean probabilities.
 
-    L = (1 - λ)·CE(y, z_s) + λ·T²·KL(q || softmax(z_s / T))
+    L = (1 - λ)·CE(y, z_s) + λ·T²·KL(q || softmax(z_s / T))     (alpha = λ, the default form)
+    L = γ·CE(y, z_s) + a·T²·KL(q || softmax(z_s / T))            (ce_weight = γ, kd_weight = a)
+
+The second form is AE-KD's Eq. 7, whose AVER baseline is CE weight 1 plus λ = 0.9 times KD:
+with those weights `aver` has the gradient of `aekd` at C = 1/M.
 
 KD takes q = softmax(z_t / T) of one chosen teacher. AVER takes q = the mean of the
 teachers' probabilities at temperature T, which gives the same gradients as the mean of
@@ -76,14 +80,32 @@ def teacher_logits_of(teachers, method: str) -> torch.Tensor:
     return teachers.logits
 
 
+def loss_weights(method: str, alpha, ce_weight, kd_weight) -> tuple[float, float]:
+    """(CE weight, KD weight): (1 - alpha, alpha) by default (alpha 0.9), or ce_weight and kd_weight
+    as given (AE-KD's Eq. 7 form); one form or the other, never both."""
+    if ce_weight is None and kd_weight is None:
+        alpha = check_fraction("alpha", 0.9 if alpha is None else alpha)
+        return 1.0 - alpha, alpha
+    if alpha is not None:
+        raise ValueError(f"{method} takes alpha or ce_weight and kd_weight, not both: drop alpha")
+    weights = []
+    for name, value, default in (("ce_weight", ce_weight, 1.0), ("kd_weight", kd_weight, 0.9)):
+        value = default if value is None else value
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+            raise ValueError(f"{method} option {name} must be a number >= 0, got {value!r}")
+        weights.append(float(value))
+    return weights[0], weights[1]
+
+
 class _SoftTargetKD(Method):
-    """(1 - alpha)·CE + alpha·T²·KL(target || student); subclasses choose the target."""
+    """ce_weight·CE + kd_weight·T²·KL(target || student); subclasses choose the target."""
 
     needs = Needs(teacher_logits=True)
 
-    def __init__(self, alpha: float = 0.9, temperature: float = 4.0):
+    def __init__(self, alpha: float | None = None, temperature: float = 4.0, ce_weight: float | None = None,
+                 kd_weight: float | None = None):
         super().__init__()
-        self.alpha = check_fraction("alpha", alpha)
+        self.ce_weight, self.kd_weight = loss_weights(self.name, alpha, ce_weight, kd_weight)
         self.temperature = check_temperature(temperature)
 
     def target(self, teacher_logits: torch.Tensor) -> torch.Tensor:
@@ -93,7 +115,7 @@ class _SoftTargetKD(Method):
         q = self.target(teacher_logits_of(teachers, self.name))
         ce = F.cross_entropy(student.logits.float(), class_targets(batch))
         kd = kd_loss(student.logits, q, self.temperature)
-        loss = (1.0 - self.alpha) * ce + self.alpha * kd
+        loss = self.ce_weight * ce + self.kd_weight * kd
         return MethodLoss(loss, {"ce": ce.detach(), "kd": kd.detach(), "loss": loss.detach()})
 
 
@@ -101,8 +123,9 @@ class _SoftTargetKD(Method):
 class KD(_SoftTargetKD):
     """Hinton et al. 2015 with one teacher, the member at index `teacher`."""
 
-    def __init__(self, alpha: float = 0.9, temperature: float = 4.0, teacher: int = 0):
-        super().__init__(alpha, temperature)
+    def __init__(self, alpha: float | None = None, temperature: float = 4.0, teacher: int = 0,
+                 ce_weight: float | None = None, kd_weight: float | None = None):
+        super().__init__(alpha, temperature, ce_weight, kd_weight)
         if isinstance(teacher, bool) or not isinstance(teacher, int) or teacher < 0:
             raise ValueError(f"teacher must be a member index (an integer >= 0), got {teacher!r}")
         self.teacher = teacher
@@ -118,8 +141,9 @@ class KD(_SoftTargetKD):
 class Aver(_SoftTargetKD):
     """KD towards the ensemble: the mean of the teachers' probabilities at temperature T."""
 
-    def __init__(self, alpha: float = 0.9, temperature: float = 4.0, target: str = "probs"):
-        super().__init__(alpha, temperature)
+    def __init__(self, alpha: float | None = None, temperature: float = 4.0, target: str = "probs",
+                 ce_weight: float | None = None, kd_weight: float | None = None):
+        super().__init__(alpha, temperature, ce_weight, kd_weight)
         if target not in TARGETS:
             raise ValueError(f"aver option target must be one of {', '.join(TARGETS)}, got {target!r}")
         self.target_mode = target
