@@ -24,13 +24,16 @@ from . import pipeline, sweep
 from .config import Config, ConfigError, MethodConfig, load_config
 from . import distributed
 from .engine import CheckpointError, NonFiniteLossError, load_model
-from .engine.run_dir import RESUME_SAFE, check_resumable, claim_run_dir, saved_config
+from .engine.checkpoint import trained_data
+from .engine.run_dir import (RESUME_SAFE, RunDirError, check_command, check_resumable, claim_run_dir, recorded_command,
+                             saved_config)
 from .engine.runs import MetricsLog, write_config
 from .ensemble import MANIFEST, TeacherSet
 from .ensemble.cache import open_cache
 from .report import (MARK, TEMPERATURE_NOTE, accuracy_vs_cost, load_results, print_table, reliability_diagram,
                      teacher_weights_over_training, write_results)
 
+DEMO_METHODS = "ce,aver,aekd,meal,ensemblenet,latentbe"
 DEMO_COLUMNS = ["name", "acc", "nll", "ece", "cnll", "cece", "params", "macs", "train_time_s"]
 EVAL_COLUMNS = ["name", "acc", "gap", "map", "hit1", "top5", "nll", "ece", "cnll", "cece", "brier", "corr_acc",
                 "corr_nll", "corr_ece", "ood_auroc_maxprob", "ood_auroc_entropy", "params", "macs",
@@ -90,9 +93,9 @@ def cmd_demo(args) -> None:
     if not any(o.strip().startswith("eval.latency=") for o in args.overrides):  # not in the demo's table
         config = config.model_copy(update={"eval": config.eval.model_copy(update={"latency": False})})
     started = time.perf_counter()
+    methods = _demo_methods(args)
     data = pipeline.prepare_data(config)
     _demo_threads(data.device)
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     for method in methods:  # a bad name or option fails before any training
         pipeline.method_from(config, method, several=True)
     pipeline.check_models(config, data)
@@ -104,7 +107,7 @@ def _demo(config, data, methods, run_dir: Path, args, started: float) -> None:
     err.print(f"demo: {config.data.name}, {len(config.teachers.resolved_members())} teachers, students: "
               f"{', '.join(methods)}; run directory {run_dir}", highlight=False)
     teacher_dir = run_dir / pipeline.TEACHERS_DIR
-    write_config(run_dir, config, "demo")  # what --resume reads back
+    write_config(run_dir, config, f"demo --methods {','.join(methods)}")  # what --resume reads back
     write_config(teacher_dir, config, "train-teachers")
     students = []
     with progress_bar() as progress:
@@ -128,6 +131,19 @@ def _demo(config, data, methods, run_dir: Path, args, started: float) -> None:
     rows += [row for c, student, info in students for row in pipeline.evaluate_student(c, student, data, info)]
     _finish(run_dir, rows, f"ensemble-kd demo on {config.data.name} ({time.perf_counter() - started:.0f} s)",
             DEMO_COLUMNS)
+
+
+def _demo_methods(args) -> list[str]:
+    """--methods, part of the run: a resumed demo trains the students it was started with."""
+    given = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods is not None else None
+    made = recorded_command(args.resume) if args.resume is not None else []
+    if "--methods" not in made[:-1]:  # a new demo (or one that recorded none)
+        return given if given is not None else DEMO_METHODS.split(",")
+    recorded = made[made.index("--methods") + 1].split(",")
+    if given is not None and given != recorded:
+        raise RunDirError(f"cannot resume '{args.resume}' with --methods {','.join(given)}: it was started with "
+                          f"--methods {','.join(recorded)}; resume it without --methods, or start a new demo")
+    return recorded
 
 
 def _demo_threads(device) -> None:
@@ -192,8 +208,9 @@ def cmd_distill(args) -> None:
 def cmd_cache_teachers(args) -> None:
     config = _config(args)  # --resume DIR: DIR's config.yaml, and DIR itself as cache.dir
     where = args.resume or config.cache.dir
-    if where is not None and (Path(where) / MANIFEST).is_file():
-        raise ConfigError(f"cache.dir '{where}' holds a train-teachers run; choose another directory for the cache")
+    made = recorded_command(where)[:1] if where is not None else []
+    if made and made != ["cache-teachers"]:  # a cache resumes in place: never inside another command's run
+        raise ConfigError(f"cache.dir '{where}' holds a {made[0]} run; choose another cache.dir for the cache")
     data = pipeline.prepare_data(config)
     teachers = pipeline.load_teachers(config, data)  # checked before anything is written
     if where is not None and args.resume is None:  # the cache's directory is cache.dir, not run.dir/run.name
@@ -201,7 +218,7 @@ def cmd_cache_teachers(args) -> None:
         config = config.model_copy(update={"run": config.run.model_copy(update={"dir": str(where.parent),
                                                                                 "name": where.name})})
     # a cache resumes or rebuilds itself in place (its manifest says for what): locked, not refused
-    with _claim(config, "cache", args, reentrant=True) as out_dir:
+    with _claim(config, "cache", args, reentrant=True, key="cache.dir") as out_dir:
         write_config(out_dir, config, "cache-teachers")
         with progress_bar() as progress:
             report = (lambda line: err.print(line, highlight=False)) if distributed.world().is_main else None
@@ -253,6 +270,12 @@ def cmd_evaluate(args) -> None:
     target = Path(args.target)
     if not target.exists():
         raise FileNotFoundError(f"'{target}' does not exist; pass a run directory or a checkpoint file")
+    # A checkpoint's results go beside it under its own name, never over its run's results.
+    out_dir = Path(args.out) if args.out else (target if target.is_dir() else target.parent / f"{target.stem}-eval")
+    made = recorded_command(out_dir)[:1]
+    if made and out_dir.resolve() != target.resolve():  # --out names a run: its results are its own
+        raise ConfigError(f"--out '{out_dir}' holds a {made[0]} run, whose results.md and results.json are its "
+                          f"own; choose another --out directory")
     run_dir = target if target.is_dir() else target.parent
     if args.config is not None:
         config = load_config(args.config, args.overrides)
@@ -270,6 +293,7 @@ def cmd_evaluate(args) -> None:
         path = target / "model.pt" if target.is_dir() else target
         if not path.is_file():
             raise FileNotFoundError(f"'{target}' holds neither {MANIFEST} nor model.pt: nothing to evaluate")
+        pipeline.check_trained_data(config, f"'{path}'", trained_data(path), data)
         model = load_model(path, map_location=data.device)
         if model.spec["num_classes"] != data.splits.num_classes:
             raise ConfigError(f"'{path}' predicts {model.spec['num_classes']} classes but dataset "
@@ -278,8 +302,6 @@ def cmd_evaluate(args) -> None:
             rows = pipeline.evaluate_student(config, model, data)
         else:
             rows = [pipeline.evaluate_model_row(path, model, config, data)]
-    # A checkpoint's results go beside it under its own name, never over its run's results.
-    out_dir = Path(args.out) if args.out else (target if target.is_dir() else target.parent / f"{target.stem}-eval")
     _finish(out_dir, rows, f"evaluate {target}", EVAL_COLUMNS)
 
 
@@ -338,6 +360,7 @@ def _config(args, resume: bool = True, allowed: tuple[str, ...] = RESUME_SAFE) -
         run = Path(args.resume)
         if not run.is_dir():
             raise FileNotFoundError(f"cannot resume '{run}': no such run directory")
+        check_command(run, args.command)  # before its config is read: another command's may not even load
         config = load_config(args.config, args.overrides) if args.config else saved_config(run, args.overrides)
         check_resumable(run, config, allowed)
     else:
@@ -350,9 +373,10 @@ _RUNNING: dict = {}  # the run directory in use, for the message after Ctrl-C
 
 
 @contextlib.contextmanager
-def _claim(config: Config, command: str, args, shared: bool = False, reentrant: bool = False):
+def _claim(config: Config, command: str, args, shared: bool = False, reentrant: bool = False,
+           key: str = "run.name"):
     with claim_run_dir(config, command, resume=args.resume, overwrite=args.overwrite, shared=shared,
-                       reentrant=reentrant) as run_dir:
+                       reentrant=reentrant, key=key) as run_dir:
         _RUNNING["dir"] = run_dir
         yield run_dir
 
@@ -397,8 +421,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     command("demo", cmd_demo, "train teachers and a student on digits, print one table", config=False)
     sub.choices["demo"].add_argument("--config", help="a YAML config instead of the built-in demo")
-    sub.choices["demo"].add_argument("--methods", default="ce,aver,aekd,meal,ensemblenet,latentbe",
-                                     help="students to train, by method (default ce,aver,aekd,meal,ensemblenet,latentbe)")
+    sub.choices["demo"].add_argument("--methods", help=f"students to train, by method (default {DEMO_METHODS}; "
+                                                       f"with --resume, the run's)")
     command("train-teachers", cmd_train_teachers, "train an ensemble of M members")
     command("distill", cmd_distill, "train a student with a method (ce: the student alone)")
     command("cache-teachers", cmd_cache_teachers,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import os
+import reprlib
 from pathlib import Path
 from typing import Any, Literal
 
@@ -254,7 +255,10 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     key = key.strip()
     if not key or any(not part for part in key.split(".")):
         raise ConfigError(f"override '{text}' has an empty key")
-    return key.split("."), yaml.safe_load(raw) if raw.strip() else None
+    try:
+        return key.split("."), yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as err:  # `lr=[`, a `!!python/object` tag: as the same mistake in a file
+        raise ConfigError(f"override '{_shown(text)}' has a value that is not valid YAML: {_yaml_problem(err)}") from None
 
 
 def apply_override(tree: dict, path: list[str], value: Any) -> None:
@@ -292,7 +296,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
         try:
             tree = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as err:
-            raise ConfigError(f"config file '{path}' is not valid YAML: {err}") from None
+            raise ConfigError(f"config file '{path}' is not valid YAML: {_yaml_problem(err)}") from None
         if not isinstance(tree, dict):
             raise ConfigError(f"config file '{path}' must hold a mapping of sections")
     for text in overrides:
@@ -318,9 +322,30 @@ def _one_sentence(err: ValidationError) -> str:
         also = f"; did you mean '{hint[0]}'?" if hint else f"; known keys: {', '.join(known)}"
         return f"config key '{where}' is not a known option{also}"
     value = first.get("input")
-    shown = "" if isinstance(value, dict) else f" (got {value!r})"
+    shown = "" if isinstance(value, dict) else f" (got {_shown(_REPR.repr(value))})"
     message = first["msg"].removeprefix("Value error, ").rstrip(".")
     return f"config key '{where}': {message}{shown}"
+
+
+SHOWN_CHARS = 80  # of a value echoed in a message: a YAML alias bomb expands to megabytes
+
+
+_REPR = reprlib.Repr()  # a nested value shown to a few levels and items, never expanded whole
+_REPR.maxlevel, _REPR.maxlist, _REPR.maxdict, _REPR.maxstring = 3, 4, 4, SHOWN_CHARS
+
+
+def _shown(text: str) -> str:
+    return text if len(text) <= SHOWN_CHARS else f"{text[:SHOWN_CHARS]}..."
+
+
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    """The parser's complaint on one line: its problem and where, without the echoed source lines."""
+    problem = getattr(err, "problem", None)
+    mark = getattr(err, "problem_mark", None)
+    if problem is None:
+        return " ".join(str(err).split())
+    where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+    return f"{problem}{where}"
 
 
 def _known_keys(section: str) -> list[str]:

@@ -25,7 +25,7 @@ from .data.stream import StreamLoader
 from .data.video import VIDEO_DATASETS, VideoSplits, load_video_splits, video_loader
 from . import distributed
 from .engine import Trainer, resolve_device, save_model, seed_everything
-from .engine.checkpoint import read_json
+from .engine.checkpoint import model_data, read_json
 from .evaluation import evaluate_model, evaluate_teacher_set
 from .perturbations import Perturbation
 from .ensemble import MANIFEST, TeacherSet, write_manifest
@@ -214,7 +214,8 @@ def teachers_from_weights(config: Config, data: Data) -> TeacherSet:
         model = build_model(member, data)
         adapter = teacher_input(i, member, model, data)
         models.append(adapt_input(model, adapter) if adapter is not None else model)
-    return TeacherSet(models, [member_name(i, m) for i, m in enumerate(members)])
+    records = [model_data(m.weights) if m.weights is not None else None for m in members]  # ours carry one
+    return TeacherSet(models, [member_name(i, m) for i, m in enumerate(members)], records)
 
 
 def teacher_input(index: int, member: TeacherMemberConfig, model, data: Data) -> InputAdapter | None:
@@ -307,15 +308,21 @@ def check_class_counts(teachers: TeacherSet, data: Data) -> None:
 def check_teacher_data(config: Config, teachers: TeacherSet, data: Data) -> None:
     """Teachers trained on other data (name, classes, image size, channels, as their checkpoints record)
     are refused unless teachers.allow_other_data; a differing normalisation alone is not refused."""
+    for name, record in zip(teachers.names, teachers.data_records):
+        check_trained_data(config, f"teacher {name}", record, data)
+
+
+def check_trained_data(config: Config, what: str, record: dict | None, data: Data) -> None:
+    """A model trained on other data (its recorded dataset_record) is refused for this data: every
+    entry point that runs a saved model on data asks here (teachers.allow_other_data lets it through)."""
     if config.teachers.allow_other_data:
         return
     current = dataset_record(data.splits)
-    for name, record in zip(teachers.names, teachers.data_records):
-        differ = identity_difference(record, current)
-        if differ:
-            raise ConfigError(f"teacher {name} was trained on {describe(record)} but this run's data is "
-                              f"{describe(current)} (they differ in {', '.join(differ)}); use teachers trained "
-                              f"on this data, or set teachers.allow_other_data=true if that is intended")
+    differ = identity_difference(record, current)
+    if differ:
+        raise ConfigError(f"{what} was trained on {describe(record)} but this run's data is {describe(current)} "
+                          f"(they differ in {', '.join(differ)}); use a model trained on this data, or set "
+                          f"teachers.allow_other_data=true if that is intended")
 
 
 def renormalise_teachers(teachers: TeacherSet, data: Data) -> None:

@@ -117,7 +117,17 @@ def save_model(model: nn.Module, path: str | Path, info: dict | None = None) -> 
 def model_data(path: str | Path) -> dict | None:
     """The data a model file was trained on (data.dataset_record), from its sidecar; None if unrecorded."""
     sidecar = Path(path).with_suffix(".json")
-    return json.loads(sidecar.read_text()).get("data") if sidecar.is_file() else None
+    info = json.loads(sidecar.read_text()) if sidecar.is_file() else None
+    return info.get("data") if isinstance(info, dict) else None
+
+
+def trained_data(path: str | Path) -> dict | None:
+    """model_data, or for a training state (last.pt) the record it holds itself."""
+    record = model_data(path)
+    if record is None and Path(path).suffix == ".pt":
+        state = load(path)
+        record = state.get("data") if isinstance(state, dict) and state.get("format") == FORMAT else None
+    return record
 
 
 def model_spec(path: str | Path) -> dict:

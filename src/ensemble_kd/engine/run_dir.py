@@ -83,6 +83,27 @@ def saved_config(run_dir: Path, overrides=()) -> Config:
     return load_config(path, list(overrides))
 
 
+HEADER = "# ensemble-kd "  # config.yaml's first line: the command (and its options) that made the run
+
+
+def recorded_command(run_dir: Path) -> list[str]:
+    """The command line a run directory was made by, from its config.yaml ([] when it says none)."""
+    path = Path(run_dir) / "config.yaml"
+    if not path.is_file():
+        return []
+    with path.open(errors="replace") as f:
+        first = f.readline().strip()
+    return first[len(HEADER):].split() if first.startswith(HEADER) else []
+
+
+def check_command(run_dir: Path, command: str) -> None:
+    """A run is continued only by the command that made it: a distill run is no place for teachers."""
+    made = recorded_command(run_dir)
+    if made and made[0] != command:
+        raise RunDirError(f"cannot resume '{run_dir}' with {command}: it holds a {made[0]} run; continue it with "
+                          f"`ensemble-kd {made[0]} --resume {run_dir}`, or start a new {command} run elsewhere")
+
+
 def run_changes(run_dir: Path, now: Config, allowed: tuple[str, ...] = RESUME_SAFE) -> list[str]:
     """What differs between the run in run_dir and `now`, as 'key (old -> new)', keys in `allowed` aside."""
     old, new = flat(saved_config(run_dir).model_dump(mode="json")), flat(now.model_dump(mode="json"))
@@ -117,8 +138,8 @@ def write_fingerprint(run_dir: Path, config: Config) -> None:
 class RunLock:
     """An exclusive flock on run_dir/.lock, held while this process writes in the directory."""
 
-    def __init__(self, run_dir: Path):
-        self.run_dir, self.fd = Path(run_dir), None
+    def __init__(self, run_dir: Path, key: str = "run.name"):
+        self.run_dir, self.key, self.fd = Path(run_dir), key, None  # key: what names the directory
 
     def __enter__(self) -> RunLock:
         path = self.run_dir / LOCK
@@ -130,7 +151,7 @@ class RunLock:
             os.close(fd)
             pid = f" (pid {holder})" if holder else ""
             raise RunDirError(f"run directory '{self.run_dir}' is in use by another ensemble-kd process{pid}; "
-                              f"wait for it to finish, or choose another run.name") from None
+                              f"wait for it to finish, or choose another {self.key}") from None
         os.ftruncate(fd, 0)
         os.write(fd, str(os.getpid()).encode())
         self.fd = fd
@@ -189,24 +210,23 @@ def _fresh_dir(config: Config, command: str) -> Path:
 
 
 def _claim(config: Config, command: str, resume: str | None, overwrite: bool, shared: bool,
-           reentrant: bool, stack: contextlib.ExitStack) -> Path:
+           reentrant: bool, key: str, stack: contextlib.ExitStack) -> Path:
     """Rank 0's claim: the directory created (or checked) and, unless shared, locked until `stack` closes."""
     if resume is not None:
         path = Path(resume)
         if not (path / "config.yaml").is_file():
             raise FileNotFoundError(f"cannot resume '{path}': it is not a run directory (no config.yaml)")
         if not shared:
-            stack.enter_context(RunLock(path))
+            stack.enter_context(RunLock(path, key))
         return path
     path = _fresh_dir(config, command)
     if shared:  # a sweep: its runs lock themselves, and several processes may share it (--only)
-        header = (path / "config.yaml").read_text().split("\n", 1)[0] if (path / "config.yaml").is_file() else ""
-        if contents(path) and header != f"# ensemble-kd {command}":
+        if contents(path) and recorded_command(path)[:1] != [command]:
             if not overwrite:
                 raise RunDirError(_refusal(path))
             clear(path)
         return path
-    stack.enter_context(RunLock(path))
+    stack.enter_context(RunLock(path, key))
     if contents(path) and (overwrite or not reentrant):  # reentrant: the command resumes what it finds
         if not overwrite:
             raise RunDirError(_refusal(path))
@@ -232,15 +252,16 @@ def on_main(fn):
 
 @contextlib.contextmanager
 def claim_run_dir(config: Config, command: str, *, resume: str | None = None, overwrite: bool = False,
-                  shared: bool = False, reentrant: bool = False):
+                  shared: bool = False, reentrant: bool = False, key: str = "run.name"):
     """The run's directory, created and locked for the duration of the block; one name for all ranks.
 
     Call it once everything the run needs has been checked: nothing is written before. `shared`:
     not locked, as several processes share it (a sweep; its runs lock themselves); `reentrant`: what
-    is there is continued, not refused (a teacher cache resumes or rebuilds itself).
+    is there is continued, not refused (a teacher cache resumes or rebuilds itself); `key`: the config
+    key that names the directory, for the messages (run.name, or a cache's cache.dir).
     """
     with contextlib.ExitStack() as stack:
-        yield Path(on_main(lambda: str(_claim(config, command, resume, overwrite, shared, reentrant, stack))))
+        yield Path(on_main(lambda: str(_claim(config, command, resume, overwrite, shared, reentrant, key, stack))))
 
 
 @contextlib.contextmanager
