@@ -220,3 +220,127 @@ def test_a_model_of_other_data_is_refused_by_every_evaluate(target, teachers, tm
     assert not (tmp_path / "m" / f"{Path(target).stem}-eval").exists()
     assert main(["evaluate", str(path), "--config", str(config), "eval.latency=false",
                  "teachers.allow_other_data=true"]) == 0  # said to be intended
+
+
+# ---------------------------------------------------------------------- 3: run and variant names are one safe folder
+
+PIECES = ["..", ".", "/", "\\", "a", "B", " ", "_", "-", "~", "results.json", "RESULTS.md", "config.yaml",
+          "Teachers", ".lock", "fingerprint.json", "seed0", "é", "lr=0.1", "\x00", "", "x" * 3]
+
+
+def _names(rng: random.Random, count: int) -> list[str]:
+    return ["".join(rng.choice(PIECES) for _ in range(rng.randint(1, 3))) for _ in range(count)]
+
+
+def _one_sentence(err: Exception) -> str:
+    text = str(err)
+    assert "\n" not in text and len(text) < 400, text
+    return text
+
+
+def test_every_run_name_lands_inside_run_dir_or_is_refused(tmp_path):
+    from ensemble_kd.config import validate_config
+    from ensemble_kd.engine.run_dir import _fresh_dir
+    root = (tmp_path / "runs").resolve()
+    rng, landed, refused = random.Random(19), 0, 0
+    for name in _names(rng, 400) + ["..", ".", "../../x", "/abs", "a/b", "a\\b", ""]:
+        try:
+            config = validate_config({"run": {"dir": str(root), "name": name}})
+        except ConfigError as err:
+            assert "run.name" in _one_sentence(err)
+            refused += 1
+            continue
+        path = _fresh_dir(config, "distill")
+        assert path.resolve().parent == root and path.is_dir(), name
+        landed += 1
+    assert landed > 50 and refused > 50  # both kinds were drawn
+
+
+def test_run_name_dot_dot_is_refused_before_anything_is_written(tmp_path, capsys):
+    inner = tmp_path / "inner"
+    assert main(["distill", f"run.dir={inner}", "run.name=../../x", *TINY]) == 2
+    assert "config key 'run.name'" in _error(capsys)
+    assert not inner.exists() and not (tmp_path.parent / "x").exists()
+
+
+def test_every_sweep_variant_lands_in_its_own_folder_or_is_refused(tmp_path):
+    from ensemble_kd import sweep
+    from ensemble_kd.config import validate_config
+    run = (tmp_path / "sweep").resolve()
+    written = {n.lower() for n in sweep.SWEEP_FILES}
+    rng, landed, refused = random.Random(7), 0, 0
+    for _ in range(300):
+        names = _names(rng, rng.randint(1, 3))
+        config = validate_config({"sweep": {"variants": {n: {} for n in names}}})
+        try:
+            plan = sweep.plan_runs(config, run)
+        except ConfigError as err:
+            assert "sweep variant" in _one_sentence(err)
+            refused += 1
+            continue
+        folders = [p.out.parent for p in plan]
+        for p in plan:
+            assert p.out.resolve().parent.parent == run and p.out.name == "seed0", p.variant
+            assert p.out.parent.name.lower() not in written, p.variant
+        assert len({f.name.lower() for f in folders}) == len(set(names))  # one folder per variant, case aside
+        landed += 1
+    assert landed > 30 and refused > 30
+
+
+@pytest.mark.parametrize("name", ["..", ".", "results.json", "Results.MD", "config.yaml", "teachers"])
+def test_a_variant_named_like_a_folder_or_file_of_the_sweep_is_refused(name, tmp_path, capsys):
+    config = tmp_path / "sweep.yaml"
+    config.write_text(json.dumps({"sweep": {"variants": {name: {"method.name": "ce"}}}}))
+    neighbour = tmp_path / "seed0"  # what a variant '..' trained into
+    neighbour.mkdir()
+    (neighbour / "keep").write_text("mine")
+    assert main(["sweep", str(config), f"run.dir={tmp_path}", "run.name=x", "--overwrite", *TINY]) == 2
+    assert f"sweep variant '{name}'" in _error(capsys)
+    assert not (tmp_path / "x").exists() and (neighbour / "keep").read_text() == "mine"
+
+
+# ---------------------------------------------------------------------- 5: an override changes its key alone
+
+@pytest.fixture(scope="module")
+def digits():
+    from ensemble_kd import pipeline
+    return pipeline.prepare_data(load_config(None, ["device=cpu"]))
+
+
+@pytest.mark.parametrize("override, expected", [([], (1, False)), (["data.augment.flip=true"], (1, True)),
+                                                (["data.augment.crop_padding=3"], (3, False)),
+                                                (["data.augment={crop_padding: 0, flip: true}"], (0, True))])
+def test_an_augment_override_keeps_the_datasets_other_keys(override, expected, digits, tmp_path):
+    """digits' default is crop_padding 1 without flips: one key given leaves the other at it."""
+    from ensemble_kd.config import dump_config
+    config = load_config(None, ["device=cpu", *override])
+    spec = digits.train_loader(config.data, seed=0).spec
+    assert (spec.crop_padding, spec.flip) == expected
+    (tmp_path / "config.yaml").write_text(dump_config(config))  # as a run writes and --resume reads it back
+    again = digits.train_loader(load_config(tmp_path / "config.yaml").data, seed=0).spec
+    assert (again.crop_padding, again.flip) == expected
+
+
+def test_a_sweep_variant_changing_one_augment_key_keeps_the_others(digits):
+    from ensemble_kd import sweep
+    config = load_config(None, ["device=cpu", "sweep.variants={noflip: {data.augment.flip: true}}"])
+    ((_, _, variant),) = sweep.variant_configs(config)
+    spec = digits.train_loader(variant.data, seed=0).spec
+    assert (spec.crop_padding, spec.flip) == (1, True)
+
+
+def test_a_pretrained_members_input_override_keeps_the_librarys_other_keys(digits):
+    """`input: {size: 16}` on a pretrained member keeps the library's mean and std (library is implied)."""
+    from torch import nn
+
+    from ensemble_kd import pipeline
+    from ensemble_kd.config import TeacherMemberConfig
+    model = nn.Identity()
+    model.input_config = {"mean": [0.5], "std": [0.25], "size": [32, 32]}
+    member = TeacherMemberConfig(arch="small_cnn", pretrained=True, input={"size": 16})
+    adapter = pipeline.teacher_input(0, member, model, digits)
+    plain = pipeline.teacher_input(0, TeacherMemberConfig(arch="small_cnn", pretrained=True), model, digits)
+    assert list(adapter.size) == [16, 16] and list(plain.size) == [32, 32]
+    assert adapter.scale.tolist() == plain.scale.tolist() and adapter.shift.tolist() == plain.shift.tolist()
+    own = TeacherMemberConfig(arch="small_cnn", pretrained=True, input={"library": False, "size": 16})
+    assert pipeline.teacher_input(0, own, model, digits).scale.tolist() != plain.scale.tolist()  # said so

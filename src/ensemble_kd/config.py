@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 class ConfigError(ValueError):
@@ -26,8 +26,10 @@ class _Section(BaseModel):
 
 
 class AugmentConfig(_Section):
-    crop_padding: int = Field(0, ge=0)
-    flip: bool = False
+    """Keys left unset (None) take the dataset's default: giving flip alone keeps its crop_padding."""
+
+    crop_padding: int | None = Field(None, ge=0)
+    flip: bool | None = None
 
 
 class ViewsConfig(_Section):
@@ -117,7 +119,7 @@ class InputConfig(_Section):
     takes the library's config for its weights (timm's pretrained_cfg, torchvision's transforms); keys
     given here override it; `size: null` keeps the data's size."""
 
-    library: bool = False
+    library: bool | None = None  # None: true for a pretrained member (its library's weights), else false
     mean: list[float] | None = None
     std: list[float] | None = None
     size: int | list[int] | None = None
@@ -227,9 +229,26 @@ class SweepConfig(_Section):
         return self
 
 
+def folder_name_problem(name: str) -> str | None:
+    """Why `name` is not one safe folder name (None: it is): it must stay inside the folder it is made in."""
+    if name in ("", ".", ".."):
+        return f"{name!r} names no folder of its own"
+    if any(c in name for c in ("/", "\\", "\0")):
+        return f"{name!r} is a path, not one folder name (no '/', '\\' or NUL)"
+    return None
+
+
 class RunConfig(_Section):
-    dir: str = "runs"
-    name: str | None = None
+    dir: str = "runs"  # where runs go
+    name: str | None = None  # the run's folder in run.dir: one folder name, never a path
+
+    @field_validator("name")
+    @classmethod
+    def _one_folder(cls, name: str | None) -> str | None:
+        problem = None if name is None else folder_name_problem(name)
+        if problem:
+            raise ValueError(f"{problem}; give the run's folder name here and where it goes in run.dir")
+        return name
 
 
 class Config(_Section):

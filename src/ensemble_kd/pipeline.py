@@ -58,7 +58,9 @@ class Data:
             return video_loader(self.splits.train, batch_size=cfg.batch_size, train=True, seed=seed,
                                 device=self.device, rank=rank, world_size=world_size,
                                 workers=getattr(cfg, "workers", 0))
-        spec = AugmentSpec(**cfg.augment.model_dump()) if cfg.augment else self.splits.augment
+        spec = self.splits.augment  # the dataset's, with the keys data.augment gives on top
+        if cfg.augment is not None:
+            spec = dataclasses.replace(spec, **{k: v for k, v in cfg.augment.model_dump().items() if v is not None})
         v = cfg.views
         mix = MixSpec(mixup_alpha=v.mixup_alpha, cutmix_alpha=v.cutmix_alpha, mix_prob=v.mix_prob)
         if is_streamed(self.splits):
@@ -228,7 +230,7 @@ def teacher_input(index: int, member: TeacherMemberConfig, model, data: Data) ->
     if not hasattr(data.splits, "mean"):
         raise ConfigError(f"{where}: input adapters apply to images, not to {data.splits.name}")
     wanted = {"mean": list(data.splits.mean), "std": list(data.splits.std), "size": None}
-    if spec.library:
+    if spec.library if spec.library is not None else member.pretrained:
         own = getattr(model, "input_config", None)
         if own is None:
             raise ConfigError(f"{where}: '{member.arch}' has no library input config; give mean, std and size")

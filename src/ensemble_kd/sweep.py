@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import pipeline
-from .config import Config, ConfigError, validate_config
+from .config import Config, ConfigError, folder_name_problem, validate_config
 from .config import apply_override
 from . import distributed
 from .engine import load_model
@@ -33,6 +33,10 @@ from .report import load_results, write_results
 # What a finished run's results do not depend on; eval.* changes re-evaluate its model instead.
 FINISHED_SAFE = ("device", "*.log_every", "*.checkpoint_every", "run.*", "sweep.*")
 
+# What a sweep writes beside its variants' folders (lower case: folders may not differ from them in case alone).
+SWEEP_FILES = ("config.yaml", "fingerprint.json", ".lock", "results.json", "results.md", "reliability.png",
+               "accuracy_vs_cost.png", pipeline.TEACHERS_DIR)
+
 SPREAD_KEYS = ("acc", "gap", "map", "hit1", "top5", "corr_acc", "corr_nll", "corr_ece", "ood_auroc_maxprob",
                "ood_auroc_entropy", "nll", "ece", "cnll", "cece", "brier", "train_time_s")
 
@@ -42,7 +46,11 @@ def variant_configs(config: Config) -> list[tuple[str, int, Config]]:
     variants = config.sweep.variants or {config.method.name: {}}
     folders: dict[str, str] = {}
     for name in variants:  # "lr 0.05" and "lr/0.05" would train once and report one run twice
-        other = folders.setdefault(slug(name).lower(), name)
+        folder = slug(name)
+        if folder_name_problem(folder) or folder.lower() in SWEEP_FILES:
+            raise ConfigError(f"sweep variant '{name}' would train in the folder '{folder}', which is not one of "
+                              f"its own (a dot name, or a file or folder the sweep writes); rename it")
+        other = folders.setdefault(folder.lower(), name)
         if other != name:
             raise ConfigError(f"sweep variants '{other}' and '{name}' would share the folder '{slug(name)}'; "
                               f"rename one of them")
