@@ -344,3 +344,55 @@ def test_a_pretrained_members_input_override_keeps_the_librarys_other_keys(digit
     assert adapter.scale.tolist() == plain.scale.tolist() and adapter.shift.tolist() == plain.shift.tolist()
     own = TeacherMemberConfig(arch="small_cnn", pretrained=True, input={"library": False, "size": 16})
     assert pipeline.teacher_input(0, own, model, digits).scale.tolist() != plain.scale.tolist()  # said so
+
+
+# ---------------------------------------------------------------------- 10: options that need the models
+
+OPTION_ERRORS = [  # with two teachers of small_cnn and a small_cnn student
+    (["method.name=meal", "method.options.taps=[nope]"], "no module at path 'nope' in SmallCNN"),
+    (["method.name=meal", "method.options.taps=[logits]", "method.options.tap_weights=[1, 2]"],
+     "tap_weights has 2 entries for 1 taps"),
+    (["method.name=meal", "method.options.taps=[logits, logits]", "method.options.teacher_taps=[logits]"],
+     "as many student taps as teacher taps"),
+    (["method.name=meal", "method.options.taps=[logits]", "method.options.teacher_taps=[nope]"],
+     "teacher 0 has no module 'nope'"),
+    (["method.name=aekd", "method.options={variant: features, student_tap: nope}"], "nope"),
+    (["method.name=aekd", "method.options={variant: features, teacher_tap: nope}"], "teacher 0 has no module 'nope'"),
+    (["method.name=aekd", "method.options.C=0.2"], "C=0.2 is below 1/M = 0.5 for 2 teachers"),
+    (["method.name=kd", "method.options.teacher=5"], "teacher=5, but there are only 2 teachers"),
+    (["method.name=latentbe", "method.options.members=5"], "5 members"),
+    (["method.name=ensemblenet", "method.options.fork=nope"], "fork"),
+    (["method.name=aver", "perturb.kind=tdiv_sdiv"], "config key 'perturb.kind': tdiv_sdiv needs a BatchEnsemble"),
+]
+
+
+@pytest.mark.parametrize("options, words", OPTION_ERRORS)
+def test_distill_checks_every_option_against_the_models_before_writing(options, words, teachers, tmp_path, capsys):
+    assert main(["distill", f"teachers.source={teachers}", *options, f"run.dir={tmp_path}", "run.name=r",
+                 *TINY]) == 2
+    assert words in _error(capsys)
+    assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("options, words", OPTION_ERRORS)
+def test_the_demo_checks_every_option_against_the_models_before_training(options, words, tmp_path, capsys):
+    method = options[0].split("=")[1]
+    assert main(["demo", "--methods", method, "teachers.count=2", *options, f"run.dir={tmp_path}", "run.name=d",
+                 *TINY]) == 2
+    assert words in _error(capsys)
+    assert not (tmp_path / "d").exists()
+
+
+@pytest.mark.parametrize("options, words", OPTION_ERRORS)
+def test_a_sweep_checks_every_variants_options_against_the_models_before_writing(options, words, teachers,
+                                                                               tmp_path, capsys):
+    variant = dict(o.split("=", 1) for o in options)
+    import yaml
+    config = tmp_path / "sweep.yaml"
+    config.write_text(yaml.safe_dump({"sweep": {"variants": {"fine": {"method.name": "aver"},
+                                                             "bad": {k: yaml.safe_load(v) for k, v in variant.items()}}}}))
+    assert main(["sweep", str(config), f"teachers.source={teachers}", f"run.dir={tmp_path}", "run.name=x",
+                 *TINY]) == 2
+    message = _error(capsys)
+    assert "sweep variant 'bad'" in message and words in message
+    assert not (tmp_path / "x").exists()

@@ -21,7 +21,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from . import pipeline, sweep
-from .config import Config, ConfigError, MethodConfig, load_config
+from .config import Config, ConfigError, load_config
 from . import distributed
 from .engine import CheckpointError, NonFiniteLossError, load_model
 from .engine.checkpoint import trained_data
@@ -99,6 +99,9 @@ def cmd_demo(args) -> None:
     for method in methods:  # a bad name or option fails before any training
         pipeline.method_from(config, method, several=True)
     pipeline.check_models(config, data)
+    shapes = pipeline.untrained_teachers(config, data)  # what the options ask of the models, checked on these
+    for method in methods:
+        pipeline.prepare_distill(pipeline.student_config(config, method), data, shapes)
     with _claim(config, "demo", args) as run_dir:
         _demo(config, data, methods, run_dir, args, started)
 
@@ -116,8 +119,7 @@ def _demo(config, data, methods, run_dir: Path, args, started: float) -> None:
         fast = pipeline.fast_teachers(config, teachers)
         cached = _demo_cache(config, data, fast, run_dir / "cache", progress)
         for method in methods:  # every student learns from the same teachers: cached logits where they do
-            options = config.method.options_for(method)  # each student its own method's options
-            student_config = config.model_copy(update={"method": MethodConfig(name=method, options=options)})
+            student_config = pipeline.student_config(config, method)  # each student its own method's options
             out_dir = run_dir / (pipeline.STUDENT_DIR if method == "ce" else f"student-{method}")
             write_config(out_dir, student_config, "distill")
             needs = pipeline.method_from(student_config).needs
@@ -234,9 +236,16 @@ def cmd_sweep(args) -> None:
     config = _config(args, allowed=RESUME_SAFE + ("sweep.*",))  # each of its runs is checked on its own
     data = pipeline.prepare_data(config)
     only = [v.strip() for v in args.only.split(",")] if args.only else None
-    for _, _, variant in sweep.variant_configs(config):  # every variant validated before any training
+    checked = set()
+    for name, _, variant in sweep.variant_configs(config):  # every variant validated before any training
         pipeline.method_from(variant)
         pipeline.check_models(variant, data, teachers=False)
+        if name not in checked:  # its options against the models, once: the seeds differ in student.seed alone
+            checked.add(name)
+            try:
+                pipeline.prepare_distill(variant, data)
+            except ConfigError as err:
+                raise ConfigError(f"sweep variant '{name}': {err}") from None
     named = args.resume or (Path(config.run.dir) / config.run.name if config.run.name else None)
     if named is not None:  # a changed run is refused before anything is written
         sweep.plan_runs(config, Path(named), only=only, overwrite=args.overwrite)

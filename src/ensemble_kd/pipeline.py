@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from .config import (Config, ConfigError, DataConfig, InputConfig, ModelConfig, TeacherMemberConfig, TrainConfig,
+from .config import (Config, ConfigError, DataConfig, InputConfig, MethodConfig, ModelConfig, TeacherMemberConfig, TrainConfig,
                      load_config)
 from .data import AugmentSpec, DatasetSplits, DeviceLoader, dataset_record
 from .data.crops import ViewSpec
@@ -249,6 +249,17 @@ def teacher_input(index: int, member: TeacherMemberConfig, model, data: Data) ->
     return None if identity else adapter
 
 
+def untrained_teachers(config: Config, data: Data) -> TeacherSet:
+    """The members train-teachers would train, as initialised: what a check binds a method to before they exist."""
+    members = config.teachers.resolved_members()
+    return TeacherSet([build_model(m, data) for m in members], [member_name(i, m) for i, m in enumerate(members)])
+
+
+def student_config(config: Config, method: str) -> Config:
+    """The config of one of several students (the demo's): method `method` with its own options."""
+    return config.model_copy(update={"method": MethodConfig(name=method, options=config.method.options_for(method))})
+
+
 def fast_teachers(config: Config, teachers: TeacherSet, needs=None) -> TeacherSet:
     """Inference copies of the members (BN folded, bf16 and channels_last on GPUs, compiled if asked).
     BatchNorm stays unfolded for a method that runs the teachers on batch statistics."""
@@ -361,7 +372,36 @@ def prepare_distill(config: Config, data: Data, teachers=None):
         with torch.device("meta"):
             student = create(arch, num_classes=data.splits.num_classes, in_channels=data.splits.in_channels, **kwargs)
         _check_weights_file("student", config.student.weights, student)
+    check_binding(config, data, teachers)
     return method, teachers
+
+
+def check_binding(config: Config, data: Data, teachers=None) -> None:
+    """What the method's options ask of the models (taps, teacher indices, C against 1/M, members per
+    teacher, a fork, a perturbation's student) checked as training would, before anything is written:
+    a fresh copy of the method bound to the student it trains and the teachers, on the smallest batch
+    of training views, which the perturbation (if any) then moves once."""
+    method = method_from(config)
+    count = len(teachers) if teachers is not None else None
+    arch, kwargs = method.student_spec(config.student.arch, config.student.kwargs, count)
+    try:
+        student = create(arch, num_classes=data.splits.num_classes, in_channels=data.splits.in_channels,
+                         **kwargs).to(data.device)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"config key '{options_key(config)}': method '{config.method.name}' builds the student "
+                          f"as {arch}, which fails: {err}") from None
+    loader = data.train_loader(config.data, config.student.seed)
+    batch = next(iter(loader.batches_at([torch.arange(min(2, loader.size))], 0)))
+    try:
+        method.bind(student, teachers, batch.x)
+    except ValueError as err:
+        raise ConfigError(f"config key '{options_key(config)}': {err}") from None
+    perturbation = perturbation_of(config, data, method)
+    if perturbation is not None:
+        try:
+            perturbation(batch, teachers, student, step=0, seed=config.student.seed)
+        except ValueError as err:
+            raise ConfigError(f"config key 'perturb.kind': {err}") from None
 
 
 def distill(config: Config, run_dir: Path, *, resume=False, progress=None, data: Data | None = None,
@@ -416,13 +456,19 @@ def method_from(config: Config, name: str | None = None, several: bool = False):
     check_method(name)
     for other in config.method.per_method:
         check_method(other, key=f"method.per_method.{other}")
-    key = f"method.per_method.{name}" if name in config.method.per_method else "method.options"
+    key = options_key(config, name)
     try:
         return create_method(name, **config.method.options_for(name))
     except ValueError as err:
         hint = ("; the demo trains several methods: give each its options in method.per_method.<method>"
                 if several and key == "method.options" else "")
         raise ConfigError(f"config key '{key}': {err}{hint}") from None
+
+
+def options_key(config: Config, name: str | None = None) -> str:
+    """The config key holding method `name`'s options (default method.name's)."""
+    name = name or config.method.name
+    return f"method.per_method.{name}" if name in config.method.per_method else "method.options"
 
 
 def check_models(config: Config, data: Data, teachers: bool = True, student: bool = True) -> None:
