@@ -396,3 +396,56 @@ def test_a_sweep_checks_every_variants_options_against_the_models_before_writing
     message = _error(capsys)
     assert "sweep variant 'bad'" in message and words in message
     assert not (tmp_path / "x").exists()
+
+
+# ---------------------------------------------------------------------- 17: a killed run's workers go with it
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:  # ppid
+            found.append(int(stat.parent.name))
+    return found
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_a_killed_streamed_run_leaves_no_workers_and_no_lock(tmp_path):
+    sys.path.insert(0, str(Path(__file__).parent))
+    from _images import make_image_folder
+
+    from ensemble_kd.engine.run_dir import RunLock
+    folder = make_image_folder(tmp_path / "imgs", classes=("a", "b", "c", "d"), per_class=10, test_per_class=2,
+                               sizes=(20, 40))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": SRC + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    run = tmp_path / "runs" / "s"
+    argv = [sys.executable, "-m", "ensemble_kd.cli", "distill", "device=cpu", "data.name=image-folder",
+            f"data.root={folder}", "data.views.size=16", "data.batch_size=4", "data.eval_batch_size=16",
+            "data.workers=2", "student.kwargs={width: 0.25}", "student.train.epochs=3",
+            "student.train.checkpoint_every=2", "eval.latency=false", f"run.dir={run.parent}", "run.name=s"]
+    log = (tmp_path / "killed.err").open("w")
+    first = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=log)
+    try:
+        for _ in range(1200):  # until it trains from a checkpoint with its workers running
+            if first.poll() is not None or ((run / "last.pt").is_file() and len(_children(first.pid)) >= 2):
+                break
+            time.sleep(0.05)
+        assert first.poll() is None, "the run ended before it could be killed"
+        workers = _children(first.pid)
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+        log.close()
+    time.sleep(0.5)
+    assert not [w for w in workers if Path(f"/proc/{w}").exists()
+                and "Z" not in Path(f"/proc/{w}/stat").read_text().rsplit(")", 1)[1].split()[0]]
+    with RunLock(run):  # free at once, not once the orphans notice
+        pass
+    resumed = subprocess.run([*argv[:3], "distill", "--resume", str(run)], env=env, capture_output=True, text=True,
+                             timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    for text in (resumed.stderr, (tmp_path / "killed.err").read_text()):
+        assert "Traceback" not in text and "EOFError" not in text

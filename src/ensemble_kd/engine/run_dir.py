@@ -135,8 +135,25 @@ def write_fingerprint(run_dir: Path, config: Config) -> None:
 
 # ---------------------------------------------------------------------- claiming a directory
 
+_HELD: set[int] = set()  # the descriptors of the run locks this process holds
+
+
+def _drop_inherited_locks() -> None:
+    """In a forked child (a DataLoader worker): close the run locks' descriptors. A flock belongs to the
+    open file, which a fork shares: a worker left holding it would keep the lock past its parent's death.
+    Closing is not unlocking: the parent keeps its lock."""
+    for fd in _HELD:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    _HELD.clear()
+
+
+os.register_at_fork(after_in_child=_drop_inherited_locks)
+
+
 class RunLock:
-    """An exclusive flock on run_dir/.lock, held while this process writes in the directory."""
+    """An exclusive flock on run_dir/.lock, held while this process writes in the directory (and only it:
+    forked children drop it)."""
 
     def __init__(self, run_dir: Path, key: str = "run.name"):
         self.run_dir, self.key, self.fd = Path(run_dir), key, None  # key: what names the directory
@@ -155,10 +172,12 @@ class RunLock:
         os.ftruncate(fd, 0)
         os.write(fd, str(os.getpid()).encode())
         self.fd = fd
+        _HELD.add(fd)
         return self
 
     def __exit__(self, *exc) -> bool:
         if self.fd is not None:
+            _HELD.discard(self.fd)
             fcntl.flock(self.fd, fcntl.LOCK_UN)
             os.close(self.fd)
             self.fd = None
