@@ -449,3 +449,57 @@ def test_a_killed_streamed_run_leaves_no_workers_and_no_lock(tmp_path):
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     for text in (resumed.stderr, (tmp_path / "killed.err").read_text()):
         assert "Traceback" not in text and "EOFError" not in text
+
+
+# ---------------------------------------------------------------------- 6: a streamed run's listing is part of it
+
+def _streamed(folder, run_dir, *extra):
+    return ["device=cpu", "data.name=image-folder", f"data.root={folder}", "data.views.size=16", "data.batch_size=8",
+            "data.eval_batch_size=16", "data.workers=0", "data.val_fraction=0", "student.kwargs={width: 0.25}",
+            "student.train.epochs=1",
+            "eval.latency=false", "eval.cost=false", f"run.dir={run_dir}", *extra]
+
+
+@pytest.fixture
+def streamed_folder(tmp_path):
+    sys.path.insert(0, str(Path(__file__).parent))
+    from _images import make_image_folder
+    return make_image_folder(tmp_path / "imgs", classes=("a", "b", "c"), per_class=8, test_per_class=2,
+                             sizes=(20, 32), modes=("RGB",))
+
+
+@pytest.mark.parametrize("change, words", [("delete", "24 -> 22 samples: files were deleted"),
+                                           ("add", "24 -> 25 samples: files were added"),
+                                           ("relabel", "the same 24 samples, but other files, sizes or labels")])
+def test_a_streamed_resume_refuses_a_changed_listing_unless_told(change, words, streamed_folder, tmp_path, capsys):
+    import shutil
+    assert main(["distill", *_streamed(streamed_folder, tmp_path, "run.name=s")]) == 0
+    run = tmp_path / "s"
+    files = sorted((streamed_folder / "train").rglob("*.*"))
+    if change == "delete":
+        files[0].unlink(), files[-1].unlink()
+    elif change == "add":
+        shutil.copy(files[0], files[0].with_name("extra.png"))
+    else:  # one image moved to another class: the count stays
+        shutil.move(files[0], streamed_folder / "train" / "c" / f"moved{files[0].suffix}")
+    before = _files(run)
+    capsys.readouterr()
+    assert main(["distill", "--resume", str(run)]) == 2
+    message = _error(capsys)
+    assert f"cannot resume '{run}': its training listing changed since the run began ({words})" in message
+    assert "--accept-changed-data" in message and _files(run) == before
+    assert main(["distill", "--resume", str(run), "--accept-changed-data"]) == 0  # told: it goes on
+    assert main(["distill", "--resume", str(run)]) == 0  # and the listing it now holds is the new one
+
+
+def test_a_sweep_refuses_its_runs_on_a_changed_listing(streamed_folder, tmp_path, capsys):
+    argv = ["sweep", *_streamed(streamed_folder, tmp_path, "run.name=x")]
+    assert main(argv) == 0
+    sorted((streamed_folder / "train").rglob("*.*"))[0].unlink()
+    before = _files(tmp_path / "x")
+    capsys.readouterr()
+    assert main(argv) == 2
+    message = _error(capsys)
+    assert "was made with another training listing (24 -> 23 samples: files were deleted" in message
+    assert _files(tmp_path / "x") == before
+    assert main([*argv, "--accept-changed-data"]) == 0

@@ -25,8 +25,8 @@ from .config import Config, ConfigError, load_config
 from . import distributed
 from .engine import CheckpointError, NonFiniteLossError, load_model
 from .engine.checkpoint import trained_data
-from .engine.run_dir import (RESUME_SAFE, RunDirError, check_command, check_resumable, claim_run_dir, recorded_command,
-                             saved_config)
+from .engine.run_dir import (ACCEPT_LISTING, RESUME_SAFE, RunDirError, check_command, check_listing, check_resumable,
+                             claim_run_dir, data_listing, recorded_command, saved_config)
 from .engine.runs import MetricsLog, write_config
 from .ensemble import MANIFEST, TeacherSet
 from .ensemble.cache import open_cache
@@ -95,6 +95,7 @@ def cmd_demo(args) -> None:
     started = time.perf_counter()
     methods = _demo_methods(args)
     data = pipeline.prepare_data(config)
+    listing = _listing(args, data)
     _demo_threads(data.device)
     for method in methods:  # a bad name or option fails before any training
         pipeline.method_from(config, method, several=True)
@@ -103,15 +104,15 @@ def cmd_demo(args) -> None:
     for method in methods:
         pipeline.prepare_distill(pipeline.student_config(config, method), data, shapes)
     with _claim(config, "demo", args) as run_dir:
-        _demo(config, data, methods, run_dir, args, started)
+        _demo(config, data, methods, run_dir, args, started, listing)
 
 
-def _demo(config, data, methods, run_dir: Path, args, started: float) -> None:
+def _demo(config, data, methods, run_dir: Path, args, started: float, listing) -> None:
     err.print(f"demo: {config.data.name}, {len(config.teachers.resolved_members())} teachers, students: "
               f"{', '.join(methods)}; run directory {run_dir}", highlight=False)
     teacher_dir = run_dir / pipeline.TEACHERS_DIR
-    write_config(run_dir, config, f"demo --methods {','.join(methods)}")  # what --resume reads back
-    write_config(teacher_dir, config, "train-teachers")
+    write_config(run_dir, config, f"demo --methods {','.join(methods)}", listing)  # what --resume reads back
+    write_config(teacher_dir, config, "train-teachers", listing)
     students = []
     with progress_bar() as progress:
         teachers = pipeline.train_teachers(config, teacher_dir, resume=args.resume is not None,
@@ -121,7 +122,7 @@ def _demo(config, data, methods, run_dir: Path, args, started: float) -> None:
         for method in methods:  # every student learns from the same teachers: cached logits where they do
             student_config = pipeline.student_config(config, method)  # each student its own method's options
             out_dir = run_dir / (pipeline.STUDENT_DIR if method == "ce" else f"student-{method}")
-            write_config(out_dir, student_config, "distill")
+            write_config(out_dir, student_config, "distill", listing)
             needs = pipeline.method_from(student_config).needs
             source = cached if _servable(cached, needs) and config.perturb.kind == "none" else fast
             student, info = pipeline.distill(student_config, out_dir, resume=args.resume is not None,
@@ -179,9 +180,10 @@ def _servable(cached, needs) -> bool:
 def cmd_train_teachers(args) -> None:
     config = _config(args)
     data = pipeline.prepare_data(config)
+    listing = _listing(args, data)
     pipeline.check_models(config, data, student=False)
     with _claim(config, "teachers", args) as run_dir:
-        write_config(run_dir, config, "train-teachers")
+        write_config(run_dir, config, "train-teachers", listing)
         with progress_bar() as progress:
             teachers = pipeline.train_teachers(config, run_dir, resume=args.resume is not None,
                                                progress=progress, data=data)
@@ -194,10 +196,11 @@ def cmd_train_teachers(args) -> None:
 def cmd_distill(args) -> None:
     config = _config(args)
     data = pipeline.prepare_data(config)
+    listing = _listing(args, data)
     pipeline.check_models(config, data, teachers=False)
     method, teachers = pipeline.prepare_distill(config, data)  # bad options or teachers fail before any work
     with _claim(config, f"distill-{config.method.name}", args) as run_dir:
-        write_config(run_dir, config, "distill")
+        write_config(run_dir, config, "distill", listing)
         with progress_bar() as progress:
             student, info = pipeline.distill(config, run_dir, resume=args.resume is not None, progress=progress,
                                              data=data, teachers=teachers, method=method)
@@ -214,6 +217,7 @@ def cmd_cache_teachers(args) -> None:
     if made and made != ["cache-teachers"]:  # a cache resumes in place: never inside another command's run
         raise ConfigError(f"cache.dir '{where}' holds a {made[0]} run; choose another cache.dir for the cache")
     data = pipeline.prepare_data(config)
+    listing = _listing(args, data)
     teachers = pipeline.load_teachers(config, data)  # checked before anything is written
     if where is not None and args.resume is None:  # the cache's directory is cache.dir, not run.dir/run.name
         where = Path(where)
@@ -221,7 +225,7 @@ def cmd_cache_teachers(args) -> None:
                                                                                 "name": where.name})})
     # a cache resumes or rebuilds itself in place (its manifest says for what): locked, not refused
     with _claim(config, "cache", args, reentrant=True, key="cache.dir") as out_dir:
-        write_config(out_dir, config, "cache-teachers")
+        write_config(out_dir, config, "cache-teachers", listing)
         with progress_bar() as progress:
             report = (lambda line: err.print(line, highlight=False)) if distributed.world().is_main else None
             path = pipeline.cache_teachers(config, out_dir, progress=progress, data=data, teachers=teachers,
@@ -235,6 +239,7 @@ def cmd_cache_teachers(args) -> None:
 def cmd_sweep(args) -> None:
     config = _config(args, allowed=RESUME_SAFE + ("sweep.*",))  # each of its runs is checked on its own
     data = pipeline.prepare_data(config)
+    listing = _listing(args, data)
     only = [v.strip() for v in args.only.split(",")] if args.only else None
     checked = set()
     for name, _, variant in sweep.variant_configs(config):  # every variant validated before any training
@@ -248,12 +253,13 @@ def cmd_sweep(args) -> None:
                 raise ConfigError(f"sweep variant '{name}': {err}") from None
     named = args.resume or (Path(config.run.dir) / config.run.name if config.run.name else None)
     if named is not None:  # a changed run is refused before anything is written
-        sweep.plan_runs(config, Path(named), only=only, overwrite=args.overwrite)
+        sweep.plan_runs(config, Path(named), only=only, overwrite=args.overwrite, listing=listing,
+                        accept=args.accept_changed_data)
     with _claim(config, "sweep", args, shared=True) as run_dir:
-        write_config(run_dir, config, "sweep")
+        write_config(run_dir, config, "sweep", listing)
         with progress_bar() as progress:
             rows = sweep.run_sweep(config, run_dir, progress=progress, data=data, only=only,
-                                   overwrite=args.overwrite)
+                                   overwrite=args.overwrite, listing=listing, accept=args.accept_changed_data)
     if not distributed.world().is_main:
         return
     if config.teachers.source:  # the teachers beside their students
@@ -378,6 +384,14 @@ def _config(args, resume: bool = True, allowed: tuple[str, ...] = RESUME_SAFE) -
     return config
 
 
+def _listing(args, data) -> dict | None:
+    """The streamed training listing, as the run records it; a resumed run's must be the one it recorded."""
+    listing = data_listing(data.splits.train)
+    if getattr(args, "resume", None) is not None:
+        check_listing(Path(args.resume), listing, args.accept_changed_data)
+    return listing
+
+
 _RUNNING: dict = {}  # the run directory in use, for the message after Ctrl-C
 
 
@@ -423,6 +437,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. teachers.count=5")
         if resume:
             p.add_argument("--resume", metavar="RUN_DIR", help="continue a killed run in RUN_DIR")
+            p.add_argument(ACCEPT_LISTING, action="store_true",
+                           help="resume although the streamed training files changed since the run began")
         p.add_argument("--overwrite", action="store_true",
                        help="replace a run already in the run directory (sweep: re-run the runs whose config changed)")
         p.set_defaults(fn=fn)

@@ -127,10 +127,45 @@ def check_resumable(run_dir: Path, now: Config, allowed: tuple[str, ...] = RESUM
                           f"(only {safe} may change on resume); start a new run with another run.name instead")
 
 
-def write_fingerprint(run_dir: Path, config: Config) -> None:
+def write_fingerprint(run_dir: Path, config: Config, listing: dict | None = None) -> None:
     found = teachers_fingerprint(config)
+    if listing is not None:
+        found[LISTING] = listing
     if found and distributed.world().is_main:
         atomic_write_text(Path(run_dir) / FINGERPRINT, json.dumps(found, indent=2))
+
+
+# ---------------------------------------------------------------------- the data a streamed run reads
+
+LISTING = "data.listing"
+ACCEPT_LISTING = "--accept-changed-data"
+
+
+def data_listing(train) -> dict | None:
+    """The listing of a streamed training set (its sample count and a hash of its files' names, sizes and
+    labels): read afresh by every process, so a resumed run must find it unchanged. None for data in memory."""
+    digest = getattr(train, "digest", None)
+    return {"samples": len(train), "hash": digest()} if callable(digest) else None
+
+
+def listing_change(run_dir: Path, listing: dict | None) -> str | None:
+    """How the training listing differs from the one the run in run_dir recorded (None: it does not)."""
+    path = Path(run_dir) / FINGERPRINT
+    made = read_json(path, "delete it (the teachers then go unchecked) or start a new run").get(LISTING) \
+        if path.is_file() else None
+    if listing is None or made is None or made == listing:
+        return None
+    before, now = made.get("samples"), listing["samples"]
+    return (f"{before} -> {now} samples: files were {'added' if now > before else 'deleted'}" if before != now
+            else f"the same {now} samples, but other files, sizes or labels")
+
+
+def check_listing(run_dir: Path, listing: dict | None, accept: bool) -> None:
+    change = listing_change(run_dir, listing)
+    if change and not accept:
+        raise RunDirError(f"cannot resume '{run_dir}': its training listing changed since the run began ({change}), "
+                          f"so it would train on neither the old data nor the new; restore the files, start a new "
+                          f"run, or pass {ACCEPT_LISTING} to go on with them")
 
 
 # ---------------------------------------------------------------------- claiming a directory
