@@ -19,21 +19,13 @@ from ensemble_kd.cli import main
 from ensemble_kd.config import ConfigError, load_config
 from ensemble_kd.engine.runs import write_config
 
+sys.path.insert(0, str(Path(__file__).parent))
+from _images import make_image_folder  # noqa: E402
+from _runs import files as _files, one_sentence as _error  # noqa: E402
+
 TINY = ["student.train.epochs=1", "teachers.train.epochs=1", "student.kwargs={width: 0.25}",
         "teachers.kwargs={width: 0.25}", "eval.latency=false", "data.batch_size=256", "device=cpu"]
 SRC = str(Path(__file__).resolve().parents[1] / "src")
-
-
-def _error(capsys) -> str:
-    """stderr, which must be one sentence: no traceback."""
-    text = capsys.readouterr().err.strip()
-    assert "Traceback" not in text
-    return " ".join(text.split())
-
-
-def _files(run_dir) -> dict:
-    return {p.relative_to(run_dir): p.read_bytes() for p in sorted(Path(run_dir).rglob("*")) if p.is_file()
-            and p.name != ".lock"}
 
 
 @pytest.fixture(scope="module")
@@ -346,6 +338,19 @@ def test_a_pretrained_members_input_override_keeps_the_librarys_other_keys(digit
     assert pipeline.teacher_input(0, own, model, digits).scale.tolist() != plain.scale.tolist()  # said so
 
 
+def test_teachers_from_our_weights_files_are_checked_against_their_data(teachers, tmp_path, capsys):
+    """teachers.members naming a model file of ours: its sidecar's record is read as a run's manifest is."""
+    import shutil
+    member = tmp_path / "m"
+    shutil.copytree(sorted(teachers.glob("members/*"))[0], member)
+    sidecar = json.loads((member / "model.json").read_text())
+    (member / "model.json").write_text(json.dumps({**sidecar, "data": _fashion_record(sidecar["data"])}))
+    members = f"teachers.members=[{{arch: small_cnn, kwargs: {{width: 0.25}}, weights: {member / 'model.safetensors'}}}]"
+    assert main(["distill", "method.name=aver", members, f"run.dir={tmp_path}", "run.name=r", *TINY]) == 2
+    assert "teacher 00-small_cnn-s0 was trained on fashion-mnist (28x28" in _error(capsys)
+    assert not (tmp_path / "r").exists()
+
+
 # ---------------------------------------------------------------------- 10: options that need the models
 
 OPTION_ERRORS = [  # with two teachers of small_cnn and a small_cnn student
@@ -414,9 +419,6 @@ def _children(pid: int) -> list[int]:
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 def test_a_killed_streamed_run_leaves_no_workers_and_no_lock(tmp_path):
-    sys.path.insert(0, str(Path(__file__).parent))
-    from _images import make_image_folder
-
     from ensemble_kd.engine.run_dir import RunLock
     folder = make_image_folder(tmp_path / "imgs", classes=("a", "b", "c", "d"), per_class=10, test_per_class=2,
                                sizes=(20, 40))
@@ -462,8 +464,6 @@ def _streamed(folder, run_dir, *extra):
 
 @pytest.fixture
 def streamed_folder(tmp_path):
-    sys.path.insert(0, str(Path(__file__).parent))
-    from _images import make_image_folder
     return make_image_folder(tmp_path / "imgs", classes=("a", "b", "c"), per_class=8, test_per_class=2,
                              sizes=(20, 32), modes=("RGB",))
 
