@@ -277,7 +277,8 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     try:
         return key.split("."), yaml.safe_load(raw) if raw.strip() else None
     except yaml.YAMLError as err:  # `lr=[`, a `!!python/object` tag: as the same mistake in a file
-        raise ConfigError(f"override '{_shown(text)}' has a value that is not valid YAML: {_yaml_problem(err)}") from None
+        raise ConfigError(f"override '{_shown(text)}' has a value that is not valid YAML: "
+                          f"{_yaml_problem(err)}") from None
 
 
 def apply_override(tree: dict, path: list[str], value: Any) -> None:

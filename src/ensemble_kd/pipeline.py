@@ -14,8 +14,8 @@ from pathlib import Path
 
 import torch
 
-from .config import (Config, ConfigError, DataConfig, InputConfig, MethodConfig, ModelConfig, TeacherMemberConfig, TrainConfig,
-                     load_config)
+from .config import (Config, ConfigError, DataConfig, InputConfig, MethodConfig, ModelConfig, TeacherMemberConfig,
+                     TrainConfig, load_config)
 from .data import AugmentSpec, DatasetSplits, DeviceLoader, dataset_record
 from .data.crops import ViewSpec
 from .data.mixing import MixSpec

@@ -38,7 +38,8 @@ def _die_with_parent(parent: int, worker_id: int) -> None:
     # The kernel closes a dying parent's sockets just before it signals: a worker thread handing it a
     # tensor (multiprocessing's resource sharer) may see the connection end first. Said by no one.
     default = threading.excepthook
-    threading.excepthook = lambda hook: None if issubclass(hook.exc_type, (EOFError, ConnectionError)) else default(hook)
+    threading.excepthook = (lambda hook: None if issubclass(hook.exc_type, (EOFError, ConnectionError))
+                            else default(hook))
 
 
 class Batch(NamedTuple):

@@ -80,7 +80,8 @@ def _takes_class_count(fn) -> bool:
         params = inspect.signature(fn).parameters.values()
     except (TypeError, ValueError):
         return True
-    named = {p.name for p in params if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)}
+    keywords = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    named = {p.name for p in params if p.kind in keywords}
     return any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params) or {"num_classes", "in_channels"} <= named
 
 
