@@ -169,6 +169,8 @@ def test_evaluating_a_checkpoint_never_replaces_another_runs_results(teachers, t
     assert f"'{run}' holds a train-teachers run" in _error(capsys)
     assert _files(run) == before
     assert main(["evaluate", str(member), "--out", str(tmp_path / "ev"), "eval.latency=false"]) == 0
+    assert main(["compare", str(tmp_path / "ev"), "--out", str(run)]) == 2  # compare writes no run's results
+    assert f"'{run}' holds a train-teachers run" in _error(capsys) and _files(run) == before
 
 
 def test_two_caches_in_one_directory_advise_cache_dir(teachers, tmp_path, capsys):

@@ -287,10 +287,8 @@ def cmd_evaluate(args) -> None:
         raise FileNotFoundError(f"'{target}' does not exist; pass a run directory or a checkpoint file")
     # A checkpoint's results go beside it under its own name, never over its run's results.
     out_dir = Path(args.out) if args.out else (target if target.is_dir() else target.parent / f"{target.stem}-eval")
-    made = recorded_command(out_dir)[:1]
-    if made and out_dir.resolve() != target.resolve():  # --out names a run: its results are its own
-        raise ConfigError(f"--out '{out_dir}' holds a {made[0]} run, whose results.md and results.json are its "
-                          f"own; choose another --out directory")
+    if out_dir.resolve() != target.resolve():
+        _check_out(out_dir)
     run_dir = target if target.is_dir() else target.parent
     if args.config is not None:
         config = load_config(args.config, args.overrides)
@@ -340,6 +338,14 @@ def _installed(module: str) -> bool:
     return importlib.util.find_spec(module) is not None
 
 
+def _check_out(out_dir: Path) -> None:
+    """--out never names a run directory: its results.md and results.json are the run's own."""
+    made = recorded_command(out_dir)[:1]
+    if made:
+        raise ConfigError(f"--out '{out_dir}' holds a {made[0]} run, whose results.md and results.json are its "
+                          f"own; choose another --out directory")
+
+
 def cmd_compare(args) -> None:
     rows = []
     for run in args.runs:
@@ -347,6 +353,7 @@ def cmd_compare(args) -> None:
         for row in load_results(run):
             rows.append({**row, "name": f"{run.name}: {row['name']}" if len(args.runs) > 1 else row["name"]})
     out_dir = Path(args.out) if args.out else Path("runs") / f"compare-{time.strftime('%Y%m%d-%H%M%S')}"
+    _check_out(out_dir)
     _finish(out_dir, rows, "compare", EVAL_COLUMNS + ["train_time_s"])
     weights = _weight_logs([Path(r) for r in args.runs])
     if weights:  # AE-KD's teacher weights over training, one panel per run
