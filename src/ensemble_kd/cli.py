@@ -213,7 +213,8 @@ def cmd_distill(args) -> None:
 def cmd_cache_teachers(args) -> None:
     config = _config(args)  # --resume DIR: DIR's config.yaml, and DIR itself as cache.dir
     where = args.resume or config.cache.dir
-    made = recorded_command(where)[:1] if where is not None else []
+    made = [] if where is None else recorded_command(where)[:1] or (
+        ["train-teachers"] if (Path(where) / MANIFEST).is_file() else [])  # a teacher set written by hand too
     if made and made != ["cache-teachers"]:  # a cache resumes in place: never inside another command's run
         raise ConfigError(f"cache.dir '{where}' holds a {made[0]} run; choose another cache.dir for the cache")
     data = pipeline.prepare_data(config)
