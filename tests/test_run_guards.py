@@ -323,6 +323,12 @@ def test_a_sweep_variant_changing_one_augment_key_keeps_the_others(digits):
     assert (spec.crop_padding, spec.flip) == (1, True)
 
 
+def test_a_student_kwarg_override_keeps_the_default_students_width():
+    assert load_config(None, ["student.kwargs.dropout=0.1"]).student.kwargs == {"width": 0.5, "dropout": 0.1}
+    assert load_config(None, ["student.kwargs={width: 0.25}"]).student.kwargs == {"width": 0.25}
+    assert load_config(None, ["student.arch=mlp", "student.kwargs.dropout=0.1"]).student.kwargs == {"dropout": 0.1}
+
+
 def test_a_pretrained_members_input_override_keeps_the_librarys_other_keys(digits):
     """`input: {size: 16}` on a pretrained member keeps the library's mean and std (library is implied)."""
     from torch import nn

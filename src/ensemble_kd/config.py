@@ -170,9 +170,14 @@ class StudentConfig(ModelConfig):
     @model_validator(mode="before")
     @classmethod
     def _default_kwargs_go_with_the_default_arch(cls, data: Any) -> Any:
-        """`student: {arch: timm/resnet18}` builds resnet18 with no kwargs, not with small_cnn's width."""
-        if isinstance(data, dict) and data.get("arch", "small_cnn") != "small_cnn" and "kwargs" not in data:
-            return {**data, "kwargs": {}}
+        """`student: {arch: timm/resnet18}` builds resnet18 with no kwargs, not with small_cnn's width; the
+        default arch's kwargs given in part (`student.kwargs.dropout=0.1`) keep its default width."""
+        if not isinstance(data, dict):
+            return data
+        if data.get("arch", "small_cnn") != "small_cnn":
+            return data if "kwargs" in data else {**data, "kwargs": {}}
+        if isinstance(data.get("kwargs"), dict):
+            return {**data, "kwargs": {**DEFAULT_STUDENT_KWARGS, **data["kwargs"]}}
         return data
 
 
