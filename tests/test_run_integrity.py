@@ -21,6 +21,9 @@ import torch
 
 from ensemble_kd.cli import LineProgress, main
 
+sys.path.insert(0, str(Path(__file__).parent))
+from _runs import files as _files, one_sentence as _error  # noqa: E402
+
 TINY = ["student.train.epochs=1", "teachers.train.epochs=1", "student.kwargs={width: 0.25}",
         "teachers.kwargs={width: 0.25}", "eval.latency=false", "data.batch_size=256"]
 SRC = str(Path(__file__).resolve().parents[1] / "src")
@@ -28,19 +31,6 @@ SRC = str(Path(__file__).resolve().parents[1] / "src")
 
 def _rows(run_dir):
     return json.loads((run_dir / "results.json").read_text())
-
-
-def _error(capsys) -> str:
-    """stderr, which must be one sentence: no traceback, at most one wrapped line."""
-    text = capsys.readouterr().err.strip()
-    assert "Traceback" not in text
-    return " ".join(text.split())
-
-
-def _files(run_dir) -> dict:
-    """Every file and its bytes, the lock aside (it holds the pid of whoever took it last)."""
-    return {p.relative_to(run_dir): p.read_bytes() for p in sorted(run_dir.rglob("*")) if p.is_file()
-            and p.name != ".lock"}
 
 
 @pytest.fixture(scope="module")

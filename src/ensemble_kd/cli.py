@@ -22,17 +22,19 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from . import pipeline, sweep
-from .config import Config, ConfigError, MethodConfig, load_config
+from .config import Config, ConfigError, load_config
 from . import distributed
 from .engine import CheckpointError, NonFiniteLossError, load_model
-from .engine.checkpoint import os_error
-from .engine.run_dir import RESUME_SAFE, check_resumable, claim_run_dir, saved_config
+from .engine.checkpoint import os_error, trained_data
+from .engine.run_dir import (ACCEPT_LISTING, RESUME_SAFE, RunDirError, check_command, check_listing, check_resumable,
+                             claim_run_dir, data_listing, recorded_command, saved_config)
 from .engine.runs import MetricsLog, write_config
 from .ensemble import MANIFEST, TeacherSet
 from .ensemble.cache import describe_kept, open_cache
 from .report import (MARK, TEMPERATURE_NOTE, accuracy_vs_cost, load_results, print_table, reliability_diagram,
                      teacher_weights_over_training, write_results)
 
+DEMO_METHODS = "ce,aver,aekd,meal,ensemblenet,latentbe"
 DEMO_COLUMNS = ["name", "acc", "nll", "ece", "cnll", "cece", "params", "macs", "train_time_s"]
 EVAL_COLUMNS = ["name", "acc", "gap", "map", "hit1", "top5", "nll", "ece", "cnll", "cece", "brier", "corr_acc",
                 "corr_nll", "corr_ece", "ood_auroc_maxprob", "ood_auroc_entropy", "params", "macs",
@@ -95,22 +97,26 @@ def cmd_demo(args) -> None:
     if not any(o.strip().startswith("eval.latency=") for o in args.overrides):  # not in the demo's table
         config = config.model_copy(update={"eval": config.eval.model_copy(update={"latency": False})})
     started = time.perf_counter()
+    methods = _demo_methods(args)
     data = pipeline.prepare_data(config)
+    listing = _listing(args, data)
     _demo_threads(data.device)
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     for method in methods:  # a bad name or option fails before any training
         pipeline.method_from(config, method, several=True)
     pipeline.check_models(config, data)
+    shapes = pipeline.untrained_teachers(config, data)  # what the options ask of the models, checked on these
+    for method in methods:
+        pipeline.prepare_distill(pipeline.student_config(config, method), data, shapes)
     with _claim(config, "demo", args) as run_dir:
-        _demo(config, data, methods, run_dir, args, started)
+        _demo(config, data, methods, run_dir, args, started, listing)
 
 
-def _demo(config, data, methods, run_dir: Path, args, started: float) -> None:
+def _demo(config, data, methods, run_dir: Path, args, started: float, listing) -> None:
     err.print(f"demo: {config.data.name}, {len(config.teachers.resolved_members())} teachers, students: "
               f"{', '.join(methods)}; run directory {run_dir}", highlight=False)
     teacher_dir = run_dir / pipeline.TEACHERS_DIR
-    write_config(run_dir, config, "demo")  # what --resume reads back
-    write_config(teacher_dir, config, "train-teachers")
+    write_config(run_dir, config, f"demo --methods {','.join(methods)}", listing)  # what --resume reads back
+    write_config(teacher_dir, config, "train-teachers", listing)
     students = []
     with progress_bar() as progress:
         teachers = pipeline.train_teachers(config, teacher_dir, resume=args.resume is not None,
@@ -118,10 +124,9 @@ def _demo(config, data, methods, run_dir: Path, args, started: float) -> None:
         fast = pipeline.fast_teachers(config, teachers)
         cached = _demo_cache(config, data, fast, run_dir / "cache", progress)
         for method in methods:  # every student learns from the same teachers: cached logits where they do
-            options = config.method.options_for(method)  # each student its own method's options
-            student_config = config.model_copy(update={"method": MethodConfig(name=method, options=options)})
+            student_config = pipeline.student_config(config, method)  # each student its own method's options
             out_dir = run_dir / (pipeline.STUDENT_DIR if method == "ce" else f"student-{method}")
-            write_config(out_dir, student_config, "distill")
+            write_config(out_dir, student_config, "distill", listing)
             needs = pipeline.method_from(student_config).needs
             source = cached if _servable(cached, needs) and config.perturb.kind == "none" else fast
             student, info = pipeline.distill(student_config, out_dir, resume=args.resume is not None,
@@ -133,6 +138,19 @@ def _demo(config, data, methods, run_dir: Path, args, started: float) -> None:
     rows += [row for c, student, info in students for row in pipeline.evaluate_student(c, student, data, info)]
     _finish(run_dir, rows, f"ensemble-kd demo on {config.data.name} ({time.perf_counter() - started:.0f} s)",
             DEMO_COLUMNS)
+
+
+def _demo_methods(args) -> list[str]:
+    """--methods, part of the run: a resumed demo trains the students it was started with."""
+    given = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods is not None else None
+    made = recorded_command(args.resume) if args.resume is not None else []
+    if "--methods" not in made[:-1]:  # a new demo (or one that recorded none)
+        return given if given is not None else DEMO_METHODS.split(",")
+    recorded = made[made.index("--methods") + 1].split(",")
+    if given is not None and given != recorded:
+        raise RunDirError(f"cannot resume '{args.resume}' with --methods {','.join(given)}: it was started with "
+                          f"--methods {','.join(recorded)}; resume it without --methods, or start a new demo")
+    return recorded
 
 
 def _demo_threads(device) -> None:
@@ -166,9 +184,10 @@ def _servable(cached, needs) -> bool:
 def cmd_train_teachers(args) -> None:
     config = _config(args)
     data = pipeline.prepare_data(config)
+    listing = _listing(args, data)
     pipeline.check_models(config, data, student=False)
     with _claim(config, "teachers", args) as run_dir:
-        write_config(run_dir, config, "train-teachers")
+        write_config(run_dir, config, "train-teachers", listing)
         with progress_bar() as progress:
             teachers = pipeline.train_teachers(config, run_dir, resume=args.resume is not None,
                                                progress=progress, data=data)
@@ -181,10 +200,11 @@ def cmd_train_teachers(args) -> None:
 def cmd_distill(args) -> None:
     config = _config(args)
     data = pipeline.prepare_data(config)
+    listing = _listing(args, data)
     pipeline.check_models(config, data, teachers=False)
     method, teachers = pipeline.prepare_distill(config, data)  # bad options or teachers fail before any work
     with _claim(config, f"distill-{config.method.name}", args) as run_dir:
-        write_config(run_dir, config, "distill")
+        write_config(run_dir, config, "distill", listing)
         with progress_bar() as progress:
             student, info = pipeline.distill(config, run_dir, resume=args.resume is not None, progress=progress,
                                              data=data, teachers=teachers, method=method)
@@ -197,17 +217,20 @@ def cmd_distill(args) -> None:
 def cmd_cache_teachers(args) -> None:
     config = _config(args)  # --resume DIR: DIR's config.yaml, and DIR itself as cache.dir
     where = args.resume or config.cache.dir
-    if where is not None and (Path(where) / MANIFEST).is_file():
-        raise ConfigError(f"cache.dir '{where}' holds a train-teachers run; choose another directory for the cache")
+    made = [] if where is None else recorded_command(where)[:1] or (
+        ["train-teachers"] if (Path(where) / MANIFEST).is_file() else [])  # a teacher set written by hand too
+    if made and made != ["cache-teachers"]:  # a cache resumes in place: never inside another command's run
+        raise ConfigError(f"cache.dir '{where}' holds a {made[0]} run; choose another cache.dir for the cache")
     data = pipeline.prepare_data(config)
+    listing = _listing(args, data)
     teachers = pipeline.load_teachers(config, data)  # checked before anything is written
     if where is not None and args.resume is None:  # the cache's directory is cache.dir, not run.dir/run.name
         where = Path(where)
         config = config.model_copy(update={"run": config.run.model_copy(update={"dir": str(where.parent),
                                                                                 "name": where.name})})
     # a cache resumes or rebuilds itself in place (its manifest says for what): locked, not refused
-    with _claim(config, "cache", args, reentrant=True) as out_dir:
-        write_config(out_dir, config, "cache-teachers")
+    with _claim(config, "cache", args, reentrant=True, key="cache.dir") as out_dir:
+        write_config(out_dir, config, "cache-teachers", listing)
         with progress_bar() as progress:
             report = (lambda line: err.print(line, highlight=False)) if distributed.world().is_main else None
             path = pipeline.cache_teachers(config, out_dir, progress=progress, data=data, teachers=teachers,
@@ -221,18 +244,27 @@ def cmd_cache_teachers(args) -> None:
 def cmd_sweep(args) -> None:
     config = _config(args, allowed=RESUME_SAFE + ("sweep.*",))  # each of its runs is checked on its own
     data = pipeline.prepare_data(config)
+    listing = _listing(args, data)
     only = [v.strip() for v in args.only.split(",")] if args.only else None
-    for _, _, variant in sweep.variant_configs(config):  # every variant validated before any training
+    checked = set()
+    for name, _, variant in sweep.variant_configs(config):  # every variant validated before any training
         pipeline.method_from(variant)
         pipeline.check_models(variant, data, teachers=False)
+        if name not in checked:  # its options against the models, once: the seeds differ in student.seed alone
+            checked.add(name)
+            try:
+                pipeline.prepare_distill(variant, data)
+            except ConfigError as err:
+                raise ConfigError(f"sweep variant '{name}': {err}") from None
     named = args.resume or (Path(config.run.dir) / config.run.name if config.run.name else None)
     if named is not None:  # a changed run is refused before anything is written
-        sweep.plan_runs(config, Path(named), only=only, overwrite=args.overwrite)
+        sweep.plan_runs(config, Path(named), only=only, overwrite=args.overwrite, listing=listing,
+                        accept=args.accept_changed_data)
     with _claim(config, "sweep", args, shared=True) as run_dir:
-        write_config(run_dir, config, "sweep")
+        write_config(run_dir, config, "sweep", listing)
         with progress_bar() as progress:
             rows = sweep.run_sweep(config, run_dir, progress=progress, data=data, only=only,
-                                   overwrite=args.overwrite)
+                                   overwrite=args.overwrite, listing=listing, accept=args.accept_changed_data)
     if not distributed.world().is_main:
         return
     if config.teachers.source:  # the teachers beside their students
@@ -259,6 +291,10 @@ def cmd_evaluate(args) -> None:
     target = Path(args.target)
     if not target.exists():
         raise FileNotFoundError(f"'{target}' does not exist; pass a run directory or a checkpoint file")
+    # A checkpoint's results go beside it under its own name, never over its run's results.
+    out_dir = Path(args.out) if args.out else (target if target.is_dir() else target.parent / f"{target.stem}-eval")
+    if out_dir.resolve() != target.resolve():
+        _check_out(out_dir)
     run_dir = target if target.is_dir() else target.parent
     if args.config is not None:
         config = load_config(args.config, args.overrides)
@@ -276,6 +312,7 @@ def cmd_evaluate(args) -> None:
         path = target / "model.pt" if target.is_dir() else target
         if not path.is_file():
             raise FileNotFoundError(f"'{target}' holds neither {MANIFEST} nor model.pt: nothing to evaluate")
+        pipeline.check_trained_data(config, f"'{path}'", trained_data(path), data)
         model = load_model(path, map_location=data.device)
         if model.spec["num_classes"] != data.splits.num_classes:
             raise ConfigError(f"'{path}' predicts {model.spec['num_classes']} classes but dataset "
@@ -284,8 +321,6 @@ def cmd_evaluate(args) -> None:
             rows = pipeline.evaluate_student(config, model, data)
         else:
             rows = [pipeline.evaluate_model_row(path, model, config, data)]
-    # A checkpoint's results go beside it under its own name, never over its run's results.
-    out_dir = Path(args.out) if args.out else (target if target.is_dir() else target.parent / f"{target.stem}-eval")
     _finish(out_dir, rows, f"evaluate {target}", EVAL_COLUMNS)
 
 
@@ -359,6 +394,14 @@ def _installed(module: str) -> bool:
     return importlib.util.find_spec(module) is not None
 
 
+def _check_out(out_dir: Path) -> None:
+    """--out never names a run directory: its results.md and results.json are the run's own."""
+    made = recorded_command(out_dir)[:1]
+    if made:
+        raise ConfigError(f"--out '{out_dir}' holds a {made[0]} run, whose results.md and results.json are its "
+                          f"own; choose another --out directory")
+
+
 def cmd_compare(args) -> None:
     rows = []
     for run in args.runs:
@@ -366,6 +409,7 @@ def cmd_compare(args) -> None:
         for row in load_results(run):
             rows.append({**row, "name": f"{run.name}: {row['name']}" if len(args.runs) > 1 else row["name"]})
     out_dir = Path(args.out) if args.out else Path("runs") / f"compare-{time.strftime('%Y%m%d-%H%M%S')}"
+    _check_out(out_dir)
     _finish(out_dir, rows, "compare", EVAL_COLUMNS + ["train_time_s"])
     weights = _weight_logs([Path(r) for r in args.runs])
     if weights:  # AE-KD's teacher weights over training, one panel per run
@@ -394,6 +438,7 @@ def _config(args, resume: bool = True, allowed: tuple[str, ...] = RESUME_SAFE) -
         run = Path(args.resume)
         if not run.is_dir():
             raise FileNotFoundError(f"cannot resume '{run}': no such run directory")
+        check_command(run, args.command)  # before its config is read: another command's may not even load
         config = load_config(args.config, args.overrides) if args.config else saved_config(run, args.overrides)
         check_resumable(run, config, allowed)
     else:
@@ -402,13 +447,22 @@ def _config(args, resume: bool = True, allowed: tuple[str, ...] = RESUME_SAFE) -
     return config
 
 
+def _listing(args, data) -> dict | None:
+    """The streamed training listing, as the run records it; a resumed run's must be the one it recorded."""
+    listing = data_listing(data.splits.train)
+    if getattr(args, "resume", None) is not None:
+        check_listing(Path(args.resume), listing, args.accept_changed_data)
+    return listing
+
+
 _RUNNING: dict = {}  # the run directory in use, for the message after Ctrl-C
 
 
 @contextlib.contextmanager
-def _claim(config: Config, command: str, args, shared: bool = False, reentrant: bool = False):
+def _claim(config: Config, command: str, args, shared: bool = False, reentrant: bool = False,
+           key: str = "run.name"):
     with claim_run_dir(config, command, resume=args.resume, overwrite=args.overwrite, shared=shared,
-                       reentrant=reentrant) as run_dir:
+                       reentrant=reentrant, key=key) as run_dir:
         _RUNNING["dir"] = run_dir
         yield run_dir
 
@@ -451,6 +505,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. teachers.count=5")
         if resume:
             p.add_argument("--resume", metavar="RUN_DIR", help="continue a killed run in RUN_DIR")
+            p.add_argument(ACCEPT_LISTING, action="store_true",
+                           help="resume although the streamed training files changed since the run began")
         p.add_argument("--overwrite", action="store_true",
                        help="replace a run already in the run directory (sweep: re-run the runs whose config changed)")
         p.set_defaults(fn=fn)
@@ -458,8 +514,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     command("demo", cmd_demo, "train teachers and a student on digits, print one table", config=False)
     sub.choices["demo"].add_argument("--config", help="a YAML config instead of the built-in demo")
-    sub.choices["demo"].add_argument("--methods", default="ce,aver,aekd,meal,ensemblenet,latentbe",
-                                     help="students to train, by method (default ce,aver,aekd,meal,ensemblenet,latentbe)")
+    sub.choices["demo"].add_argument("--methods", help=f"students to train, by method (default {DEMO_METHODS}; "
+                                                       f"with --resume, the run's)")
     command("train-teachers", cmd_train_teachers, "train an ensemble of M members")
     command("distill", cmd_distill, "train a student with a method (ce: the student alone)")
     command("cache-teachers", cmd_cache_teachers,

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import difflib
 import os
+import reprlib
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 class ConfigError(ValueError):
@@ -25,8 +26,10 @@ class _Section(BaseModel):
 
 
 class AugmentConfig(_Section):
-    crop_padding: int = Field(0, ge=0)
-    flip: bool = False
+    """Keys left unset (None) take the dataset's default: giving flip alone keeps its crop_padding."""
+
+    crop_padding: int | None = Field(None, ge=0)
+    flip: bool | None = None
 
 
 class ViewsConfig(_Section):
@@ -118,7 +121,7 @@ class InputConfig(_Section):
     takes the library's config for its weights (timm's pretrained_cfg, torchvision's transforms); keys
     given here override it; `size: null` keeps the data's size."""
 
-    library: bool = False
+    library: bool | None = None  # None: true for a pretrained member (its library's weights), else false
     mean: list[float] | None = None
     std: list[float] | None = None
     size: int | list[int] | None = None
@@ -169,9 +172,14 @@ class StudentConfig(ModelConfig):
     @model_validator(mode="before")
     @classmethod
     def _default_kwargs_go_with_the_default_arch(cls, data: Any) -> Any:
-        """`student: {arch: timm/resnet18}` builds resnet18 with no kwargs, not with small_cnn's width."""
-        if isinstance(data, dict) and data.get("arch", "small_cnn") != "small_cnn" and "kwargs" not in data:
-            return {**data, "kwargs": {}}
+        """`student: {arch: timm/resnet18}` builds resnet18 with no kwargs, not with small_cnn's width; the
+        default arch's kwargs given in part (`student.kwargs.dropout=0.1`) keep its default width."""
+        if not isinstance(data, dict):
+            return data
+        if data.get("arch", "small_cnn") != "small_cnn":
+            return data if "kwargs" in data else {**data, "kwargs": {}}
+        if isinstance(data.get("kwargs"), dict):
+            return {**data, "kwargs": {**DEFAULT_STUDENT_KWARGS, **data["kwargs"]}}
         return data
 
 
@@ -228,9 +236,26 @@ class SweepConfig(_Section):
         return self
 
 
+def folder_name_problem(name: str) -> str | None:
+    """Why `name` is not one safe folder name (None: it is): it must stay inside the folder it is made in."""
+    if name in ("", ".", ".."):
+        return f"{name!r} names no folder of its own"
+    if any(c in name for c in ("/", "\\", "\0")):
+        return f"{name!r} is a path, not one folder name (no '/', '\\' or NUL)"
+    return None
+
+
 class RunConfig(_Section):
-    dir: str = "runs"
-    name: str | None = None
+    dir: str = "runs"  # where runs go
+    name: str | None = None  # the run's folder in run.dir: one folder name, never a path
+
+    @field_validator("name")
+    @classmethod
+    def _one_folder(cls, name: str | None) -> str | None:
+        problem = None if name is None else folder_name_problem(name)
+        if problem:
+            raise ValueError(f"{problem}; give the run's folder name here and where it goes in run.dir")
+        return name
 
 
 class Config(_Section):
@@ -256,7 +281,11 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     key = key.strip()
     if not key or any(not part for part in key.split(".")):
         raise ConfigError(f"override '{text}' has an empty key")
-    return key.split("."), yaml.safe_load(raw) if raw.strip() else None
+    try:
+        return key.split("."), yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as err:  # `lr=[`, a `!!python/object` tag: as the same mistake in a file
+        raise ConfigError(f"override '{_shown(text)}' has a value that is not valid YAML: "
+                          f"{_yaml_problem(err)}") from None
 
 
 def apply_override(tree: dict, path: list[str], value: Any) -> None:
@@ -294,7 +323,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
         try:
             tree = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as err:
-            raise ConfigError(f"config file '{path}' is not valid YAML: {err}") from None
+            raise ConfigError(f"config file '{path}' is not valid YAML: {_yaml_problem(err)}") from None
         if not isinstance(tree, dict):
             raise ConfigError(f"config file '{path}' must hold a mapping of sections")
     for text in overrides:
@@ -320,9 +349,30 @@ def _one_sentence(err: ValidationError) -> str:
         also = f"; did you mean '{hint[0]}'?" if hint else f"; known keys: {', '.join(known)}"
         return f"config key '{where}' is not a known option{also}"
     value = first.get("input")
-    shown = "" if isinstance(value, dict) else f" (got {value!r})"
+    shown = "" if isinstance(value, dict) else f" (got {_shown(_REPR.repr(value))})"
     message = first["msg"].removeprefix("Value error, ").rstrip(".")
     return f"config key '{where}': {message}{shown}"
+
+
+SHOWN_CHARS = 80  # of a value echoed in a message: a YAML alias bomb expands to megabytes
+
+
+_REPR = reprlib.Repr()  # a nested value shown to a few levels and items, never expanded whole
+_REPR.maxlevel, _REPR.maxlist, _REPR.maxdict, _REPR.maxstring = 3, 4, 4, SHOWN_CHARS
+
+
+def _shown(text: str) -> str:
+    return text if len(text) <= SHOWN_CHARS else f"{text[:SHOWN_CHARS]}..."
+
+
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    """The parser's complaint on one line: its problem and where, without the echoed source lines."""
+    problem = getattr(err, "problem", None)
+    mark = getattr(err, "problem_mark", None)
+    if problem is None:
+        return " ".join(str(err).split())
+    where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+    return f"{problem}{where}"
 
 
 def _known_keys(section: str) -> list[str]:

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import torch
 
-from .config import (Config, ConfigError, DataConfig, InputConfig, ModelConfig, TeacherMemberConfig, TrainConfig,
-                     load_config)
+from .config import (Config, ConfigError, DataConfig, InputConfig, MethodConfig, ModelConfig, TeacherMemberConfig,
+                     TrainConfig, load_config)
 from .data import AugmentSpec, DatasetSplits, DeviceLoader, dataset_record
 from .data.crops import ViewSpec
 from .data.mixing import MixSpec
@@ -25,7 +25,7 @@ from .data.stream import StreamLoader
 from .data.video import VIDEO_DATASETS, VideoSplits, load_video_splits, video_loader
 from . import distributed
 from .engine import Trainer, resolve_device, save_model, seed_everything
-from .engine.checkpoint import read_json
+from .engine.checkpoint import model_data, read_json
 from .evaluation import evaluate_model, evaluate_teacher_set
 from .perturbations import Perturbation
 from .ensemble import MANIFEST, TeacherSet, write_manifest
@@ -58,7 +58,9 @@ class Data:
             return video_loader(self.splits.train, batch_size=cfg.batch_size, train=True, seed=seed,
                                 device=self.device, rank=rank, world_size=world_size,
                                 workers=getattr(cfg, "workers", 0), frames_per_video=cfg.frames_per_video)
-        spec = AugmentSpec(**cfg.augment.model_dump()) if cfg.augment else self.splits.augment
+        spec = self.splits.augment  # the dataset's, with the keys data.augment gives on top
+        if cfg.augment is not None:
+            spec = dataclasses.replace(spec, **{k: v for k, v in cfg.augment.model_dump().items() if v is not None})
         v = cfg.views
         mix = MixSpec(mixup_alpha=v.mixup_alpha, cutmix_alpha=v.cutmix_alpha, mix_prob=v.mix_prob)
         if is_streamed(self.splits):
@@ -217,7 +219,8 @@ def teachers_from_weights(config: Config, data: Data) -> TeacherSet:
         model = build_model(member, data)
         adapter = teacher_input(i, member, model, data)
         models.append(adapt_input(model, adapter) if adapter is not None else model)
-    return TeacherSet(models, [member_name(i, m) for i, m in enumerate(members)])
+    records = [model_data(m.weights) if m.weights is not None else None for m in members]  # ours carry one
+    return TeacherSet(models, [member_name(i, m) for i, m in enumerate(members)], records)
 
 
 def teacher_input(index: int, member: TeacherMemberConfig, model, data: Data) -> InputAdapter | None:
@@ -230,7 +233,7 @@ def teacher_input(index: int, member: TeacherMemberConfig, model, data: Data) ->
     if not hasattr(data.splits, "mean"):
         raise ConfigError(f"{where}: input adapters apply to images, not to {data.splits.name}")
     wanted = {"mean": list(data.splits.mean), "std": list(data.splits.std), "size": None}
-    if spec.library:
+    if spec.library if spec.library is not None else member.pretrained:
         own = getattr(model, "input_config", None)
         if own is None:
             raise ConfigError(f"{where}: '{member.arch}' has no library input config; give mean, std and size")
@@ -247,6 +250,17 @@ def teacher_input(index: int, member: TeacherMemberConfig, model, data: Data) ->
     identity = (adapter.size is None and torch.allclose(adapter.scale, torch.ones_like(adapter.scale))
                 and torch.allclose(adapter.shift, torch.zeros_like(adapter.shift)))
     return None if identity else adapter
+
+
+def untrained_teachers(config: Config, data: Data) -> TeacherSet:
+    """The members train-teachers would train, as initialised: what a check binds a method to before they exist."""
+    members = config.teachers.resolved_members()
+    return TeacherSet([build_model(m, data) for m in members], [member_name(i, m) for i, m in enumerate(members)])
+
+
+def student_config(config: Config, method: str) -> Config:
+    """The config of one of several students (the demo's): method `method` with its own options."""
+    return config.model_copy(update={"method": MethodConfig(name=method, options=config.method.options_for(method))})
 
 
 def fast_teachers(config: Config, teachers: TeacherSet, needs=None) -> TeacherSet:
@@ -310,15 +324,21 @@ def check_class_counts(teachers: TeacherSet, data: Data) -> None:
 def check_teacher_data(config: Config, teachers: TeacherSet, data: Data) -> None:
     """Teachers trained on other data (name, classes, image size, channels, as their checkpoints record)
     are refused unless teachers.allow_other_data; a differing normalisation alone is not refused."""
+    for name, record in zip(teachers.names, teachers.data_records):
+        check_trained_data(config, f"teacher {name}", record, data)
+
+
+def check_trained_data(config: Config, what: str, record: dict | None, data: Data) -> None:
+    """A model trained on other data (its recorded dataset_record) is refused for this data: every
+    entry point that runs a saved model on data asks here (teachers.allow_other_data lets it through)."""
     if config.teachers.allow_other_data:
         return
     current = dataset_record(data.splits)
-    for name, record in zip(teachers.names, teachers.data_records):
-        differ = identity_difference(record, current)
-        if differ:
-            raise ConfigError(f"teacher {name} was trained on {describe(record)} but this run's data is "
-                              f"{describe(current)} (they differ in {', '.join(differ)}); use teachers trained "
-                              f"on this data, or set teachers.allow_other_data=true if that is intended")
+    differ = identity_difference(record, current)
+    if differ:
+        raise ConfigError(f"{what} was trained on {describe(record)} but this run's data is {describe(current)} "
+                          f"(they differ in {', '.join(differ)}); use a model trained on this data, or set "
+                          f"teachers.allow_other_data=true if that is intended")
 
 
 def renormalise_teachers(teachers: TeacherSet, data: Data) -> None:
@@ -361,7 +381,36 @@ def prepare_distill(config: Config, data: Data, teachers=None):
             raise ConfigError(f"config key 'method.options' ({config.method.name}'s student): {err}") from None
         if config.student.weights is not None:
             _check_weights_file("student", config.student.weights, student)
+    check_binding(config, data, teachers)
     return method, teachers
+
+
+def check_binding(config: Config, data: Data, teachers=None) -> None:
+    """What the method's options ask of the models (taps, teacher indices, C against 1/M, members per
+    teacher, a fork, a perturbation's student) checked as training would, before anything is written:
+    a fresh copy of the method bound to the student it trains and the teachers, on the smallest batch
+    of training views, which the perturbation (if any) then moves once."""
+    method = method_from(config)
+    count = len(teachers) if teachers is not None else None
+    arch, kwargs = method.student_spec(config.student.arch, config.student.kwargs, count)
+    try:
+        student = create(arch, num_classes=data.splits.num_classes, in_channels=data.splits.in_channels,
+                         **kwargs).to(data.device)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"config key '{options_key(config)}': method '{config.method.name}' builds the student "
+                          f"as {arch}, which fails: {err}") from None
+    loader = data.train_loader(config.data, config.student.seed)
+    batch = next(iter(loader.batches_at([torch.arange(min(2, loader.size))], 0)))
+    try:
+        method.bind(student, teachers, batch.x)
+    except ValueError as err:
+        raise ConfigError(f"config key '{options_key(config)}': {err}") from None
+    perturbation = perturbation_of(config, data, method)
+    if perturbation is not None:
+        try:
+            perturbation(batch, teachers, student, step=0, seed=config.student.seed)
+        except ValueError as err:
+            raise ConfigError(f"config key 'perturb.kind': {err}") from None
 
 
 def distill(config: Config, run_dir: Path, *, resume=False, progress=None, data: Data | None = None,
@@ -416,13 +465,19 @@ def method_from(config: Config, name: str | None = None, several: bool = False):
     check_method(name)
     for other in config.method.per_method:
         check_method(other, key=f"method.per_method.{other}")
-    key = f"method.per_method.{name}" if name in config.method.per_method else "method.options"
+    key = options_key(config, name)
     try:
         return create_method(name, **config.method.options_for(name))
     except ValueError as err:
         hint = ("; the demo trains several methods: give each its options in method.per_method.<method>"
                 if several and key == "method.options" else "")
         raise ConfigError(f"config key '{key}': {err}{hint}") from None
+
+
+def options_key(config: Config, name: str | None = None) -> str:
+    """The config key holding method `name`'s options (default method.name's)."""
+    name = name or config.method.name
+    return f"method.per_method.{name}" if name in config.method.per_method else "method.options"
 
 
 def check_models(config: Config, data: Data, teachers: bool = True, student: bool = True) -> None:

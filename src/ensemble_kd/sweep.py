@@ -22,16 +22,21 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import pipeline
-from .config import Config, ConfigError, validate_config
+from .config import Config, ConfigError, folder_name_problem, validate_config
 from .config import apply_override
 from . import distributed
 from .engine import load_model
-from .engine.run_dir import RESUME_SAFE, RunDirError, clear, contents, finished, locked, run_changes
+from .engine.run_dir import (ACCEPT_LISTING, RESUME_SAFE, RunDirError, clear, contents, data_listing, finished,
+                             listing_change, locked, run_changes)
 from .engine.runs import write_config
 from .report import load_results, write_results
 
 # What a finished run's results do not depend on; eval.* changes re-evaluate its model instead.
 FINISHED_SAFE = ("device", "*.log_every", "*.checkpoint_every", "run.*", "sweep.*")
+
+# What a sweep writes beside its variants' folders (lower case: folders may not differ from them in case alone).
+SWEEP_FILES = ("config.yaml", "fingerprint.json", ".lock", "results.json", "results.md", "reliability.png",
+               "accuracy_vs_cost.png", pipeline.TEACHERS_DIR)
 
 SPREAD_KEYS = ("acc", "gap", "map", "hit1", "top5", "corr_acc", "corr_nll", "corr_ece", "ood_auroc_maxprob",
                "ood_auroc_entropy", "nll", "ece", "cnll", "cece", "brier", "train_time_s")
@@ -42,7 +47,11 @@ def variant_configs(config: Config) -> list[tuple[str, int, Config]]:
     variants = config.sweep.variants or {config.method.name: {}}
     folders: dict[str, str] = {}
     for name in variants:  # "lr 0.05" and "lr/0.05" would train once and report one run twice
-        other = folders.setdefault(slug(name).lower(), name)
+        folder = slug(name)
+        if folder_name_problem(folder) or folder.lower() in SWEEP_FILES:
+            raise ConfigError(f"sweep variant '{name}' would train in the folder '{folder}', which is not one of "
+                              f"its own (a dot name, or a file or folder the sweep writes); rename it")
+        other = folders.setdefault(folder.lower(), name)
         if other != name:
             raise ConfigError(f"sweep variants '{other}' and '{name}' would share the folder '{slug(name)}'; "
                               f"rename one of them")
@@ -69,9 +78,11 @@ class PlannedRun:
     action: str  # train (new or changed), resume (killed), evaluate (eval.* changed), reuse
 
 
-def plan_runs(config: Config, run_dir: Path, *, only=None, overwrite: bool = False) -> list[PlannedRun]:
+def plan_runs(config: Config, run_dir: Path, *, only=None, overwrite: bool = False, listing: dict | None = None,
+              accept: bool = False) -> list[PlannedRun]:
     """What each (variant, seed) needs, decided before any training; a changed run is refused
-    (naming it and its first changed key) unless `overwrite` asks to train it again."""
+    (naming it and its first changed key) unless `overwrite` asks to train it again. `listing`: the
+    streamed training listing now, which a run made on another is refused for unless `accept`."""
     runs = variant_configs(config)
     if only:
         unknown = set(only) - {name for name, _, _ in runs}
@@ -88,6 +99,9 @@ def plan_runs(config: Config, run_dir: Path, *, only=None, overwrite: bool = Fal
         else:
             done = finished(out)
             changes = run_changes(out, variant, FINISHED_SAFE if done else RESUME_SAFE + ("sweep.*",))
+            same_data = _split_key(variant) == _split_key(config)  # `listing` is of the sweep's data
+            moved = listing_change(out, listing) if same_data and not accept else None
+            changes += [f"training listing ({moved}; or pass {ACCEPT_LISTING} to keep the run)"] if moved else []
             evaluation = [c for c in changes if c.startswith("eval.")]
             changes = [c for c in changes if not c.startswith("eval.")]
             action = ("evaluate" if evaluation else "reuse") if done else "resume"
@@ -101,26 +115,28 @@ def plan_runs(config: Config, run_dir: Path, *, only=None, overwrite: bool = Fal
 
 
 def run_sweep(config: Config, run_dir: Path, *, progress=None, data=None, only=None,
-              overwrite: bool = False) -> list[dict]:
+              overwrite: bool = False, listing: dict | None = None, accept: bool = False) -> list[dict]:
     """Train what is missing and summarise; `only` limits the run to some variants (e.g. to split
     a sweep over processes or machines: a later run without it finds their results)."""
     data = data or pipeline.prepare_data(config)
     by_variant: dict[str, list[dict]] = {}
     # rank 0's plan on every rank: the others must not see rank 0's first writes and plan otherwise
-    plan = distributed.broadcast_object(plan_runs(config, run_dir, only=only, overwrite=overwrite))
+    plan = distributed.broadcast_object(plan_runs(config, run_dir, only=only, overwrite=overwrite, listing=listing,
+                                                  accept=accept))
     for run in plan:
         if run.action != "reuse":
             if _split_key(run.config) != _split_key(data.config):  # the variant loads other data
                 data = pipeline.prepare_data(run.config)
+                listing = data_listing(data.splits.train)
             with locked(run.out):  # a second process on the same sweep waits for no one: it stops
-                _train_or_evaluate(run, data, progress)
+                _train_or_evaluate(run, data, progress, listing)
         for row in load_results(run.out):  # LatentBE gives two: collapsed and BE
             label = f"{run.variant} [{row['part']}]" if row.get("part") else run.variant
             by_variant.setdefault(label, []).append(row)
     return [summarise(name, rows) for name, rows in by_variant.items()]
 
 
-def _train_or_evaluate(run: PlannedRun, data, progress) -> None:
+def _train_or_evaluate(run: PlannedRun, data, progress, listing: dict | None) -> None:
     main = distributed.world().is_main
     if run.action == "train" and main:
         clear(run.out)  # a changed run (--overwrite) starts from nothing
@@ -131,9 +147,9 @@ def _train_or_evaluate(run: PlannedRun, data, progress) -> None:
             student = load_model(run.out / "model.pt", map_location=data.device)
             write_results(run.out, pipeline.evaluate_student(run.config, student, data,
                                                              {"train_time_s": info["train_time_s"]}))
-            write_config(run.out, run.config, "distill")
+            write_config(run.out, run.config, "distill", listing)
     else:
-        write_config(run.out, run.config, "distill")  # what a killed run resumes with
+        write_config(run.out, run.config, "distill", listing)  # what a killed run resumes with
         student, info = pipeline.distill(run.config, run.out, resume=True, progress=progress, data=data)
         if main:  # rank 0 evaluates and writes; the others wait for it
             write_results(run.out, pipeline.evaluate_student(run.config, student, data, info))

@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import math
+import os
+import signal
+import sys
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Iterable, Iterator, NamedTuple, Sequence
 
@@ -12,9 +18,29 @@ from .datasets import ImageDataset
 from .mixing import MixSpec, mix_params, mix_views
 from .views import AugmentSpec, hash_ints, make_view
 
-__all__ = ["Batch", "DeviceLoader", "ShardedLoader"]
+__all__ = ["Batch", "DeviceLoader", "ShardedLoader", "worker_options"]
+
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 _STREAM_ORDER = 0x0D0E  # keeps the epoch order independent of the per-sample view hashes
+
+
+def worker_options(workers: int) -> dict:
+    """DataLoader arguments for `workers` processes that die with the process that started them: after a
+    SIGKILL, orphaned workers would otherwise live on for seconds and print an EOFError traceback."""
+    return {"worker_init_fn": functools.partial(_die_with_parent, os.getpid())} if workers else {}
+
+
+def _die_with_parent(parent: int, worker_id: int) -> None:
+    if sys.platform.startswith("linux"):  # the kernel sends SIGKILL when the parent (thread) exits
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+    if os.getppid() != parent:  # the parent died before prctl took hold
+        os._exit(1)
+    # The kernel closes a dying parent's sockets just before it signals: a worker thread handing it a
+    # tensor (multiprocessing's resource sharer) may see the connection end first. Said by no one.
+    default = threading.excepthook
+    threading.excepthook = (lambda hook: None if issubclass(hook.exc_type, (EOFError, ConnectionError))
+                            else default(hook))
 
 
 class Batch(NamedTuple):

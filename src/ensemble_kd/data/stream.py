@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from .crops import ViewSpec, view_of_image
-from .loader import Batch, ShardedLoader
+from .loader import Batch, ShardedLoader, worker_options
 from .mixing import MixSpec, mix_params, mix_views
 from .samples import DecodeError, Samples, open_rgb
 from .views import AugmentSpec, crop_flip, normalize
@@ -156,7 +156,7 @@ class StreamLoader(ShardedLoader):
         pin = self.device.type == "cuda"
         loader = torch.utils.data.DataLoader(
             dataset, sampler=keys, batch_size=None, collate_fn=_identity, num_workers=self.workers,
-            pin_memory=pin, prefetch_factor=self.prefetch if self.workers else None)
+            pin_memory=pin, prefetch_factor=self.prefetch if self.workers else None, **worker_options(self.workers))
         self.skipped = []
         for item in loader:
             if "error" in item:

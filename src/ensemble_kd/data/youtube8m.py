@@ -34,7 +34,7 @@ from tfrecord import example_pb2
 
 from .frames import SampledFrames, check_frames_per_video
 from .index_cache import cached_index
-from .loader import Batch, ShardedLoader
+from .loader import Batch, ShardedLoader, worker_options
 
 __all__ = ["FEATURE_DIM", "TFRecordFile", "YouTube8M", "YouTube8MLoader", "dequantize", "list_splits",
            "masked_crc32c", "parse_video"]
@@ -262,7 +262,7 @@ class YouTube8MLoader(SampledFrames, ShardedLoader):
         loader = torch.utils.data.DataLoader(
             _VideoBatches(self.videos), sampler=keys, batch_size=None, collate_fn=_identity,
             num_workers=self.workers, pin_memory=self.device.type == "cuda",
-            prefetch_factor=self.prefetch if self.workers else None)
+            prefetch_factor=self.prefetch if self.workers else None, **worker_options(self.workers))
         for item in loader:
             if "error" in item:
                 raise ValueError(item["error"])

@@ -130,7 +130,17 @@ _SIDECAR_REMEDY = "it is the model file's description: restore it, or train the 
 def model_data(path: str | Path) -> dict | None:
     """The data a model file was trained on (data.dataset_record), from its sidecar; None if unrecorded."""
     sidecar = Path(path).with_suffix(".json")
-    return read_json(sidecar, _SIDECAR_REMEDY).get("data") if sidecar.is_file() else None
+    info = read_json(sidecar, _SIDECAR_REMEDY) if sidecar.is_file() else None
+    return info.get("data") if isinstance(info, dict) else None
+
+
+def trained_data(path: str | Path) -> dict | None:
+    """model_data, or for a training state (last.pt) the record it holds itself."""
+    record = model_data(path)
+    if record is None and Path(path).suffix == ".pt":
+        state = load(path)
+        record = state.get("data") if isinstance(state, dict) and state.get("format") == FORMAT else None
+    return record
 
 
 def model_spec(path: str | Path) -> dict:

@@ -83,6 +83,27 @@ def saved_config(run_dir: Path, overrides=()) -> Config:
     return load_config(path, list(overrides))
 
 
+HEADER = "# ensemble-kd "  # config.yaml's first line: the command (and its options) that made the run
+
+
+def recorded_command(run_dir: Path) -> list[str]:
+    """The command line a run directory was made by, from its config.yaml ([] when it says none)."""
+    path = Path(run_dir) / "config.yaml"
+    if not path.is_file():
+        return []
+    with path.open(errors="replace") as f:
+        first = f.readline().strip()
+    return first[len(HEADER):].split() if first.startswith(HEADER) else []
+
+
+def check_command(run_dir: Path, command: str) -> None:
+    """A run is continued only by the command that made it: a distill run is no place for teachers."""
+    made = recorded_command(run_dir)
+    if made and made[0] != command:
+        raise RunDirError(f"cannot resume '{run_dir}' with {command}: it holds a {made[0]} run; continue it with "
+                          f"`ensemble-kd {made[0]} --resume {run_dir}`, or start a new {command} run elsewhere")
+
+
 def run_changes(run_dir: Path, now: Config, allowed: tuple[str, ...] = RESUME_SAFE) -> list[str]:
     """What differs between the run in run_dir and `now`, as 'key (old -> new)', keys in `allowed` aside."""
     old, new = flat(saved_config(run_dir).model_dump(mode="json")), flat(now.model_dump(mode="json"))
@@ -106,19 +127,71 @@ def check_resumable(run_dir: Path, now: Config, allowed: tuple[str, ...] = RESUM
                           f"(only {safe} may change on resume); start a new run with another run.name instead")
 
 
-def write_fingerprint(run_dir: Path, config: Config) -> None:
+def write_fingerprint(run_dir: Path, config: Config, listing: dict | None = None) -> None:
     found = teachers_fingerprint(config)
+    if listing is not None:
+        found[LISTING] = listing
     if found and distributed.world().is_main:
         atomic_write_text(Path(run_dir) / FINGERPRINT, json.dumps(found, indent=2))
 
 
+# ---------------------------------------------------------------------- the data a streamed run reads
+
+LISTING = "data.listing"
+ACCEPT_LISTING = "--accept-changed-data"
+
+
+def data_listing(train) -> dict | None:
+    """The listing of a streamed training set (its sample count and a hash of its files' names, sizes and
+    labels): read afresh by every process, so a resumed run must find it unchanged. None for data in memory."""
+    digest = getattr(train, "digest", None)
+    return {"samples": len(train), "hash": digest()} if callable(digest) else None
+
+
+def listing_change(run_dir: Path, listing: dict | None) -> str | None:
+    """How the training listing differs from the one the run in run_dir recorded (None: it does not)."""
+    path = Path(run_dir) / FINGERPRINT
+    made = read_json(path, "delete it (the teachers then go unchecked) or start a new run").get(LISTING) \
+        if path.is_file() else None
+    if listing is None or made is None or made == listing:
+        return None
+    before, now = made.get("samples"), listing["samples"]
+    return (f"{before} -> {now} samples: files were {'added' if now > before else 'deleted'}" if before != now
+            else f"the same {now} samples, but other files, sizes or labels")
+
+
+def check_listing(run_dir: Path, listing: dict | None, accept: bool) -> None:
+    change = listing_change(run_dir, listing)
+    if change and not accept:
+        raise RunDirError(f"cannot resume '{run_dir}': its training listing changed since the run began ({change}), "
+                          f"so it would train on neither the old data nor the new; restore the files, start a new "
+                          f"run, or pass {ACCEPT_LISTING} to go on with them")
+
+
 # ---------------------------------------------------------------------- claiming a directory
 
-class RunLock:
-    """An exclusive flock on run_dir/.lock, held while this process writes in the directory."""
+_HELD: set[int] = set()  # the descriptors of the run locks this process holds
 
-    def __init__(self, run_dir: Path):
-        self.run_dir, self.fd = Path(run_dir), None
+
+def _drop_inherited_locks() -> None:
+    """In a forked child (a DataLoader worker): close the run locks' descriptors. A flock belongs to the
+    open file, which a fork shares: a worker left holding it would keep the lock past its parent's death.
+    Closing is not unlocking: the parent keeps its lock."""
+    for fd in _HELD:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    _HELD.clear()
+
+
+os.register_at_fork(after_in_child=_drop_inherited_locks)
+
+
+class RunLock:
+    """An exclusive flock on run_dir/.lock, held while this process writes in the directory (and only it:
+    forked children drop it)."""
+
+    def __init__(self, run_dir: Path, key: str = "run.name"):
+        self.run_dir, self.key, self.fd = Path(run_dir), key, None  # key: what names the directory
 
     def __enter__(self) -> RunLock:
         path = self.run_dir / LOCK
@@ -130,14 +203,16 @@ class RunLock:
             os.close(fd)
             pid = f" (pid {holder})" if holder else ""
             raise RunDirError(f"run directory '{self.run_dir}' is in use by another ensemble-kd process{pid}; "
-                              f"wait for it to finish, or choose another run.name") from None
+                              f"wait for it to finish, or choose another {self.key}") from None
         os.ftruncate(fd, 0)
         os.write(fd, str(os.getpid()).encode())
         self.fd = fd
+        _HELD.add(fd)
         return self
 
     def __exit__(self, *exc) -> bool:
         if self.fd is not None:
+            _HELD.discard(self.fd)
             fcntl.flock(self.fd, fcntl.LOCK_UN)
             os.close(self.fd)
             self.fd = None
@@ -189,24 +264,23 @@ def _fresh_dir(config: Config, command: str) -> Path:
 
 
 def _claim(config: Config, command: str, resume: str | None, overwrite: bool, shared: bool,
-           reentrant: bool, stack: contextlib.ExitStack) -> Path:
+           reentrant: bool, key: str, stack: contextlib.ExitStack) -> Path:
     """Rank 0's claim: the directory created (or checked) and, unless shared, locked until `stack` closes."""
     if resume is not None:
         path = Path(resume)
         if not (path / "config.yaml").is_file():
             raise FileNotFoundError(f"cannot resume '{path}': it is not a run directory (no config.yaml)")
         if not shared:
-            stack.enter_context(RunLock(path))
+            stack.enter_context(RunLock(path, key))
         return path
     path = _fresh_dir(config, command)
     if shared:  # a sweep: its runs lock themselves, and several processes may share it (--only)
-        header = (path / "config.yaml").read_text().split("\n", 1)[0] if (path / "config.yaml").is_file() else ""
-        if contents(path) and header != f"# ensemble-kd {command}":
+        if contents(path) and recorded_command(path)[:1] != [command]:
             if not overwrite:
                 raise RunDirError(_refusal(path))
             clear(path)
         return path
-    stack.enter_context(RunLock(path))
+    stack.enter_context(RunLock(path, key))
     if contents(path) and (overwrite or not reentrant):  # reentrant: the command resumes what it finds
         if not overwrite:
             raise RunDirError(_refusal(path))
@@ -232,15 +306,16 @@ def on_main(fn):
 
 @contextlib.contextmanager
 def claim_run_dir(config: Config, command: str, *, resume: str | None = None, overwrite: bool = False,
-                  shared: bool = False, reentrant: bool = False):
+                  shared: bool = False, reentrant: bool = False, key: str = "run.name"):
     """The run's directory, created and locked for the duration of the block; one name for all ranks.
 
     Call it once everything the run needs has been checked: nothing is written before. `shared`:
     not locked, as several processes share it (a sweep; its runs lock themselves); `reentrant`: what
-    is there is continued, not refused (a teacher cache resumes or rebuilds itself).
+    is there is continued, not refused (a teacher cache resumes or rebuilds itself); `key`: the config
+    key that names the directory, for the messages (run.name, or a cache's cache.dir).
     """
     with contextlib.ExitStack() as stack:
-        yield Path(on_main(lambda: str(_claim(config, command, resume, overwrite, shared, reentrant, stack))))
+        yield Path(on_main(lambda: str(_claim(config, command, resume, overwrite, shared, reentrant, key, stack))))
 
 
 @contextlib.contextmanager

@@ -76,7 +76,9 @@ def _plain(value) -> tuple[object, bool]:
     return value, True
 
 
-def write_config(run_dir: Path, config: Config, command: str) -> None:
+def write_config(run_dir: Path, config: Config, command: str, listing: dict | None = None) -> None:
+    """config.yaml, headed by the command that made the run, and fingerprint.json: the teachers it reads
+    and `listing`, the streamed training listing (run_dir.data_listing)."""
     from ..distributed import world
 
     if not world().is_main:
@@ -85,4 +87,4 @@ def write_config(run_dir: Path, config: Config, command: str) -> None:
 
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(run_dir / "config.yaml", f"# ensemble-kd {command}\n" + dump_config(config))
-    write_fingerprint(run_dir, config)  # the teachers it reads, so a reuse can tell they changed
+    write_fingerprint(run_dir, config, listing)  # what it reads, so a reuse can tell it changed

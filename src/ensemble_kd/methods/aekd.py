@@ -222,7 +222,9 @@ class AEKD(Method):
                                student_taps=(self.student_tap or STAGE_TAPS,))
 
     def bind(self, student: nn.Module, teachers=None, example_x: torch.Tensor | None = None) -> None:
-        """Resolve the taps and build the regressors (features variant; a no-op for logits)."""
+        """Check C against the teachers' number; resolve the taps and build the regressors (features variant)."""
+        if teachers is not None:
+            self._check_C(len(teachers))
         if self.variant != "features":
             return
         if teachers is None:
@@ -255,13 +257,16 @@ class AEKD(Method):
             self.regressors.to(device)
         self._set_needs()
 
+    def _check_C(self, M: int) -> None:
+        if not self.C >= 1.0 / M - 1e-12:
+            raise ValueError(f"aekd option C={self.C} is below 1/M = {1.0 / M:.4g} for {M} teachers; "
+                             f"use C in [1/M, 1] (C = 1/M gives uniform weights)")
+
     # ------------------------------------------------------------------ loss
     def loss(self, batch, student, teachers) -> MethodLoss:
         z_t = teacher_logits_of(teachers, "aekd")
         M = z_t.shape[0]
-        if not self.C >= 1.0 / M - 1e-12:
-            raise ValueError(f"aekd option C={self.C} is below 1/M = {1.0 / M:.4g} for {M} teachers; "
-                             f"use C in [1/M, 1] (C = 1/M gives uniform weights)")
+        self._check_C(M)
         z_s = student.logits
         ce = F.cross_entropy(z_s.float(), class_targets(batch))
         kd_terms = teacher_kd_losses(z_s, z_t, self.temperature)  # (M,)

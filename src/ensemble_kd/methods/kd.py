@@ -130,10 +130,17 @@ class KD(_SoftTargetKD):
             raise ValueError(f"teacher must be a member index (an integer >= 0), got {teacher!r}")
         self.teacher = teacher
 
+    def bind(self, student, teachers=None, example_x=None) -> None:
+        if teachers is not None:  # a teacher set or cache: its size is known before any step
+            self._check_index(len(teachers))
+
+    def _check_index(self, members: int) -> None:
+        if self.teacher >= members:
+            raise ValueError(f"kd option teacher={self.teacher}, but there are only {members} teachers "
+                             f"(indices 0-{members - 1})")
+
     def target(self, teacher_logits: torch.Tensor) -> torch.Tensor:
-        if self.teacher >= teacher_logits.shape[0]:
-            raise ValueError(f"kd option teacher={self.teacher}, but there are only "
-                             f"{teacher_logits.shape[0]} teachers (indices 0-{teacher_logits.shape[0] - 1})")
+        self._check_index(teacher_logits.shape[0])
         return F.softmax(teacher_logits[self.teacher].float() / self.temperature, dim=-1)
 
 

@@ -68,7 +68,21 @@ def _import_callable(name: str) -> Builder:
         fn = getattr(fn, part, None)
     if not callable(fn):
         raise ValueError(f"model {name!r}: module {module_name!r} has no callable {attr!r}.")
+    if not _takes_class_count(fn):  # os:system and the like: never called
+        raise ValueError(f"model {name!r} is not a model builder: a builder takes num_classes and in_channels "
+                         f"and returns a torch.nn.Module.")
     return fn
+
+
+def _takes_class_count(fn) -> bool:
+    """Whether `fn` accepts num_classes= and in_channels= (by name or **kwargs); unknowable signatures pass."""
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return True
+    keywords = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    named = {p.name for p in params if p.kind in keywords}
+    return any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params) or {"num_classes", "in_channels"} <= named
 
 
 def _builder(name: str) -> Builder:

@@ -17,9 +17,10 @@ MISSING = "–"  # shown for a missing, None or NaN value
 # '* ' is a list item in markdown, which would hide the mark of the footnote in results.md.
 MARK = "†"
 CALIBRATED = ("cnll", "cece")
-TEMPERATURE_NOTE = (f"temperature scaling hit a bound of its range (T={T_MIN:g} or {T_MAX:g}): the validation NLL "
-                    f"still falls beyond it, so cNLL and cECE are not identifiable; at T={T_MIN:g} the validation "
-                    f"split is classified perfectly: raise data.val_fraction for calibrated figures")
+TEMPERATURE_NOTE = (f"temperature scaling hit a bound of its range: the validation NLL still falls beyond it, so "
+                    f"cNLL and cECE are not identifiable; T={T_MIN:g} means every validation sample is classified "
+                    f"right with a margin (raise data.val_fraction for calibrated figures), T={T_MAX:g} that the "
+                    f"predictions on the validation split are no better than uniform (the model has not learnt)")
 
 # Default column order; a row is a dict keyed by these names (extra keys are allowed).
 COLUMNS: tuple[str, ...] = (
