@@ -60,7 +60,7 @@ def any_rank(flag: bool) -> bool:
     if not world().distributed:
         return flag
     box = torch.tensor([int(flag)])
-    dist.all_reduce(box, op=dist.ReduceOp.MAX, group=_control_group)
+    dist.all_reduce(box, op=dist.ReduceOp.MAX, group=control_group())
     return bool(box.item())
 
 
@@ -85,13 +85,29 @@ def broadcast_object(value, src: int = 0):
     if not world().distributed:
         return value
     box = [value]
-    dist.broadcast_object_list(box, src=src)
+    dist.broadcast_object_list(box, src=src, group=control_group())
     return box[0]
 
 
+def all_gather_object(value) -> list:
+    """Every rank's Python value, indexed by rank, on every rank (one process: [value])."""
+    if not world().distributed:
+        return [value]
+    out = [None] * world().size
+    dist.all_gather_object(out, value, group=control_group())
+    return out
+
+
 def barrier() -> None:
+    """Every rank waits here for the others. Over the gloo control group: the wait may be rank 0's
+    long work alone (gathering a cache, evaluating a sweep's run), which NCCL's watchdog would end."""
     if world().distributed:
-        dist.barrier()
+        dist.barrier(group=control_group())
+
+
+def control_group():
+    """The process group for host-side agreement: gloo beside NCCL, or the default one when it is gloo."""
+    return _control_group
 
 
 @contextlib.contextmanager
@@ -105,12 +121,12 @@ def main_rank_first():
         return
     main = world().is_main
     if not main:
-        dist.barrier(group=_control_group)  # gloo: a wait of minutes is no GPU timeout
+        dist.barrier(group=control_group())  # gloo: a wait of minutes is no GPU timeout
     try:
         yield
     finally:
         if main:
-            dist.barrier(group=_control_group)
+            dist.barrier(group=control_group())
 
 
 def shutdown() -> None:

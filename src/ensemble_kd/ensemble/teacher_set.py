@@ -20,6 +20,7 @@ from ..methods import Needs, TeacherOutput
 from ..methods.base import STAGE_TAPS
 from ..engine.checkpoint import read_json
 from ..models import forward_with_taps
+from ..precision import autocast_dtype
 
 MANIFEST = "manifest.json"
 
@@ -88,16 +89,11 @@ class TeacherSet(nn.Module):
                               fold_bn: bool = True, compile: bool = False) -> TeacherSet:
         """Fast frozen teachers: BatchNorm folded, bf16 autocast and channels_last on GPUs, compiled.
 
-        precision: auto (bf16 on CUDA, fp32 elsewhere), bf16, fp16 or fp32. Folding keeps
-        module paths, so taps still address the same stages.
+        precision: auto (bf16 on GPUs with native bf16, fp16 on older ones, fp32 elsewhere), bf16,
+        fp16 or fp32. Folding keeps module paths, so taps still address the same stages.
         """
         device = next(self.parameters()).device
-        if precision == "auto":
-            precision = "bf16" if device.type == "cuda" else "fp32"
-        dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
-        if precision not in dtypes:
-            raise ValueError(f"precision must be auto, bf16, fp16 or fp32, got '{precision}'")
-        self.precision = dtypes[precision]
+        self.precision = autocast_dtype(precision, device)
         self.channels_last = device.type == "cuda" if channels_last is None else channels_last
         # The weights as trained (folding rewrites them): what a cache fingerprint must name.
         # Kept on the CPU: only their bytes are read, and the GPU holds the fast copies.
