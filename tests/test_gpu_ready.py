@@ -191,3 +191,42 @@ def test_no_module_waits_on_the_default_group_directly():
                  enumerate(p.read_text().splitlines(), 1)
                  if pattern.search(line) and "group=control_group()" not in line]
     assert offenders == []
+
+
+# ---------------------------------------------------------------------------- sharded validation
+def test_under_torchrun_each_rank_validates_only_its_shard(monkeypatch, data, tmp_path):
+    monkeypatch.setattr(distributed, "world", lambda: distributed.World(1, 2, 0))
+    monkeypatch.setattr(Trainer, "_wrap_distributed", lambda self, model: model)  # no process group here
+    trainer = _trainer(data, tmp_path)
+    mine = trainer.val_loader.indices(None).tolist()
+    assert mine == list(range(1, data.val.size, 2))
+    assert data.val.indices(None).tolist() == list(range(data.val.size))  # the split itself is left whole
+
+
+# ---------------------------------------------------------------------------- persistent stream workers
+def test_stream_workers_persist_over_epochs_and_views_stay_a_function_of_seed_epoch_index(tmp_path):
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from _images import make_image_folder
+
+    config = load_config(None, ["device=cpu", "data.views.size=16", "data.batch_size=6", "data.val_fraction=0",
+                                "data.name=image-folder", f"data.root={make_image_folder(tmp_path)}"])
+    data = pipeline.prepare_data(config.model_copy(update={"data": config.data.model_copy(update={"workers": 0})}))
+
+    def loader(workers):
+        return data.train_loader(config.data.model_copy(update={"workers": workers}), seed=0)
+
+    def epoch(l, e, start=0):
+        return torch.cat([b.x for b in l.batches(e, start=start)])
+
+    fresh, kept = loader(0), loader(2)
+    next(iter(kept.batches(0)))  # a pass dropped after one batch (the trainer's bind does this)
+    assert torch.equal(epoch(kept, 0), epoch(fresh, 0))
+    workers = [w.pid for w in kept._pool._iterator._workers]
+    assert torch.equal(epoch(kept, 1), epoch(fresh, 1)) and torch.equal(epoch(kept, 1, start=1), epoch(fresh, 1, start=1))
+    assert [w.pid for w in kept._pool._iterator._workers] == workers  # the same processes served every epoch
+    first, second = kept.batches(0), kept.batches(1)
+    next(first), next(second)
+    with pytest.raises(RuntimeError, match="second pass"):
+        next(first)
