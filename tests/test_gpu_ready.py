@@ -1,6 +1,7 @@
 """What the CUDA path decides, checked on the CPU by faking torch.cuda: per-rank RNG states,
 the precision a GPU gets, the control group for long waits, the compile option."""
 
+import dataclasses
 import re
 from pathlib import Path
 
@@ -230,3 +231,31 @@ def test_stream_workers_persist_over_epochs_and_views_stay_a_function_of_seed_ep
     next(first), next(second)
     with pytest.raises(RuntimeError, match="second pass"):
         next(first)
+
+
+class WithOwnOptimizers(CrossEntropy):
+    """Cross-entropy times a learned scale with an optimizer of its own, and an idle parameter with
+    another (no gradient ever reaches it)."""
+
+    def __init__(self):
+        super().__init__()
+        self.scale, self.idle = torch.nn.Parameter(torch.ones(())), torch.nn.Parameter(torch.ones(()))
+        self.optimizers = [torch.optim.SGD([self.scale], lr=0.1), torch.optim.SGD([self.idle], lr=0.1)]
+
+    def param_groups(self):
+        return []
+
+    def extra_optimizers(self):
+        return self.optimizers
+
+    def loss(self, batch, student, teachers=None):
+        out = super().loss(batch, student, teachers)
+        return dataclasses.replace(out, loss=out.loss * self.scale)
+
+
+def test_fp16_steps_a_methods_own_optimizers_through_the_scaler(data, tmp_path):
+    trainer = _trainer(data, tmp_path, "teachers.train.precision=fp16", "teachers.train.grad_clip=5")
+    trainer.method = method = WithOwnOptimizers()
+    trainer.fit()
+    assert trainer.scaler.state_dict()["_growth_tracker"] == trainer.steps_per_epoch  # every step taken
+    assert method.scale.item() != 1.0 and method.idle.item() == 1.0

@@ -276,7 +276,9 @@ class Trainer:
                 flat = distributed.all_reduce_mean(torch.cat([g.flatten() for g in grads]))
                 for g, synced in zip(grads, flat.split([g.numel() for g in grads])):
                     g.copy_(synced.view_as(g))
-        optimizers = [self.optimizer, *self.method.extra_optimizers()]
+        # an optimizer none of whose parameters got a gradient has nothing to step (and the scaler refuses it)
+        optimizers = [o for o in (self.optimizer, *self.method.extra_optimizers())
+                      if any(p.grad is not None for g in o.param_groups for p in g["params"])]
         if self.cfg.grad_clip:
             for opt in optimizers:
                 self.scaler.unscale_(opt)  # clip the true gradients (a no-op without fp16)
