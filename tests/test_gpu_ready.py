@@ -259,3 +259,20 @@ def test_fp16_steps_a_methods_own_optimizers_through_the_scaler(data, tmp_path):
     trainer.fit()
     assert trainer.scaler.state_dict()["_growth_tracker"] == trainer.steps_per_epoch  # every step taken
     assert method.scale.item() != 1.0 and method.idle.item() == 1.0
+
+
+@pytest.mark.parametrize("device, backend", [("cuda", "nccl"), ("cpu", "gloo")])
+def test_the_control_group_is_gloo_with_a_timeout_of_hours(monkeypatch, device, backend):
+    made = {}
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: device == "cuda")
+    monkeypatch.setattr(torch.cuda, "set_device", lambda index: None)
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(dist, "init_process_group", lambda backend: made.update(default=backend))
+    monkeypatch.setattr(dist, "new_group", lambda **kwargs: made.update(control=kwargs) or "control")
+    monkeypatch.setattr(distributed, "world", lambda: distributed.World(0, 2, 0))
+    monkeypatch.setattr(distributed, "_control_group", None)
+    distributed.init_from_env(device)
+    assert made["default"] == backend and made["control"]["backend"] == "gloo"
+    assert made["control"]["timeout"].total_seconds() >= 6 * 3600
+    assert distributed.control_group() == "control"

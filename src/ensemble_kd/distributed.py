@@ -8,6 +8,7 @@ Single-process runs never touch torch.distributed.
 from __future__ import annotations
 
 import contextlib
+import datetime
 import os
 from dataclasses import dataclass
 
@@ -47,11 +48,15 @@ def init_from_env(device: str = "auto") -> World:
         torch.cuda.set_device(local_rank)
     dist.init_process_group(backend="nccl" if use_cuda else "gloo")
     global _control_group
-    _control_group = dist.new_group(backend="gloo") if use_cuda else None  # None: the default gloo group
+    _control_group = dist.new_group(backend="gloo", timeout=CONTROL_TIMEOUT)
     return world()
 
 
-_control_group = None  # a gloo group beside nccl: host-side agreement without a GPU sync
+# Host-side agreement and waits on rank 0's long work (gathering a cache, evaluating a sweep's run on
+# ImageNet with corruptions) over gloo: no GPU sync, no NCCL watchdog, and a timeout of hours, not
+# the default group's 30 minutes (which still catches a hung training collective).
+CONTROL_TIMEOUT = datetime.timedelta(hours=24)
+_control_group = None
 
 
 def any_rank(flag: bool) -> bool:
@@ -106,7 +111,7 @@ def barrier() -> None:
 
 
 def control_group():
-    """The process group for host-side agreement: gloo beside NCCL, or the default one when it is gloo."""
+    """The process group for host-side agreement and long waits (gloo, timeout CONTROL_TIMEOUT)."""
     return _control_group
 
 
