@@ -39,7 +39,7 @@ STEPS = 20  # the real run's steps
 THROUGHPUT_DRY = ["--device", "cpu", "--student-arch", "small_cnn", "--batch", "8", "--image", "8",
                   "--teachers", "2", "--iters", "1", "--warmup", "1", "--rounds", "1"]
 SECTIONS = {
-    "cuda-tests": (["-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", "tests/test_cuda.py"], 90,
+    "cuda-tests": (["-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", "tests/test_cuda.py"], 120,
                    ["-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", "tests/test_cuda.py"]),
     "throughput-imagenet": ([str(BENCH / "throughput.py"), "--device", "cuda", "--student-arch", "torchvision/resnet50",
                              "--teacher-arch", "torchvision/resnet101,torchvision/resnet152", "--teachers", "2",
@@ -48,12 +48,12 @@ SECTIONS = {
                             [str(BENCH / "throughput.py"), *THROUGHPUT_DRY, "--teacher-arch", "small_cnn,resnet20",
                              "--methods", "meal"]),
     "loader": ([str(BENCH / "loader.py"), "--images", "3000", "--size", "224", "--min-px", "400", "--max-px", "500",
-                "--workers", "15", "--batch", "64", "--batches", "30", "--rounds", "2"], 90,
+                "--workers", "15", "--batch", "64", "--batches", "30", "--rounds", "2"], 80,
                [str(BENCH / "loader.py"), "--images", "24", "--size", "16", "--min-px", "20", "--max-px", "40",
                 "--workers", "0", "--batch", "4", "--batches", "2", "--rounds", "1"]),
     "real-run": ([__file__, "--section", "real-run"], 80, [__file__, "--section", "real-run", "--cpu-dry-run"]),
     "throughput-cifar": ([str(BENCH / "throughput.py"), "--device", "cuda", "--teachers", "5,10", "--batch", "1024",
-                          "--methods", "aekd,meal,latentbe", "--iters", "10", "--warmup", "3", "--rounds", "3"], 70,
+                          "--methods", "aekd,meal,latentbe", "--iters", "10", "--warmup", "3", "--rounds", "3"], 60,
                          [str(BENCH / "throughput.py"), *THROUGHPUT_DRY, "--teacher-arch", "small_cnn",
                           "--methods", "aekd"]),
 }

@@ -14,7 +14,7 @@ from ensemble_kd.methods import Needs, create_method
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
-TINY = ["device=cuda", "teachers.train.epochs=1", "data.batch_size=128", "teachers.kwargs={width: 0.5}",
+TINY = ["device=cuda", "teachers.train.epochs=1", "data.batch_size=128", "teachers.kwargs={}",
         "teachers.arch=resnet20", "teachers.count=2"]
 
 
