@@ -276,3 +276,33 @@ def test_the_control_group_is_gloo_with_a_timeout_of_hours(monkeypatch, device, 
     assert made["default"] == backend and made["control"]["backend"] == "gloo"
     assert made["control"]["timeout"].total_seconds() >= 6 * 3600
     assert distributed.control_group() == "control"
+
+
+def test_compiled_teachers_compile_their_taps_too(monkeypatch):
+    """teachers.compile with a method that reads block taps: the tapped forward is compiled (dynamo traces
+    the hooks; the eager backend stands in for inductor here) and gives the eager taps."""
+    from ensemble_kd.ensemble import TeacherSet
+    from ensemble_kd.methods import Needs
+    from ensemble_kd.models import create, forward_with_taps
+
+    real_compile, compiled = torch.compile, []
+
+    def eager_backend(fn, **kwargs):
+        compiled.append(fn)
+        return real_compile(fn, backend="eager")
+
+    monkeypatch.setattr(torch, "compile", eager_backend)
+    torch.manual_seed(0)
+    members = [create("small_cnn", num_classes=10, width=0.25).eval() for _ in range(2)]
+    fast = TeacherSet(members).prepare_for_inference(compile=True, fold_bn=False)
+    x = torch.randn(4, 3, 32, 32)
+    needs = Needs(teacher_logits=True, teacher_taps=("layer1", "layer2"))
+    got = fast.outputs(x, needs)
+    assert len(compiled) == 2 + 2  # the members, then each member's tapped forward
+    fast.outputs(x, needs)
+    assert len(compiled) == 4  # compiled once, reused
+    for i, member in enumerate(members):
+        logits, taps = forward_with_taps(member, x, ("layer1", "layer2"))
+        torch.testing.assert_close(got.logits[i], logits)
+        for name in taps:
+            torch.testing.assert_close(got.taps[name][i], taps[name])

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import json
 from pathlib import Path
 from typing import Sequence
@@ -165,14 +166,25 @@ class TeacherSet(nn.Module):
             for m in chosen:
                 with self._normalisation(m, needs.teacher_bn):
                     if needs.teacher_taps:
-                        # hooks and a compiled graph don't mix: taps come from the eager module
-                        out, got = forward_with_taps(getattr(m, "_orig_mod", m), x, needs.teacher_taps)
+                        out, got = self._tapped_forward(m, tuple(needs.teacher_taps))(x)
                         for name in needs.teacher_taps:
                             taps[name].append(got[name].float())
                     else:
                         out = m(x)
                 logits.append(out.float())
         return TeacherOutput(torch.stack(logits) if needs.teacher_logits else None, taps)
+
+    def _tapped_forward(self, member: nn.Module, paths: tuple[str, ...]):
+        """member(x) and the outputs at `paths`; a compiled member's taps compiled too (dynamo traces
+        the hooks into the graph), one compiled function per member and set of paths."""
+        eager = getattr(member, "_orig_mod", member)
+        if eager is member:
+            return functools.partial(forward_with_taps, member, paths=paths)
+        tapped = self.__dict__.setdefault("_compiled_taps", {})
+        key = (id(eager), paths)
+        if key not in tapped:
+            tapped[key] = torch.compile(functools.partial(forward_with_taps, eager, paths=paths))
+        return tapped[key]
 
     def _normalisation(self, member: nn.Module, mode: str):
         if mode == "eval":
