@@ -6,6 +6,8 @@ import random
 
 import torch
 
+from .. import distributed
+
 
 def seed_everything(seed: int) -> None:
     random.seed(seed)
@@ -26,8 +28,6 @@ def cuda_rng_by_rank() -> list | None:
     A collective under torchrun (over the gloo control group): every rank calls it."""
     if not torch.cuda.is_available():
         return None
-    from .. import distributed
-
     return distributed.all_gather_object(_own_cuda_state())
 
 
