@@ -123,7 +123,8 @@ def main(argv=None) -> int:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--teachers", default="1,5,10", help="values of M")
     parser.add_argument("--batch", type=int, default=1024)
-    parser.add_argument("--teacher-arch", default="resnet56")
+    parser.add_argument("--teacher-arch", default="resnet56",
+                        help="one architecture, or a comma list the M members cycle through (resnet101,resnet152)")
     parser.add_argument("--student-arch", default="resnet20")
     parser.add_argument("--image", type=int, default=32)
     parser.add_argument("--classes", type=int, default=10)
@@ -156,7 +157,8 @@ def main(argv=None) -> int:
           f"{args.student_arch} student, {args.image}x{args.image}", flush=True)
     rows, wide = [], []  # rows: (M, label, median images/s, (median, min, max) x naive, ... x aver online)
     for m in [int(v) for v in args.teachers.split(",")]:
-        members = [create(args.teacher_arch, num_classes=args.classes).to(device).eval() for _ in range(m)]
+        arches = args.teacher_arch.split(",")
+        members = [create(arches[i % len(arches)], num_classes=args.classes).to(device).eval() for i in range(m)]
         def new_student(arch=args.student_arch, kwargs=None):  # each row its own: channels_last may switch
             return create(arch, num_classes=args.classes, **(kwargs or {})).to(device)
 

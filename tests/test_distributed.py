@@ -51,6 +51,15 @@ def test_torchrun_distill_ends_with_identical_weights_on_both_ranks(teacher_run,
     trained = pipeline.build_model(student.model_copy(update={"arch": arch, "kwargs": kwargs}),
                                    pipeline.prepare_data(load_config(None, TINY)))
     assert not all(torch.equal(trained.state_dict()[k], rank0[k]) for k in rank0)  # it did train
+    # each rank validated its half of the split; the gathered figures are the whole split's
+    trained.load_state_dict(rank0)
+    trained.eval()
+    val = pipeline.prepare_data(load_config(None, TINY)).val
+    with torch.no_grad():
+        logits = torch.cat([trained(b.x) for b in val.batches(0)]).double()
+        labels = torch.cat([b.y for b in val.batches(0)])
+    assert records[-1]["val_acc"] == (logits.argmax(1) == labels).double().mean().item()
+    assert records[-1]["val_nll"] == pytest.approx(torch.nn.functional.cross_entropy(logits, labels).item(), rel=1e-5)
 
 
 def test_torchrun_cache_is_written_by_rank_and_serves_every_index(teacher_run, tmp_path):

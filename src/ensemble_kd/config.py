@@ -93,8 +93,9 @@ class TrainConfig(_Section):
     epochs: int = Field(10, gt=0)
     optim: OptimConfig = Field(default_factory=OptimConfig)
     grad_clip: float | None = Field(None, gt=0.0)
-    precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"  # auto: bf16 (fp16 + GradScaler before Ampere) on CUDA, fp32 on CPU
     channels_last: bool | None = None  # None: on CUDA
+    compile: bool = False  # torch.compile the model's training forward
     checkpoint_every: int = Field(0, ge=0)  # steps; 0: at the end of each epoch only
     log_every: int = Field(20, gt=0)
 

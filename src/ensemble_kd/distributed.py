@@ -8,6 +8,7 @@ Single-process runs never touch torch.distributed.
 from __future__ import annotations
 
 import contextlib
+import datetime
 import os
 from dataclasses import dataclass
 
@@ -47,11 +48,15 @@ def init_from_env(device: str = "auto") -> World:
         torch.cuda.set_device(local_rank)
     dist.init_process_group(backend="nccl" if use_cuda else "gloo")
     global _control_group
-    _control_group = dist.new_group(backend="gloo") if use_cuda else None  # None: the default gloo group
+    _control_group = dist.new_group(backend="gloo", timeout=CONTROL_TIMEOUT)
     return world()
 
 
-_control_group = None  # a gloo group beside nccl: host-side agreement without a GPU sync
+# Host-side agreement and waits on rank 0's long work (gathering a cache, evaluating a sweep's run on
+# ImageNet with corruptions) over gloo: no GPU sync, no NCCL watchdog, and a timeout of hours, not
+# the default group's 30 minutes (which still catches a hung training collective).
+CONTROL_TIMEOUT = datetime.timedelta(hours=24)
+_control_group = None
 
 
 def any_rank(flag: bool) -> bool:
@@ -60,7 +65,7 @@ def any_rank(flag: bool) -> bool:
     if not world().distributed:
         return flag
     box = torch.tensor([int(flag)])
-    dist.all_reduce(box, op=dist.ReduceOp.MAX, group=_control_group)
+    dist.all_reduce(box, op=dist.ReduceOp.MAX, group=control_group())
     return bool(box.item())
 
 
@@ -85,13 +90,29 @@ def broadcast_object(value, src: int = 0):
     if not world().distributed:
         return value
     box = [value]
-    dist.broadcast_object_list(box, src=src)
+    dist.broadcast_object_list(box, src=src, group=control_group())
     return box[0]
 
 
+def all_gather_object(value) -> list:
+    """Every rank's Python value, indexed by rank, on every rank (one process: [value])."""
+    if not world().distributed:
+        return [value]
+    out = [None] * world().size
+    dist.all_gather_object(out, value, group=control_group())
+    return out
+
+
 def barrier() -> None:
+    """Every rank waits here for the others. Over the gloo control group: the wait may be rank 0's
+    long work alone (gathering a cache, evaluating a sweep's run), which NCCL's watchdog would end."""
     if world().distributed:
-        dist.barrier()
+        dist.barrier(group=control_group())
+
+
+def control_group():
+    """The process group for host-side agreement and long waits (gloo, timeout CONTROL_TIMEOUT)."""
+    return _control_group
 
 
 @contextlib.contextmanager
@@ -105,12 +126,12 @@ def main_rank_first():
         return
     main = world().is_main
     if not main:
-        dist.barrier(group=_control_group)  # gloo: a wait of minutes is no GPU timeout
+        dist.barrier(group=control_group())  # gloo: a wait of minutes is no GPU timeout
     try:
         yield
     finally:
         if main:
-            dist.barrier(group=_control_group)
+            dist.barrier(group=control_group())
 
 
 def shutdown() -> None:

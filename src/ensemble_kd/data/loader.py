@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import ctypes
 import functools
 import math
@@ -115,6 +116,12 @@ class ShardedLoader:
         if total > n:  # pad by repeating the start, as DistributedSampler does
             order = torch.cat([order, order.repeat(math.ceil((total - n) / n))[: total - n]])
         return order[self.rank :: self.world_size]
+
+    def shard(self, rank: int, world_size: int) -> "ShardedLoader":
+        """This loader's part for `rank` of `world_size` (eval: every world_size-th sample from rank)."""
+        part = copy.copy(self)
+        part.rank, part.world_size = rank, world_size
+        return part
 
     def batch_indices(self, epoch: int | None, start: int = 0) -> Iterator[torch.Tensor]:
         """The indices of each of the epoch's batches, skipping the first `start` (to resume mid-epoch)."""

@@ -90,6 +90,19 @@ def _identity(item):
     return item
 
 
+class _PassKeys(torch.utils.data.Sampler):
+    """The (view_epoch, indices) keys of the pass at hand, set before each pass."""
+
+    def __init__(self):
+        self.keys: list = []
+
+    def __iter__(self):
+        return iter(self.keys)
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+
 class StreamLoader(ShardedLoader):
     """Seeded batches of a listed image dataset (`Samples`), decoded by `workers` processes.
 
@@ -150,15 +163,15 @@ class StreamLoader(ShardedLoader):
     def _decoded(self, index_batches: Iterable[torch.Tensor], view_epoch: int | None, rows=None) -> Iterator[dict]:
         """The workers' decoded uint8 views of each chunk of indices, in order; a bad image stops
         (or, with on_decode_error=skip, is replaced and named at the end)."""
-        dataset = _ViewBatches(self.samples, self.spec, self.mix, train=self.train, seed=self.seed,
-                               policy=self.on_decode_error, rows=rows)
-        keys = [(-1 if view_epoch is None else int(view_epoch), idx.cpu().tolist()) for idx in index_batches]
-        pin = self.device.type == "cuda"
-        loader = torch.utils.data.DataLoader(
-            dataset, sampler=keys, batch_size=None, collate_fn=_identity, num_workers=self.workers,
-            pin_memory=pin, prefetch_factor=self.prefetch if self.workers else None, **worker_options(self.workers))
+        loader = self._worker_pool(rows)
+        loader.sampler.keys = [(-1 if view_epoch is None else int(view_epoch), idx.cpu().tolist())
+                               for idx in index_batches]
+        self._pass = this_pass = object()
         self.skipped = []
         for item in loader:
+            if self._pass is not this_pass:  # the workers serve one pass at a time
+                raise RuntimeError("a StreamLoader was read by a second pass before this one ended; "
+                                   "finish (or drop) one pass of batches() before starting another")
             if "error" in item:
                 raise DecodeError(f"{item['error']}; remove or replace the file, or set "
                                   f"data.on_decode_error=skip to train on without it.")
@@ -169,6 +182,26 @@ class StreamLoader(ShardedLoader):
         if self.skipped:
             print(f"data: {len(self.skipped)} image(s) could not be decoded and were replaced by the next "
                   f"sample (data.on_decode_error=skip), first {self.skipped[0]}", file=sys.stderr, flush=True)
+
+    def shard(self, rank: int, world_size: int) -> "StreamLoader":
+        part = super().shard(rank, world_size)
+        part._pool = None  # its own workers: two loaders' passes may interleave
+        return part
+
+    def _worker_pool(self, rows=None) -> torch.utils.data.DataLoader:
+        """One DataLoader for every pass: its workers persist (no re-fork, no re-pickling of the listing
+        each epoch); each pass hands it that pass's keys, so a view stays a function of (seed, epoch, index).
+        The workers hold the cache's row source they were made with: another one (the trainer's, after the
+        first batch that binds the method) makes the pool anew, once."""
+        if getattr(self, "_pool", None) is None or rows is not self._pool_rows:
+            dataset = _ViewBatches(self.samples, self.spec, self.mix, train=self.train, seed=self.seed,
+                                   policy=self.on_decode_error, rows=rows)
+            self._pool, self._pool_rows = None, rows  # the old pool's workers end with it
+            self._pool = torch.utils.data.DataLoader(
+                dataset, sampler=_PassKeys(), batch_size=None, collate_fn=_identity, num_workers=self.workers,
+                pin_memory=self.device.type == "cuda", prefetch_factor=self.prefetch if self.workers else None,
+                persistent_workers=self.workers > 0, **worker_options(self.workers))
+        return self._pool
 
     def _device_views(self, x_u8: torch.Tensor, index: torch.Tensor, view_epoch: int | None) -> torch.Tensor:
         x_u8 = x_u8.to(self.device, non_blocking=True)

@@ -23,21 +23,15 @@ from ..data.record import describe, identity_difference
 from ..methods import Method, StudentOutput
 from ..models import forward_with_taps, unwrap
 from . import checkpoint as ckpt
-from .. import distributed
+from .. import distributed, precision
 from .runs import MetricsLog
 from .schedule import build_optimizer, build_scheduler
 from .signals import on_stop_signals
-from .seeding import rng_state, seed_everything, set_rng_state
+from .seeding import cuda_rng_by_rank, rng_state, seed_everything, set_rng_state
 
 
 class NonFiniteLossError(RuntimeError):
     pass
-
-
-def _autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    if precision == "auto":
-        return torch.bfloat16 if device.type == "cuda" else None
-    return {"bf16": torch.bfloat16, "fp32": None}[precision]
 
 
 @dataclass
@@ -60,7 +54,11 @@ class Trainer:
         if self.perturbation is not None and teachers is None:
             raise ValueError("input perturbations need teachers (and a method that distils from them)")
         self.model, self.method, self.loader, self.cfg = model, method, loader, train
-        self.teachers, self.val_loader = teachers, val_loader
+        self.teachers = teachers
+        self.world = distributed.world()
+        # Under torchrun each rank validates its shard of the split, and the sums are added up.
+        self.val_loader = (val_loader.shard(self.world.rank, self.world.size)
+                           if val_loader is not None and self.world.distributed else val_loader)
         # A teacher cache holds E epochs of views; epoch e then trains on the views of view_epoch(e) = e % E.
         self.view_epoch = getattr(teachers, "view_epoch", None) if method.needs.teachers else None
         # Its rows then come with each batch, gathered by the loader's workers (or its thread) from the
@@ -68,7 +66,6 @@ class Trainer:
         self.cache_rows = (teachers.row_source() if method.needs.teacher_logits and self.perturbation is None
                            and hasattr(teachers, "row_source") and getattr(loader, "ships_teacher_rows", False)
                            else None)
-        self.world = distributed.world()
         self.device, self.seed = device, seed
         self.dataset = dataset  # data.dataset_record of the training data: saved with every checkpoint
         self.is_main = is_main and self.world.is_main  # only rank 0 logs and writes checkpoints
@@ -80,8 +77,12 @@ class Trainer:
         if self.steps_per_epoch == 0:
             raise ValueError("the training set is smaller than one batch; lower data.batch_size")
         self.total_steps = train.epochs * self.steps_per_epoch
-        # bf16 autocast and channels_last where they pay (CUDA); fp32 on the CPU unless asked.
-        self.autocast_dtype = _autocast_dtype(train.precision, device)
+        # bf16 autocast (fp16 before Ampere) and channels_last where they pay (CUDA); fp32 on the CPU unless asked.
+        self.autocast_dtype = precision.autocast_dtype(train.precision, device)
+        # fp16's range underflows small gradients: its losses are scaled (bf16's and fp32's need not be)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=self.autocast_dtype == torch.float16)
+        if device.type == "cuda":  # fixed input shapes: cuDNN's fastest kernels, chosen once per shape
+            torch.backends.cudnn.benchmark = True
         self.channels_last = device.type == "cuda" if train.channels_last is None else train.channels_last
         if self.channels_last:
             model.to(memory_format=torch.channels_last)
@@ -89,6 +90,8 @@ class Trainer:
         method.bind(model, teachers, next(iter(loader.batches(0))).x)
         method.to(device)
         self.forward_model = self._wrap_distributed(model)
+        if train.compile:  # the step's forward compiled; the weights, checkpoints and evaluation stay the module's
+            self.forward_model = torch.compile(self.forward_model)
         no_decay = getattr(unwrap(model), "no_weight_decay", lambda: ())()
         self.optimizer = build_optimizer(list(model.parameters()), train.optim, method.param_groups(), no_decay)
         self.scheduler = build_scheduler(self.optimizer, train.optim, self.total_steps, self.steps_per_epoch)
@@ -106,7 +109,8 @@ class Trainer:
         return self._time_before + self._running_s()
 
     # ------------------------------------------------------------------ state
-    def state_dict(self) -> dict:
+    def state_dict(self, cuda_by_rank: list | None = None) -> dict:
+        """The training state; `cuda_by_rank`: every rank's CUDA RNG state (gathered by save())."""
         return {
             "format": ckpt.FORMAT,
             "model_spec": getattr(self.model, "spec", None),
@@ -115,7 +119,8 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "extra_optimizers": [o.state_dict() for o in self.method.extra_optimizers()],
-            "rng": rng_state(),
+            "rng": rng_state(cuda_by_rank),
+            "scaler": self.scaler.state_dict(),
             "epoch": self.pos.epoch, "batch": self.pos.batch, "step": self.pos.step,
             "train_time_s": self.train_time_s, "epoch_started_s": self._epoch_started_s,
             "data": self.dataset,
@@ -128,7 +133,9 @@ class Trainer:
         self.scheduler.load_state_dict(state["scheduler"])
         for opt, s in zip(self.method.extra_optimizers(), state["extra_optimizers"]):
             opt.load_state_dict(s)
-        set_rng_state(state["rng"])
+        set_rng_state(state["rng"], self.world.rank)
+        if state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
         self.pos = Position(state["epoch"], state["batch"], state["step"])
         self._time_before = state.get("train_time_s", 0.0) - self._running_s()
         self._epoch_started_s = state.get("epoch_started_s", 0.0)
@@ -141,8 +148,9 @@ class Trainer:
         where = (self.pos.epoch, self.pos.batch, self.pos.step)  # an epoch's end is a new place
         if self._saved_at != where:
             self._check_finite_state()  # ... nor one whose weights or BatchNorm statistics overflowed
+            cuda_by_rank = cuda_rng_by_rank()  # every rank's own (a collective): each resumes with its own
             if self.is_main:
-                ckpt.atomic_save(self.state_dict(), self.state_path)
+                ckpt.atomic_save(self.state_dict(cuda_by_rank), self.state_path)
         self._saved_at = where
 
     # ------------------------------------------------------------------ loop
@@ -264,18 +272,23 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         for opt in self.method.extra_optimizers():
             opt.zero_grad(set_to_none=True)
-        out.loss.backward()
+        self.scaler.scale(out.loss).backward()
         if self.world.distributed:  # DDP syncs the student; the method's own parameters sync here, in one bucket
             grads = [p.grad for p in self.method.parameters() if p.grad is not None]
             if grads:
                 flat = distributed.all_reduce_mean(torch.cat([g.flatten() for g in grads]))
                 for g, synced in zip(grads, flat.split([g.numel() for g in grads])):
                     g.copy_(synced.view_as(g))
+        # an optimizer none of whose parameters got a gradient has nothing to step (and the scaler refuses it)
+        optimizers = [o for o in (self.optimizer, *self.method.extra_optimizers())
+                      if any(p.grad is not None for g in o.param_groups for p in g["params"])]
         if self.cfg.grad_clip:
+            for opt in optimizers:
+                self.scaler.unscale_(opt)  # clip the true gradients (a no-op without fp16)
             nn.utils.clip_grad_norm_([*self.model.parameters(), *self.method.parameters()], self.cfg.grad_clip)
-        self.optimizer.step()
-        for opt in self.method.extra_optimizers():
-            opt.step()
+        for opt in optimizers:
+            self.scaler.step(opt)  # fp16: skipped when a gradient overflowed, as the scaler then shrinks
+        self.scaler.update()
         self.scheduler.step()
         logs = {k: v.detach() if isinstance(v, torch.Tensor) else torch.tensor(v) for k, v in out.logs.items()}
         logs.setdefault("loss", out.loss.detach())
@@ -357,8 +370,7 @@ class Trainer:
     @torch.no_grad()
     def _validate(self) -> dict:
         self.model.eval()
-        totals = torch.zeros(2, dtype=torch.float64, device=self.device)  # nll, correct: one sync at the end
-        count = 0
+        totals = torch.zeros(3, dtype=torch.float64, device=self.device)  # nll, correct, count: one sync at the end
         for batch in self.val_loader.batches(0):
             logits = self.model(batch.x).float()
             if batch.y.dim() == 2:  # multi-hot labels: binary NLL summed over classes; acc = hit@1
@@ -367,9 +379,11 @@ class Trainer:
             else:
                 totals[0] += F.cross_entropy(logits, batch.y, reduction="sum")
                 totals[1] += (logits.argmax(1) == batch.y).sum()
-            count += len(batch.y)
+            totals[2] += len(batch.y)
         self.model.train()
-        nll, correct = (totals / max(1, count)).tolist()
+        if self.world.distributed:  # each rank held its shard
+            torch.distributed.all_reduce(totals)
+        nll, correct = (totals[:2] / totals[2].clamp_min(1)).tolist()
         return {"val_acc": correct, "val_nll": nll}
 
     def _progress_task(self):

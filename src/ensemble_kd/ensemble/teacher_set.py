@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import json
 from pathlib import Path
 from typing import Sequence
@@ -20,6 +21,7 @@ from ..methods import Needs, TeacherOutput
 from ..methods.base import STAGE_TAPS
 from ..engine.checkpoint import read_json
 from ..models import forward_with_taps
+from ..precision import autocast_dtype
 
 MANIFEST = "manifest.json"
 
@@ -88,16 +90,11 @@ class TeacherSet(nn.Module):
                               fold_bn: bool = True, compile: bool = False) -> TeacherSet:
         """Fast frozen teachers: BatchNorm folded, bf16 autocast and channels_last on GPUs, compiled.
 
-        precision: auto (bf16 on CUDA, fp32 elsewhere), bf16, fp16 or fp32. Folding keeps
-        module paths, so taps still address the same stages.
+        precision: auto (bf16 on GPUs with native bf16, fp16 on older ones, fp32 elsewhere), bf16,
+        fp16 or fp32. Folding keeps module paths, so taps still address the same stages.
         """
         device = next(self.parameters()).device
-        if precision == "auto":
-            precision = "bf16" if device.type == "cuda" else "fp32"
-        dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
-        if precision not in dtypes:
-            raise ValueError(f"precision must be auto, bf16, fp16 or fp32, got '{precision}'")
-        self.precision = dtypes[precision]
+        self.precision = autocast_dtype(precision, device)
         self.channels_last = device.type == "cuda" if channels_last is None else channels_last
         # The weights as trained (folding rewrites them): what a cache fingerprint must name.
         # Kept on the CPU: only their bytes are read, and the GPU holds the fast copies.
@@ -169,14 +166,25 @@ class TeacherSet(nn.Module):
             for m in chosen:
                 with self._normalisation(m, needs.teacher_bn):
                     if needs.teacher_taps:
-                        # hooks and a compiled graph don't mix: taps come from the eager module
-                        out, got = forward_with_taps(getattr(m, "_orig_mod", m), x, needs.teacher_taps)
+                        out, got = self._tapped_forward(m, tuple(needs.teacher_taps))(x)
                         for name in needs.teacher_taps:
                             taps[name].append(got[name].float())
                     else:
                         out = m(x)
                 logits.append(out.float())
         return TeacherOutput(torch.stack(logits) if needs.teacher_logits else None, taps)
+
+    def _tapped_forward(self, member: nn.Module, paths: tuple[str, ...]):
+        """member(x) and the outputs at `paths`; a compiled member's taps compiled too (dynamo traces
+        the hooks into the graph), one compiled function per member and set of paths."""
+        eager = getattr(member, "_orig_mod", member)
+        if eager is member:
+            return functools.partial(forward_with_taps, member, paths=paths)
+        tapped = self.__dict__.setdefault("_compiled_taps", {})
+        key = (id(eager), paths)
+        if key not in tapped:
+            tapped[key] = torch.compile(functools.partial(forward_with_taps, eager, paths=paths))
+        return tapped[key]
 
     def _normalisation(self, member: nn.Module, mode: str):
         if mode == "eval":
