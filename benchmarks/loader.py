@@ -37,16 +37,13 @@ def _photos():
     return [load_sample_image(name) for name in ("china.jpg", "flower.jpg")]
 
 
-def make_folder(root: Path, count: int, lo: int, hi: int, seed: int = 0) -> Path:
-    """root/train/c<k>/<i>.jpg: `count` distinct photographic JPEGs, sides lo..hi px, quality 90."""
+def _write_photos(root: Path, first: int, stop: int, lo: int, hi: int, seed: int) -> None:
+    """Images first..stop-1 of the folder; image i's pixels depend on (seed, i) alone."""
     from PIL import Image
 
-    done = root / f"done-{count}"
-    if done.is_file():
-        return root
-    rng = np.random.default_rng(seed)
     photos = _photos()
-    for i in range(count):
+    for i in range(first, stop):
+        rng = np.random.default_rng([seed, i])
         photo = photos[i % len(photos)]
         ph, pw = photo.shape[:2]
         w, h = (int(v) for v in rng.integers(lo, hi + 1, size=2))
@@ -59,6 +56,21 @@ def make_folder(root: Path, count: int, lo: int, hi: int, seed: int = 0) -> Path
         folder = root / "train" / f"c{i % CLASSES}"
         folder.mkdir(parents=True, exist_ok=True)
         Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(folder / f"{i:06d}.jpg", quality=90)
+
+
+def make_folder(root: Path, count: int, lo: int, hi: int, seed: int = 0, processes: int = 1) -> Path:
+    """root/train/c<k>/<i>.jpg: `count` distinct photographic JPEGs, sides lo..hi px, quality 90,
+    written by `processes` processes."""
+    from concurrent.futures import ProcessPoolExecutor
+
+    done = root / f"done-{count}"
+    if done.is_file():
+        return root
+    step = -(-count // max(1, processes))
+    with ProcessPoolExecutor(max(1, processes)) as pool:
+        for job in [pool.submit(_write_photos, root, a, min(a + step, count), lo, hi, seed)
+                    for a in range(0, count, step)]:
+            job.result()
     for k in range(CLASSES):  # the layout needs a test split; the benchmark never reads it
         (root / "test" / f"c{k}").mkdir(parents=True, exist_ok=True)
         (root / "test" / f"c{k}" / "0.jpg").write_bytes((root / "train" / f"c{k}" / f"{k:06d}.jpg").read_bytes())
@@ -185,8 +197,8 @@ def main(argv=None) -> int:
     if args.quick:
         args.images, args.batches = "500,2000", 12
     counts = [int(c) for c in args.images.split(",")]
-    roots = {n: make_folder(Path(args.dir) / f"n{n}-{args.min_px}-{args.max_px}", n, args.min_px, args.max_px)
-             for n in counts}
+    roots = {n: make_folder(Path(args.dir) / f"photos{n}-{args.min_px}-{args.max_px}", n, args.min_px, args.max_px,
+                            processes=max(1, args.workers)) for n in counts}
     kinds = [f"ours {d}" for d in args.decoders.split(",")] + ["torchvision"]
     worker_batches = max(1, min(args.batches, counts[0] // args.batch))
     cost = worker_cost(kinds, roots[counts[0]], args.size, min(args.batch, counts[0]), worker_batches, args.rounds)

@@ -47,12 +47,16 @@ def photos(tmp_path_factory):
     return _photo_jpegs(tmp_path_factory.mktemp("photos"))
 
 
-def _loader(root, *extra, workers=0, size=32):
+def _data(root, *extra, workers=0, size=32):
     config = load_config(None, ["device=cpu", "data.name=image-folder", f"data.root={root}", f"data.views.size={size}",
                                 "data.batch_size=3", f"data.workers={workers}", "data.val_fraction=0",
                                 "data.mean=[0.5, 0.4, 0.3]", "data.std=[0.2, 0.25, 0.3]", *extra])
-    data = pipeline.prepare_data(config)
-    return data.train_loader(config.data, seed=1)
+    return pipeline.prepare_data(config)
+
+
+def _loader(root, *extra, workers=0, size=32):
+    data = _data(root, *extra, workers=workers, size=size)
+    return data.train_loader(data.config.data, seed=1)
 
 
 def _epoch_x(loader, epoch=0):
@@ -170,11 +174,14 @@ def test_draft_decodes_less_and_stays_within_its_tolerance_of_the_full_decode(ph
     assert np.mean(decoder_diffs) < 2.5 and max(decoder_diffs) < 5, decoder_diffs
 
 
-def test_draft_views_are_the_same_with_0_and_2_workers_and_differ_from_full_decode(photos):
+def test_draft_training_views_are_the_same_with_0_and_2_workers_and_eval_views_decode_in_full(photos):
     full = _epoch_x(_loader(photos))
     drafted = [_epoch_x(_loader(photos, "data.draft=true", workers=w)) for w in (0, 2)]
     assert torch.equal(drafted[0], drafted[1])
     assert not torch.equal(drafted[0], full)
+    # eval views (shorter side 36 of 200-260 px photos: draft 4 would apply) are never drafted
+    tests = [torch.cat([b.x for b in _data(photos, *extra).test.batches(0)]) for extra in ([], ["data.draft=true"])]
+    assert torch.equal(tests[0], tests[1])
 
 
 # ----------------------------------------------------------------------------- the fingerprint

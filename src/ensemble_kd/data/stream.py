@@ -46,7 +46,7 @@ class _ViewBatches(torch.utils.data.Dataset):
         for k in range(_SUBSTITUTE_TRIES):
             j = (i + k) % n
             plan = partial(view_plan, self.spec, train=self.train, seed=self.seed, epoch=epoch, index=j)
-            draft = partial(_draft_scale, plan) if self.spec.draft else None
+            draft = partial(_draft_scale, plan) if self.spec.draft and self.train else None  # eval: full decode
             try:
                 pixels, full = decode_rgb(self.samples.read(j), self.samples.describe(j), decoder=self.spec.decoder,
                                           scale_for=draft)
