@@ -166,8 +166,17 @@ def child(kind: str, root: Path, size: int, workers: int, batch: int, batches: i
         torch.cuda.synchronize()
     seconds = time.perf_counter() - started
     it.close()  # shuts the workers down, so their peak RSS is counted below
-    return {"images_per_s": images / seconds, "rss_main_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    return {"images_per_s": images / seconds, "rss_main_mb": _peak_rss_mb(),
             "rss_worker_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024}
+
+
+def _peak_rss_mb() -> float:
+    """This process's peak RSS: VmHWM on Linux (ru_maxrss keeps the peak of the process that exec'd it)."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def _spread(values: list[float]) -> float:
@@ -189,10 +198,15 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true", help="a CPU check: 500 and 2,000 images, 12 batches a row")
     p.add_argument("--dir", default="/tmp/ensemble-kd-loader-bench", help="where the generated folders are kept")
     p.add_argument("--child", nargs=2, metavar=("KIND", "ROOT"), help=argparse.SUPPRESS)
+    p.add_argument("--worker-cost", nargs=2, metavar=("KINDS", "ROOT"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
         kind, root = args.child
         print(json.dumps(child(kind, Path(root), args.size, args.workers, args.batch, args.batches, args.device)))
+        return 0
+    if args.worker_cost:
+        kinds, root = args.worker_cost
+        print(json.dumps(worker_cost(kinds.split(","), Path(root), args.size, args.batch, args.batches, args.rounds)))
         return 0
     if args.quick:
         args.images, args.batches = "500,2000", 12
@@ -200,11 +214,21 @@ def main(argv=None) -> int:
     roots = {n: make_folder(Path(args.dir) / f"photos{n}-{args.min_px}-{args.max_px}", n, args.min_px, args.max_px,
                             processes=max(1, args.workers)) for n in counts}
     kinds = [f"ours {d}" for d in args.decoders.split(",")] + ["torchvision"]
-    worker_batches = max(1, min(args.batches, counts[0] // args.batch))
-    cost = worker_cost(kinds, roots[counts[0]], args.size, min(args.batch, counts[0]), worker_batches, args.rounds)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "OMP_NUM_THREADS": "1"}
+
+    def run(*flags, batch=args.batch, batches=args.batches):  # a fresh process each: its peaks are its own
+        cmd = [sys.executable, __file__, *flags, "--size", str(args.size), "--workers", str(args.workers),
+               "--batch", str(batch), "--batches", str(batches), "--device", args.device]
+        out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
+        return json.loads(out.stdout.strip().splitlines()[-1])
+
+    worker_batch = min(args.batch, counts[0])
+    worker_batches = max(1, min(args.batches, counts[0] // worker_batch))
+    cost = run("--worker-cost", ",".join(kinds), str(roots[counts[0]]), "--rounds", str(args.rounds),
+               batch=worker_batch, batches=worker_batches)
     print(f"One worker's CPU per image (process time; RandomResizedCrop({args.size}) + flip, ours uint8 "
           f"channels_last, torchvision ToTensor + Normalize + collate), {worker_batches} batches of "
-          f"{min(args.batch, counts[0])}, {args.rounds} interleaved rounds, photographic JPEGs "
+          f"{worker_batch}, {args.rounds} interleaved rounds, photographic JPEGs "
           f"{args.min_px}-{args.max_px} px at quality 90\n")
     print("| loader | ms per image (median ± spread) | images/s per worker | ours / torchvision |")
     print("| --- | --- | --- | --- |")
@@ -215,15 +239,10 @@ def main(argv=None) -> int:
         print(f"| {kind} | {ms:.2f} ± {_spread(cost[kind]):.2f} | {1e3 / ms:.0f} | {ratio} |")
     print()
     results: dict[tuple[int, str], list[dict]] = {(n, k): [] for n in counts for k in kinds}
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "OMP_NUM_THREADS": "1"}
     for _ in range(args.rounds):  # interleaved: a busy spell hits every loader alike
         for n in counts:
             for kind in kinds:
-                cmd = [sys.executable, __file__, "--child", kind, str(roots[n]), "--size", str(args.size),
-                       "--workers", str(args.workers), "--batch", str(args.batch), "--batches", str(args.batches),
-                       "--device", args.device]
-                out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
-                results[(n, kind)].append(json.loads(out.stdout.strip().splitlines()[-1]))
+                results[(n, kind)].append(run("--child", kind, str(roots[n])))
     print(f"RandomResizedCrop({args.size}) + flip + normalise, {args.workers} workers, batch {args.batch}, "
           f"{args.batches} batches per measurement, {args.rounds} interleaved rounds, photographic JPEGs "
           f"{args.min_px}-{args.max_px} px at quality 90, batches on {args.device}\n")

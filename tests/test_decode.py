@@ -228,3 +228,15 @@ def test_a_cache_made_with_one_decoder_is_refused_by_a_run_with_another(photos, 
         check_resumable(tmp_path / "run", config.model_copy(update={
             "data": config.data.model_copy(update={"decoder": "torchvision"})}))
 
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_pinned_batches_reach_the_gpu_channels_last_with_the_cpu_values(photos):
+    def epoch(device):
+        data = _data(photos, f"device={device}", workers=2)
+        loader = data.train_loader(data.config.data, seed=1)
+        return torch.cat([b.x for b in loader.batches(0)])
+
+    gpu, cpu = epoch("cuda"), epoch("cpu")
+    assert gpu.is_cuda and gpu.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(gpu.cpu(), cpu)
