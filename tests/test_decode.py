@@ -240,3 +240,16 @@ def test_pinned_batches_reach_the_gpu_channels_last_with_the_cpu_values(photos):
     gpu, cpu = epoch("cuda"), epoch("cpu")
     assert gpu.is_cuda and gpu.is_contiguous(memory_format=torch.channels_last)
     assert torch.equal(gpu.cpu(), cpu)
+
+
+def test_normalising_a_channels_last_batch_gives_the_nchw_values_bit_for_bit():
+    from ensemble_kd.data.views import normalize
+
+    g = torch.Generator().manual_seed(0)
+    nhwc = torch.randint(0, 256, (4, 9, 7, 3), dtype=torch.uint8, generator=g)
+    x = nhwc.permute(0, 3, 1, 2)
+    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    got = normalize(x, mean, std)
+    assert got.is_contiguous(memory_format=torch.channels_last)
+    want = (x.contiguous().float() / 255 - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+    assert torch.equal(got, want)
