@@ -104,6 +104,10 @@ def test_pil_and_torchvision_decode_every_mode_alike_and_name_broken_files(tmp_p
     PIL.new("RGB", (9, 7), (10, 200, 30)).save(bmp, format="BMP")  # torchvision does not read BMP: Pillow does
     pixels, _ = decode_rgb(bmp.getvalue(), "x.bmp", decoder="torchvision")
     assert pixels.shape == (7, 9, 3) and pixels[3, 4].tolist() == [10, 200, 30]
+    deep = io.BytesIO()  # a 16-bit PNG: torchvision reads it as uint16, Pillow's 8-bit conversion is used
+    PIL.fromarray((np.arange(600).reshape(20, 30) * 97 % 65536).astype(np.uint16)).save(deep, format="PNG")
+    pixels, _ = decode_rgb(deep.getvalue(), "deep.png", decoder="torchvision")
+    assert pixels.dtype == torch.uint8 and torch.equal(pixels, decode_rgb(deep.getvalue(), "deep.png")[0])
     data = files[0].read_bytes() if files[0].suffix == ".jpg" else next(p for p in files if p.suffix == ".jpg").read_bytes()
     for decoder in ("pil", "torchvision"):
         with pytest.raises(DecodeError, match=r"cannot decode image broken\.jpg"):

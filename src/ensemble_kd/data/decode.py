@@ -92,6 +92,8 @@ def _torchvision_pixels(data: bytes, what: str) -> tuple[torch.Tensor, tuple[int
         chw = decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
     except RuntimeError:
         return None  # a format it does not read, or a broken file: Pillow decodes it or names it
+    if chw.dtype != torch.uint8:  # a 16-bit PNG: Pillow's 8-bit conversion, as the pil decoder's
+        return None
     if chw.dim() == 4:  # an animated GIF: its first frame, as Pillow's
         chw = chw[0]
     hwc = chw.permute(1, 2, 0)  # the decoder's own (H, W, 3) memory: no copy
