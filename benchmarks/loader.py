@@ -66,11 +66,14 @@ def make_folder(root: Path, count: int, lo: int, hi: int, seed: int = 0, process
     done = root / f"done-{count}"
     if done.is_file():
         return root
-    step = -(-count // max(1, processes))
-    with ProcessPoolExecutor(max(1, processes)) as pool:
-        for job in [pool.submit(_write_photos, root, a, min(a + step, count), lo, hi, seed)
-                    for a in range(0, count, step)]:
-            job.result()
+    if processes <= 1:
+        _write_photos(root, 0, count, lo, hi, seed)
+    else:
+        step = -(-count // processes)
+        with ProcessPoolExecutor(processes) as pool:
+            for job in [pool.submit(_write_photos, root, a, min(a + step, count), lo, hi, seed)
+                        for a in range(0, count, step)]:
+                job.result()
     for k in range(CLASSES):  # the layout needs a test split; the benchmark never reads it
         (root / "test" / f"c{k}").mkdir(parents=True, exist_ok=True)
         (root / "test" / f"c{k}" / "0.jpg").write_bytes((root / "train" / f"c{k}" / f"{k:06d}.jpg").read_bytes())
