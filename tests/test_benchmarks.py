@@ -49,10 +49,15 @@ def test_loader_benchmark_prints_our_row_beside_torchvisions(capsys, tmp_path):
     pytest.importorskip("torchvision")
     loader = _load("loader")
     assert loader.main(["--images", "24", "--size", "16", "--min-px", "20", "--max-px", "40", "--workers", "0",
-                        "--batch", "4", "--batches", "2", "--rounds", "1", "--dir", str(tmp_path)]) == 0
-    rows = [line.split("|") for line in capsys.readouterr().out.splitlines() if line.startswith("| 24 |")]
-    assert [r[2].strip() for r in rows] == ["ours", "torchvision"]
-    assert float(rows[0][5].split("±")[0]) > 0  # the ratio of images/s
+                        "--batch", "4", "--batches", "2", "--rounds", "1", "--dir", str(tmp_path),
+                        "--decoders", "pil,pil+draft"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    kinds = ["ours pil", "ours pil+draft", "torchvision"]
+    one_worker = [line.split("|") for line in out if line.startswith(("| ours", "| torchvision |"))]
+    assert [r[1].strip() for r in one_worker] == kinds and all(float(r[2].split("±")[0]) > 0 for r in one_worker)
+    rows = [line.split("|") for line in out if line.startswith("| 24 |")]
+    assert [r[2].strip() for r in rows] == kinds
+    assert all(float(r[5].split("±")[0]) > 0 for r in rows[:2])  # the ratios of images/s
 
 
 def test_step_host_benchmark_prints_the_lookup_beside_the_shipped_rows_per_loader(capsys):

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ensemble_kd.data.samples import list_image_folder, open_rgb
+from ensemble_kd.data.decode import open_rgb
+from ensemble_kd.data.samples import list_image_folder
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _scripts import load_script  # noqa: E402

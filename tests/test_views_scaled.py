@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from ensemble_kd.data import AugmentSpec, DeviceLoader, ImageDataset
-from ensemble_kd.data.crops import ViewSpec, center_crop_box, rrc_box, view_flip, view_of_image
+from ensemble_kd.data.crops import ViewSpec, center_crop_box, rrc_box, view_flip, view_of_pixels, view_plan
 from ensemble_kd.data.mixing import MixSpec, mix_params, mix_views
 from ensemble_kd.data.views import view_params
 
@@ -54,15 +54,28 @@ def _image(w=211, h=137, seed=0):
     return PIL.fromarray(np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8))
 
 
-def test_views_are_torchvisions_pixels_for_the_same_box():
-    tvf = pytest.importorskip("torchvision.transforms.functional")
-    transforms = pytest.importorskip("torchvision.transforms")
-    img, spec = _image(), ViewSpec(size=48, flip=False)
+def view_of_image(img, spec, *, train, seed, epoch, index):
+    """The (S, S, 3) uint8 view of a full-size PIL image, as a numpy array."""
+    plan = view_plan(spec, img.width, img.height, train=train, seed=seed, epoch=epoch, index=index)
+    return view_of_pixels(torch.from_numpy(np.array(img)), plan, img.size).numpy()
+
+
+@pytest.mark.parametrize("size", [48, 200])  # down- and upsampling
+def test_views_are_torchvisions_pixels_for_the_same_box(size):
+    tvf = pytest.importorskip("torchvision.transforms.v2.functional")
+    transforms = pytest.importorskip("torchvision.transforms.v2")
+    img, spec = _image(), ViewSpec(size=size, flip=False)
+    chw = torch.from_numpy(np.array(img)).permute(2, 0, 1).contiguous()
     left, top, w, h = rrc_box(img.width, img.height, seed=1, epoch=2, index=3)
     got = view_of_image(img, spec, train=True, seed=1, epoch=2, index=3)
-    assert np.array_equal(got, np.asarray(tvf.resized_crop(img, top, left, h, w, [48, 48], antialias=True)))
-    want = transforms.Compose([transforms.Resize(spec.eval_resize), transforms.CenterCrop(48)])(img)
-    assert np.array_equal(view_of_image(img, spec, train=False, seed=1, epoch=None, index=3), np.asarray(want))
+    want = tvf.resized_crop(chw, top, left, h, w, [size, size], antialias=True).permute(1, 2, 0).numpy()
+    assert np.array_equal(got, want)  # torchvision's (v2) tensor transform, exactly
+    pil = np.asarray(tvf.resized_crop(img, top, left, h, w, [size, size], antialias=True)).astype(int)
+    assert np.abs(got - pil).max() <= 1 and np.abs(got - pil).mean() < 0.02  # Pillow's resize, up to rounding
+    eval_view = transforms.Compose([transforms.Resize(spec.eval_resize, antialias=True), transforms.CenterCrop(size)])
+    got = view_of_image(img, spec, train=False, seed=1, epoch=None, index=3)
+    assert np.array_equal(got, eval_view(chw).permute(1, 2, 0).numpy())
+    assert np.abs(got - np.asarray(eval_view(img)).astype(int)).max() <= 1
 
 
 def test_train_flip_is_a_mirror_drawn_like_the_in_memory_flip():

@@ -75,6 +75,8 @@ class DataConfig(_Section):
     mean: list[float] | None = None  # per channel, 0..1 scale; None: computed (in memory) or estimated (streamed)
     std: list[float] | None = None
     on_decode_error: Literal["stop", "skip"] = "stop"  # streamed: stop naming the file, or substitute and count
+    decoder: Literal["pil", "torchvision"] = "pil"  # streamed: what decodes images (data/decode.py)
+    draft: bool = False  # streamed, pil: JPEGs decoded at 1/2..1/8 scale where the view keeps its pixels
 
 
 class OptimConfig(_Section):

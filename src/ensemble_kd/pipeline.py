@@ -79,7 +79,7 @@ def view_spec(cfg: DataConfig) -> ViewSpec:
     """The views of streamed images (data.views); rrc unless views.train says otherwise."""
     v = cfg.views
     return ViewSpec(train=v.train or "rrc", size=v.size, scale=tuple(v.scale), ratio=tuple(v.ratio), flip=v.flip,
-                    crop_fraction=v.crop_fraction)
+                    crop_fraction=v.crop_fraction, decoder=cfg.decoder, draft=cfg.draft)
 
 
 def stream_options(cfg: DataConfig) -> dict:

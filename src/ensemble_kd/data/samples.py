@@ -17,7 +17,6 @@ what seeded views need (a sequential tar stream, as webdataset's, cannot replay 
 from __future__ import annotations
 
 import hashlib
-import io
 import os
 import sys
 import tarfile
@@ -381,14 +380,3 @@ def list_tar_shards(root: str | Path, image_size: int) -> tuple[TarSamples, TarS
                              f"(one name a line) to train with empty classes.")
     return train, _list_shards(test_dir, image_size, train.classes)
 
-
-def open_rgb(data: bytes, what: str):
-    """The decoded RGB PIL image of encoded bytes; DecodeError naming `what` when they are no image."""
-    from PIL import Image
-
-    try:
-        im = Image.open(io.BytesIO(data))  # in memory: nothing to close
-        im.load()
-        return im if im.mode == "RGB" else im.convert("RGB")  # CMYK, palette, grayscale, RGBA
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
-        raise DecodeError(f"cannot decode image {what} ({err})") from None

@@ -2,7 +2,9 @@
 
 Each batch of dataset indices is one DataLoader item: a worker reads and decodes those images,
 makes each one's view (RandomResizedCrop or the eval crop, a pure function of (seed, epoch,
-index)) and returns one uint8 batch, pinned. The main process moves it to the device, applies
+index) for a given decoder) and returns one uint8 batch, pinned: a (B, 3, S, S) tensor whose
+memory is (B, S, S, 3), i.e. channels_last, as the views are made (no transpose in the worker,
+none on the device for channels_last models). The main process moves it to the device, applies
 the device-side parts (crop_flip, normalisation, mixing) exactly as DeviceLoader does, and yields
 the Batch. The order is ShardedLoader's, so ranks split every epoch and resuming mid-epoch skips
 batches without reading them; the pixels do not depend on the number of workers. Memory holds
@@ -12,15 +14,17 @@ the listing (a few dozen bytes per sample) and `workers x prefetch` batches in f
 from __future__ import annotations
 
 import sys
+from functools import partial
 from typing import Iterable, Iterator
 
 import numpy as np
 import torch
 
-from .crops import ViewSpec, view_of_image
+from .crops import ViewSpec, view_of_pixels, view_plan
+from .decode import decode_rgb, decoder_fingerprint
 from .loader import Batch, ShardedLoader, worker_options
 from .mixing import MixSpec, mix_params, mix_views
-from .samples import DecodeError, Samples, open_rgb
+from .samples import DecodeError, Samples
 from .views import AugmentSpec, crop_flip, normalize
 
 __all__ = ["StreamLoader", "estimate_channel_stats", "DECODE_POLICIES"]
@@ -38,21 +42,23 @@ class _ViewBatches(torch.utils.data.Dataset):
         self.train, self.seed, self.policy = train, seed, policy
         self.rows = rows  # a teacher cache's row source: the worker gathers each batch's rows too
 
-    def _view(self, i: int, epoch: int | None, skipped: list) -> tuple[np.ndarray, int]:
-        """Sample i's view and label; a broken image stops, or is replaced by the next one that decodes."""
+    def _view(self, i: int, epoch: int | None, skipped: list) -> tuple[torch.Tensor, int]:
+        """Sample i's (S, S, 3) view and label; a broken image stops, or is replaced by the next one that decodes."""
         n = len(self.samples)
         for k in range(_SUBSTITUTE_TRIES):
             j = (i + k) % n
+            plan = partial(view_plan, self.spec, train=self.train, seed=self.seed, epoch=epoch, index=j)
+            draft = partial(_draft_scale, plan) if self.spec.draft and self.train else None  # eval: full decode
             try:
-                image = open_rgb(self.samples.read(j), self.samples.describe(j))
+                pixels, full = decode_rgb(self.samples.read(j), self.samples.describe(j), decoder=self.spec.decoder,
+                                          scale_for=draft)
             except (DecodeError, OSError) as err:
                 if self.policy == "stop":
                     raise DecodeError(str(err) if isinstance(err, DecodeError) else
                                       f"cannot read {self.samples.describe(j)} ({err})") from None
                 skipped.append(self.samples.describe(j))
                 continue
-            view = view_of_image(image, self.spec, train=self.train, seed=self.seed, epoch=epoch, index=j)
-            return view, int(self.samples.labels[j])
+            return view_of_pixels(pixels, plan(*full), full), int(self.samples.labels[j])
         raise DecodeError(f"{_SUBSTITUTE_TRIES} images in a row from {self.samples.describe(i)} cannot be decoded")
 
     def __getitem__(self, key):
@@ -82,8 +88,13 @@ class _ViewBatches(torch.utils.data.Dataset):
         return out
 
 
+def _draft_scale(plan, width: int, height: int) -> int:
+    return plan(width, height).draft_scale()
+
+
 def _stack(views) -> torch.Tensor:
-    return torch.from_numpy(np.stack(views)).permute(0, 3, 1, 2).contiguous()  # (B, 3, S, S) uint8
+    """(B, 3, S, S) uint8 whose memory is the (B, S, S, 3) views side by side: channels_last, no transpose."""
+    return torch.stack(views).permute(0, 3, 1, 2)
 
 
 def _identity(item):
@@ -236,7 +247,7 @@ class StreamLoader(ShardedLoader):
         """Everything the training pixels depend on besides the data: the teacher cache compares it."""
         s = self.spec
         augment = {"train": s.train, "size": s.size, "scale": list(s.scale), "ratio": list(s.ratio), "flip": s.flip,
-                   "crop_fraction": s.crop_fraction}
+                   "crop_fraction": s.crop_fraction, **decoder_fingerprint(s.decoder, s.draft)}
         if s.train == "crop_flip":
             augment.update(crop_padding=self.augment.crop_padding, crop_flip=self.augment.flip)
         if self.mix.enabled:
