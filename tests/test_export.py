@@ -131,7 +131,7 @@ def test_the_command_prints_the_check_and_both_latencies(runs, tmp_path, capsys)
     printed = " ".join(capsys.readouterr().out.split())
     assert f"exported {runs['latentbe'] / 'collapsed.pt'} (latentbe: resnet20) to {out}" in printed
     assert "check on 64 test inputs of digits: max |torchscript - PyTorch| = " in printed and ": pass" in printed
-    assert "batch-1 latency: pytorch " in printed and " ms (IQR " in printed and ", torchscript " in printed
+    assert "batch-1 latency: PyTorch " in printed and " ms (IQR " in printed and ", torchscript " in printed
     assert isinstance(torch.jit.load(str(out)), torch.jit.ScriptModule)
 
 
@@ -155,6 +155,7 @@ def _damage(run, name, data):
     ("unfinished", "has no model.pt: its training has not finished; finish it with `ensemble-kd distill --resume"),
     ("no collapsed.pt", "has no collapsed.pt, the network method 'latentbe' ships"),
     ("out is a directory", "is a directory; name the file to write"),
+    ("tolerance 0", "--tolerance must be a positive number, got 0.0"),
     ("onnx not installed", "--format onnx needs no_such_module_here, which are not installed: "
                            "pip install 'ensemble-kd[export]'"),
 ])
@@ -186,7 +187,18 @@ def test_a_bad_run_is_refused_in_one_sentence_and_nothing_is_written(runs, case,
         fmt = "onnx"
     before = files(tmp_path)
     capsys.readouterr()
-    assert main(["export", str(run), "--format", fmt, "--out", str(out)]) == 2
+    tolerance = ["--tolerance", "0"] if case == "tolerance 0" else []
+    assert main(["export", str(run), "--format", fmt, "--out", str(out), *tolerance]) == 2
     message = one_sentence(capsys)
     assert message.startswith("error: ") and said in message and message.count(". ") == 0, message
     assert files(tmp_path) == before
+
+
+def test_latency_times_each_call_after_the_warmup_and_waits_for_it():
+    from ensemble_kd.metrics.cost import time_calls
+
+    calls, synced = [], []
+    times = time_calls(calls.append, "x", repeats=3, warmup=2, sync=lambda: synced.append(len(calls)))
+    assert len(times) == 3 and calls == ["x"] * 5 and synced == [2, 3, 4, 5]  # after the warmup, then each call
+    with pytest.raises(ValueError, match="repeats=0 must be >= 1"):
+        time_calls(calls.append, "x", repeats=0)

@@ -232,5 +232,5 @@ def export_run(run_dir: Path, fmt: str, out: Path | None = None, tolerance: floa
     timings = None
     if latency:
         shape = tuple(inputs.shape[1:])
-        timings = {"pytorch": batch1_latency(student.model, shape), fmt: batch1_latency(run, shape)}
+        timings = {"PyTorch": batch1_latency(student.model, shape), fmt: batch1_latency(run, shape)}
     return Exported(out, student, check, timings)
