@@ -202,3 +202,21 @@ def test_latency_times_each_call_after_the_warmup_and_waits_for_it():
     assert len(times) == 3 and calls == ["x"] * 5 and synced == [2, 3, 4, 5]  # after the warmup, then each call
     with pytest.raises(ValueError, match="repeats=0 must be >= 1"):
         time_calls(calls.append, "x", repeats=0)
+
+
+def test_an_exporter_failure_is_one_sentence_with_its_reason_and_nothing_is_written(runs, tmp_path, capsys,
+                                                                                     monkeypatch):
+    import sys
+
+    def fails(*args, **kwargs):  # as torch.export does on a data-dependent shape: a graph on stderr, then an error
+        print("def forward(self, x):\n    pages of graph", file=sys.stderr)
+        try:
+            raise RuntimeError("\x1b[1mCould not guard on data-dependent expression\x1b[0m\nmore lines")
+        except RuntimeError as cause:
+            raise RuntimeError("Failed to export the model with torch.export.\nNext steps:") from cause
+    monkeypatch.setattr(torch.export, "export", fails)
+    out = tmp_path / "student.pt2"
+    assert main(["export", str(runs["resnet"]), "--format", "exported-program", "--out", str(out)]) == 2
+    assert one_sentence(capsys) == (f"error: exported-program export of '{runs['resnet'] / 'model.pt'}' failed: Could "
+                                    f"not guard on data-dependent expression; try another --format")
+    assert not any(tmp_path.iterdir())

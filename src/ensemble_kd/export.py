@@ -14,8 +14,11 @@ The batch axis is dynamic in every format (the example is a batch of 2; the chec
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import io
+import logging
+import re
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -195,6 +198,27 @@ def batch1_latency(call: Callable, shape: tuple[int, ...]) -> tuple[float, float
         return tuple(latency_of(time_calls(call, x)))
 
 
+@contextlib.contextmanager
+def _quiet_exporters():
+    """torch.export prints the graph it gave up on (pages, on stderr) and logs warnings before raising;
+    the error it raises is what we say, in one line."""
+    logger = logging.getLogger("torch")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):
+            yield
+    finally:
+        logger.setLevel(level)
+
+
+def _first_line(err: BaseException) -> str:
+    while err.__cause__ is not None:  # torch.onnx wraps torch.export's error in one about its steps
+        err = err.__cause__
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(err))  # colour codes
+    return next((line.strip() for line in text.splitlines() if line.strip()), type(err).__name__)
+
+
 @dataclass
 class Exported:
     out: Path
@@ -217,11 +241,11 @@ def export_run(run_dir: Path, fmt: str, out: Path | None = None, tolerance: floa
     student = deployable_student(run_dir)
     inputs, described = held_out_inputs(student)
     try:
-        data = export_bytes(student.model, torch.cat([inputs, inputs])[:2], fmt)  # a batch of 2, even of 1 input
+        with _quiet_exporters():
+            data = export_bytes(student.model, torch.cat([inputs, inputs])[:2], fmt)  # a batch of 2, even of 1 input
         run = runner(data, fmt)
-    except Exception as err:  # the exporters' own errors run to pages; their first line says what failed
-        first = next((line for line in str(err).splitlines() if line.strip()), type(err).__name__)
-        raise ExportError(f"{fmt} export of '{student.file}' failed: {first.strip()}; "
+    except Exception as err:  # the exporters' errors run to pages: the first line of the innermost says why
+        raise ExportError(f"{fmt} export of '{student.file}' failed: {_first_line(err)}; "
                           f"try another --format") from None
     check = compare(student.model, run, inputs, described, tolerance)
     if not check.passed:
