@@ -110,8 +110,9 @@ def held_out_inputs(student: Student, count: int = CHECK_INPUTS) -> tuple[torch.
     """Up to `count` inputs of the run's test split, or (its data not at hand) seeded random
     inputs of the shape its model file records; and what they are, in words."""
     config = student.config
+    small = config.model_copy(update={"data": config.data.model_copy(update={"eval_batch_size": count})})
     try:
-        data = pipeline.prepare_data(config, device=torch.device("cpu"))
+        data = pipeline.prepare_data(small, device=torch.device("cpu"))  # one batch of `count` decoded, not 1024
     except (OSError, ValueError) as err:  # ConfigError too: the data's root moved, a file is gone
         shape = recorded_shape(student.file)
         if shape is None:
