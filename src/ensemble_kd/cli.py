@@ -31,6 +31,7 @@ from .engine.run_dir import (ACCEPT_LISTING, RESUME_SAFE, RunDirError, check_com
 from .engine.runs import MetricsLog, write_config
 from .ensemble import MANIFEST, TeacherSet
 from .ensemble.cache import describe_kept, open_cache
+from .export import FORMATS, TOLERANCE, export_run
 from .report import (MARK, TEMPERATURE_NOTE, accuracy_vs_cost, load_results, print_table, reliability_diagram,
                      teacher_weights_over_training, write_results)
 
@@ -324,6 +325,19 @@ def cmd_evaluate(args) -> None:
     _finish(out_dir, rows, f"evaluate {target}", EVAL_COLUMNS)
 
 
+def cmd_export(args) -> None:
+    """The deployable student of a distill run as one file, checked against PyTorch before it is written."""
+    done = export_run(Path(args.run), args.format, args.out, tolerance=args.tolerance, latency=args.latency)
+    check, student = done.check, done.student
+    out.print(f"exported {student.file} ({student.config.method.name}: {student.model.spec['name']}) to {done.out}",
+              highlight=False, soft_wrap=True)
+    out.print(f"check on {check.inputs}: max |{args.format} - PyTorch| = {check.max_abs_diff:.3g}, tolerance "
+              f"{check.tolerance:.3g}: pass", highlight=False, soft_wrap=True)
+    if done.latency:
+        out.print("batch-1 latency: " + ", ".join(f"{name} {ms:.3g} ms (IQR {iqr:.2g})"
+                                                  for name, (ms, iqr) in done.latency.items()), highlight=False)
+
+
 def cmd_models(args) -> None:
     """What `arch:` can name, one section per source; a library that is not installed says so."""
     from .models import models_by_source
@@ -541,6 +555,16 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--only", metavar="VARIANTS",
                      help="comma-separated sweep variants to run (the table shows their cells)")
     rep.set_defaults(fn=cmd_reproduce)
+    exp = sub.add_parser("export", help="write a distill run's deployable student as ONNX, TorchScript or a "
+                                        "torch.export program, checked against PyTorch")
+    exp.add_argument("run", metavar="RUN")
+    exp.add_argument("--format", required=True, choices=list(FORMATS))
+    exp.add_argument("--out", metavar="FILE", help="default RUN/student" + "|".join(FORMATS.values()) + " by format")
+    exp.add_argument("--tolerance", type=float, metavar="REL", default=TOLERANCE,
+                     help=f"the check's bound on max |exported - PyTorch|, times max(1, max |logit|) "
+                          f"(default {TOLERANCE:g})")
+    exp.add_argument("--latency", action="store_true", help="also time batch-1 inference, PyTorch and the file")
+    exp.set_defaults(fn=cmd_export)
     cmp = sub.add_parser("compare", help="put runs side by side: table, reliability diagrams, accuracy vs cost")
     cmp.add_argument("runs", nargs="+", metavar="RUN_DIR")
     cmp.add_argument("--out", help="output directory (default runs/compare-<time>)")

@@ -37,6 +37,7 @@ from .models.weights import check_weights, load_weights
 
 TEACHERS_DIR = "teachers"
 STUDENT_DIR = "student"
+SHIPPED_FILE = "collapsed.pt"  # a distill run's network to ship when its method makes one (LatentBE's collapse)
 
 
 @dataclass
@@ -427,7 +428,7 @@ def distill(config: Config, run_dir: Path, *, resume=False, progress=None, data:
                      description=f"student ({config.method.name})")
     shipped = method.deployable(model, training_inputs(config, data))  # LatentBE: the collapsed network
     if shipped is not None and distributed.world().is_main:
-        save_model(shipped, run_dir / "collapsed.pt", info)
+        save_model(shipped, run_dir / SHIPPED_FILE, info)
     return model, info
 
 

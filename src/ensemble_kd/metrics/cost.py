@@ -7,7 +7,7 @@ import contextlib
 import copy
 import statistics
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import NamedTuple
 
 import torch
@@ -137,18 +137,25 @@ def count_flops(model: nn.Module, input_shape: Sequence[int], example: torch.Ten
 
 def _time_forward(model: nn.Module, x: torch.Tensor, device: torch.device, repeats: int, warmup: int) -> list[float]:
     """Seconds per forward pass, `repeats` times after `warmup` untimed passes."""
+    with eval_mode(model), torch.no_grad():
+        return time_calls(model, x, repeats, warmup, sync=lambda: _sync(device))
+
+
+def time_calls(call: Callable, x, repeats: int = 50, warmup: int = 10,
+               sync: Callable[[], None] = lambda: None) -> list[float]:
+    """Seconds per `call(x)`, `repeats` times after `warmup` untimed calls: a module, or an exported
+    file's runner (ONNX Runtime's session); `sync` waits for asynchronous work before the clock is read."""
     if int(repeats) < 1 or int(warmup) < 0:
         raise ValueError(f"repeats={repeats} must be >= 1 and warmup={warmup} >= 0.")
+    for _ in range(int(warmup)):
+        call(x)
+    sync()
     times = []
-    with eval_mode(model), torch.no_grad():
-        for _ in range(int(warmup)):
-            model(x)
-        _sync(device)
-        for _ in range(int(repeats)):
-            start = time.perf_counter()
-            model(x)
-            _sync(device)  # CUDA kernels run asynchronously: wait before reading the clock
-            times.append(time.perf_counter() - start)
+    for _ in range(int(repeats)):
+        start = time.perf_counter()
+        call(x)
+        sync()  # CUDA kernels run asynchronously: wait before reading the clock
+        times.append(time.perf_counter() - start)
     return times
 
 
