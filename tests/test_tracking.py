@@ -155,6 +155,8 @@ def test_a_sigkilled_and_resumed_run_is_mirrored_exactly_with_its_config_and_tab
     client = MlflowClient(mlflow_uri)
     parent = client.get_run(ids["run_id"])
     assert parent.info.status == "FINISHED"
+    beside = (Path(mlflow_uri[len("sqlite:///"):]).parent / "mlruns").as_uri()  # not in the working directory
+    assert client.get_experiment(ids["experiment_id"]).artifact_location == beside
     # the config: MLflow's params and config.yaml, TensorBoard's text, equal to the run's config.yaml
     on_disk = yaml.safe_load((run / "config.yaml").read_text())
     assert parent.data.params["teachers.train.epochs"] == "12" and parent.data.params["data.batch_size"] == "256"

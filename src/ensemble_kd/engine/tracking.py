@@ -183,6 +183,14 @@ class TensorBoardSink:
         self.writers.clear()
 
 
+def _artifacts_beside(uri: str | None) -> str | None:
+    """A local database's artifacts in mlruns/ beside it, as MLflow's default ./mlflow.db has ./mlruns
+    (MLflow would put them in the working directory); None (MLflow's choice) for any other store."""
+    if uri is None or not uri.startswith("sqlite:///"):
+        return None
+    return (Path(uri[len("sqlite:///"):]).resolve().parent / "mlruns").as_uri()
+
+
 class MlflowSink:
     """One MLflow run per run directory (its id in mlflow.json there, so --resume continues it): the config
     as params and config.yaml, each log as a child run `<name>`, each table as a child run `<name>/results`
@@ -198,7 +206,8 @@ class MlflowSink:
             self.client.update_run(ids["run_id"], status="RUNNING")
         else:
             found = self.client.get_experiment_by_name(experiment)
-            experiment_id = found.experiment_id if found is not None else self.client.create_experiment(experiment)
+            experiment_id = (found.experiment_id if found is not None else
+                             self.client.create_experiment(experiment, artifact_location=_artifacts_beside(uri)))
             run = self.client.create_run(experiment_id, run_name=root.name)
             ids = {"experiment_id": experiment_id, "run_id": run.info.run_id, "children": {}}
             root.mkdir(parents=True, exist_ok=True)
