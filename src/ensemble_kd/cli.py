@@ -378,6 +378,8 @@ def cmd_reproduce(args) -> None:
     (outcome.run_dir / "reproduce.md").write_text("\n".join(lines) + "\n")
     (outcome.run_dir / "reproduce.json").write_text(json.dumps({"entry": entry.name, "cells": outcome.rows,
                                                                 "budget_differs": outcome.budget}, indent=2))
+    if (tracker := tracking.active()) is not None:  # logging.tensorboard / logging.mlflow
+        tracker.log_table(outcome.run_dir, outcome.rows, "\n".join(lines) + "\n")
     err.print(f"results: {outcome.run_dir / 'reproduce.md'}", highlight=False)
 
 

@@ -28,6 +28,10 @@ def start(run_dir: Path, config: Config) -> None:
     """Mirror the run in `run_dir` (and everything under it) to the trackers config.logging turns on;
     a directory inside the tracked one (a demo's teachers, a sweep's runs) only logs its config."""
     global _active
+    from ..distributed import world
+
+    if not world().is_main:
+        return
     run_dir = Path(run_dir).resolve()
     if _active is not None and _active.name(run_dir) is None:
         close()
@@ -117,21 +121,25 @@ def scalars(record: dict) -> dict[str, float]:
         if value is None and key in nonfinite:
             value = math.nan
         if isinstance(value, (int, float)):
-            out[f"{kind}/{key}"] = float(value)
+            out[_safe(f"{kind}/{key}")] = float(value)
     return out
 
 
+def _safe(name: str) -> str:
+    """A name in MLflow's characters (the same tag in TensorBoard): 'ensemble (M=2)' -> 'ensemble _M_2_'."""
+    return re.sub(r"[^\w\-. :/]", "_", name)
+
+
 def table_scalars(rows: list[dict]) -> dict[str, float]:
-    """The final table's numbers under `<row name>/<column>` (MLflow's characters only: 'ensemble (M=2)'
-    becomes 'ensemble _M_2_')."""
-    return {re.sub(r"[^\w\-. :/]", "_", f"{row.get('name', i)}/{key}"): float(value) for i, row in enumerate(rows) for key, value in row.items()
+    """The final table's numbers under `<row name>/<column>`."""
+    return {_safe(f"{row.get('name', i)}/{key}"): float(value) for i, row in enumerate(rows) for key, value in row.items()
             if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)}
 
 
 def _flat(tree, prefix: str = "") -> dict[str, str]:
     if isinstance(tree, dict):
         return {k: v for key, sub in tree.items() for k, v in _flat(sub, f"{prefix}{key}.").items()}
-    return {prefix[:-1]: json.dumps(tree) if isinstance(tree, (list, type(None))) else str(tree)}
+    return {_safe(prefix[:-1]): json.dumps(tree) if isinstance(tree, (list, type(None))) else str(tree)}
 
 
 class TensorBoardSink:
