@@ -23,8 +23,8 @@ from ..report import load_results, write_results
 from .entry import Cell, Entry
 
 # Keys that change where or how a run is made, not what it computes: not a budget change.
-NOT_BUDGET = ("run.*", "logging.*", "device", "data.root", "data.workers", "data.prefetch", "data.eval_batch_size", "eval.*",
-              "*.log_every", "*.checkpoint_every", "teachers.source", "teachers.precision", "teachers.compile",
+NOT_BUDGET = ("run.*", "logging.*", "device", "data.root", "data.workers", "data.prefetch", "data.eval_batch_size",
+              "eval.*", "*.log_every", "*.checkpoint_every", "teachers.source", "teachers.precision", "teachers.compile",
               "teachers.fold_bn", "cache.*", "*.precision", "*.channels_last")
 # What the teachers' training does not depend on.
 NOT_TEACHERS = RESUME_SAFE + ("student.*", "method.*", "sweep.*", "perturb.*", "cache.*", "teachers.source",
