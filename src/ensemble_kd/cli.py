@@ -24,7 +24,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from . import pipeline, sweep
 from .config import Config, ConfigError, load_config
 from . import distributed
-from .engine import CheckpointError, NonFiniteLossError, load_model
+from .engine import CheckpointError, NonFiniteLossError, load_model, tracking
 from .engine.checkpoint import os_error, trained_data
 from .engine.run_dir import (ACCEPT_LISTING, RESUME_SAFE, RunDirError, check_command, check_listing, check_resumable,
                              claim_run_dir, data_listing, recorded_command, saved_config)
@@ -392,6 +392,8 @@ def cmd_reproduce(args) -> None:
     (outcome.run_dir / "reproduce.md").write_text("\n".join(lines) + "\n")
     (outcome.run_dir / "reproduce.json").write_text(json.dumps({"entry": entry.name, "cells": outcome.rows,
                                                                 "budget_differs": outcome.budget}, indent=2))
+    if (tracker := tracking.active()) is not None:  # logging.tensorboard / logging.mlflow
+        tracker.log_table(outcome.run_dir, outcome.rows, "\n".join(lines) + "\n")
     err.print(f"results: {outcome.run_dir / 'reproduce.md'}", highlight=False)
 
 
@@ -615,6 +617,7 @@ def main(argv: list[str] | None = None) -> int:
     _RUNNING.clear()
     try:
         args.fn(args)
+        tracking.close("FINISHED")
     except ConfigError as e:
         err.print(f"[red]config error:[/red] {escape(str(e))}", highlight=False)
         return 2
@@ -640,6 +643,7 @@ def main(argv: list[str] | None = None) -> int:
         err.print(escape(said), highlight=False)
         return 130
     finally:
+        tracking.close("KILLED")  # stopped or failed (a no-op after a finished run)
         torch.set_num_threads(threads)
         distributed.shutdown()
     return 0

@@ -261,6 +261,29 @@ class RunConfig(_Section):
         return name
 
 
+class MlflowConfig(_Section):
+    uri: str | None = None  # None: MLflow's default (MLFLOW_TRACKING_URI, else its local store)
+    experiment: str = "ensemble-kd"
+
+
+class LoggingConfig(_Section):
+    """Runs mirrored to experiment trackers (engine/tracking.py), rank 0 only; off by default."""
+
+    tensorboard: bool = False  # event files in the run directory's tensorboard/
+    mlflow: MlflowConfig | None = None  # {uri, experiment}: one MLflow run per run directory
+
+    @model_validator(mode="after")
+    def _installed(self):
+        import importlib.util
+
+        for wanted, module, extra in ((self.tensorboard, "tensorboard", "tensorboard"),
+                                      (self.mlflow is not None, "mlflow", "mlflow")):
+            if wanted and importlib.util.find_spec(module) is None:
+                raise ValueError(f"logging.{extra} needs the '{module}' package; install it with "
+                                 f"pip install 'ensemble-kd[{extra}]', or turn logging.{extra} off")
+        return self
+
+
 class Config(_Section):
     data: DataConfig = Field(default_factory=DataConfig)
     teachers: TeachersConfig = Field(default_factory=TeachersConfig)
@@ -271,6 +294,7 @@ class Config(_Section):
     eval: EvalConfig = Field(default_factory=EvalConfig)
     run: RunConfig = Field(default_factory=RunConfig)
     sweep: SweepConfig = Field(default_factory=SweepConfig)
+    logging: LoggingConfig = Field(default_factory=LoggingConfig)
     device: str = "auto"
 
 

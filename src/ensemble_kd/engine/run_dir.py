@@ -27,7 +27,7 @@ from .checkpoint import atomic_write_text, read_json
 LOCK = ".lock"
 FINGERPRINT = "fingerprint.json"
 # Keys that cannot change what a run computes, so a resumed run may take new values for them.
-RESUME_SAFE = ("device", "*.log_every", "*.checkpoint_every", "eval.*", "run.*")
+RESUME_SAFE = ("device", "*.log_every", "*.checkpoint_every", "eval.*", "run.*", "logging.*")
 _UNSET = "unset"
 
 

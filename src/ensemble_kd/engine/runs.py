@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from ..config import Config, dump_config
+from . import tracking
 from .checkpoint import atomic_write_text
 
 
@@ -17,6 +18,7 @@ class MetricsLog:
 
     Every record the trainer writes says its `kind` (`step` or `epoch`). The lines are strict
     JSON: a non-finite value is written as null and its key listed in the record's `nonfinite`.
+    Under logging.tensorboard / logging.mlflow each record is mirrored to the trackers (engine/tracking.py).
     """
 
     def __init__(self, path: str | Path, enabled: bool = True):
@@ -36,6 +38,8 @@ class MetricsLog:
             plain["nonfinite"] = nonfinite
         with self.path.open("a") as f:
             f.write(json.dumps(plain, allow_nan=False) + "\n")
+        if (tracker := tracking.active()) is not None:  # after the file: a kill loses nothing it lacks
+            tracker.record(self.path, plain, self.read)
 
     def read(self) -> list[dict]:
         return [record for record in self._lines() if record is not None]
@@ -43,10 +47,13 @@ class MetricsLog:
     def rewind(self, keep) -> None:
         """Keep only the records `keep(record)` accepts (and drop a line torn by a kill), atomically:
         a resumed run rewinds its log to its checkpoint so it logs no step twice."""
-        if not self.enabled or not self.path.is_file():
+        if not self.enabled:
             return
-        kept = [json.dumps(r, allow_nan=False) + "\n" for r in self._lines() if r is not None and keep(r)]
-        atomic_write_text(self.path, "".join(kept))
+        kept = [r for r in self._lines() if r is not None and keep(r)]
+        if self.path.is_file():
+            atomic_write_text(self.path, "".join(json.dumps(r, allow_nan=False) + "\n" for r in kept))
+        if (tracker := tracking.active()) is not None:  # the trackers' copies rewound with it
+            tracker.replace(self.path, kept)
 
     def _lines(self) -> list[dict | None]:
         """The records; None for a line that is not JSON, which only a killed writer's last line may be."""
@@ -87,4 +94,5 @@ def write_config(run_dir: Path, config: Config, command: str, listing: dict | No
 
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(run_dir / "config.yaml", f"# ensemble-kd {command}\n" + dump_config(config))
+    tracking.start(run_dir, config)
     write_fingerprint(run_dir, config, listing)  # what it reads, so a reuse can tell it changed

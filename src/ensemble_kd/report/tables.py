@@ -220,12 +220,15 @@ def write_results(
     run_dir.mkdir(parents=True, exist_ok=True)
     data = [_jsonable(dict(r), f"row {i}") for i, r in enumerate(rows)]
     # Atomic: a sweep takes an existing results.json to mean "done", so a kill must not leave half of one.
+    from ..engine import tracking
     from ..engine.checkpoint import atomic_write_text
 
     md_path = run_dir / "results.md"
     atomic_write_text(md_path, markdown_table(rows, columns))
     json_path = run_dir / "results.json"
     atomic_write_text(json_path, json.dumps(data, indent=2) + "\n")
+    if (tracker := tracking.active()) is not None:  # logging.tensorboard / logging.mlflow
+        tracker.log_table(run_dir, data, md_path.read_text())
     return md_path, json_path
 
 

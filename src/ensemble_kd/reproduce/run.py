@@ -15,6 +15,7 @@ from pathlib import Path
 
 from .. import pipeline, sweep
 from ..config import Config, ConfigError, load_config
+from ..engine import tracking
 from ..engine.run_dir import RESUME_SAFE, RunDirError, clear, contents, flat, locked, run_changes
 from ..engine.runs import write_config
 from ..ensemble import MANIFEST, TeacherSet
@@ -22,8 +23,8 @@ from ..report import load_results, write_results
 from .entry import Cell, Entry
 
 # Keys that change where or how a run is made, not what it computes: not a budget change.
-NOT_BUDGET = ("run.*", "device", "data.root", "data.workers", "data.prefetch", "data.eval_batch_size", "eval.*",
-              "*.log_every", "*.checkpoint_every", "teachers.source", "teachers.precision", "teachers.compile",
+NOT_BUDGET = ("run.*", "logging.*", "device", "data.root", "data.workers", "data.prefetch", "data.eval_batch_size",
+              "eval.*", "*.log_every", "*.checkpoint_every", "teachers.source", "teachers.precision", "teachers.compile",
               "teachers.fold_bn", "cache.*", "*.precision", "*.channels_last")
 # What the teachers' training does not depend on.
 NOT_TEACHERS = RESUME_SAFE + ("student.*", "method.*", "sweep.*", "perturb.*", "cache.*", "teachers.source",
@@ -68,6 +69,7 @@ def reproduce(entry: Entry, config: Config, *, only: list[str] | None = None, ov
     budget = budget_changes(entry, config)
     run_dir = run_dir_of(entry, config)
     with locked(run_dir):
+        tracking.start(run_dir, config)  # its teachers, caches and sweep are tracked as one run (logging.*)
         if trains_teachers(config) and needs_teachers(entry, config):
             source = _teachers(config, run_dir / "teachers", data, overwrite, progress, report)
             config = config.model_copy(update={"teachers": config.teachers.model_copy(update={"source": str(source)})})
