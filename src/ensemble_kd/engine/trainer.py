@@ -389,5 +389,5 @@ class Trainer:
     def _progress_task(self):
         if self.progress is None:
             return None
-        return self.progress.add_task(self.description, total=self.total_steps,
-                                      completed=self.pos.step, status="")
+        return self.progress.add_task(self.description, total=self.total_steps, completed=self.pos.step, status="",
+                                      images_per_step=getattr(self.loader, "batch_size", None))
