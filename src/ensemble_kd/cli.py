@@ -61,8 +61,6 @@ def progress_bar() -> Progress | LineProgress:
 
 def cmd_demo(args) -> None:
     config = _config(args)  # --resume reads the run's config.yaml
-    if not any(o.strip().startswith("eval.latency=") for o in args.overrides):  # not in the demo's table
-        config = config.model_copy(update={"eval": config.eval.model_copy(update={"latency": False})})
     started = time.perf_counter()
     methods = _demo_methods(args)
     data = pipeline.prepare_data(config)
