@@ -20,6 +20,7 @@ __all__ = [
     "load_idx_pair",
     "load_cifar",
     "load_image_folder",
+    "MixedImageSizes",
     "check_labels",
     "IMAGE_EXTENSIONS",
 ]
@@ -270,6 +271,14 @@ def load_cifar(root: str | Path, name: str):
 _GRAY_MODES = {"1", "L", "LA"}
 _WIDE_MODES = {"I", "I;16", "I;16B", "I;16L", "F"}
 
+class MixedImageSizes(ValueError):
+    """An image folder held in memory whose images are not all one size; `found` names two that differ."""
+
+    def __init__(self, found: str):
+        super().__init__(f"{found}; resize all images of an image folder to one size.")
+        self.found = found
+
+
 def _class_folders(split_dir: Path) -> list[Path]:
     return sorted(p for p in split_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
 
@@ -343,10 +352,7 @@ def load_image_folder(root: str | Path):
     size = arrays[0].shape[:2]
     for a, p in zip(arrays, paths):
         if a.shape[:2] != size:
-            raise ValueError(
-                f"image {p} is {a.shape[1]}x{a.shape[0]} but {paths[0]} is {size[1]}x{size[0]}; "
-                f"resize all images of an image folder to one size."
-            )
+            raise MixedImageSizes(f"image {p} is {a.shape[1]}x{a.shape[0]} but {paths[0]} is {size[1]}x{size[0]}")
     color = any(a.ndim == 3 for a in arrays)
 
     def stack(items: list[np.ndarray]) -> np.ndarray:
