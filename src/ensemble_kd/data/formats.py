@@ -14,6 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..progress import quiet_progress
+
 __all__ = [
     "read_idx",
     "find_idx_file",
@@ -318,10 +320,13 @@ def _read_split(split_dir: Path, classes: list[str]) -> tuple[list[np.ndarray], 
                 f"class folder {folder} is empty: it holds no images ({', '.join(IMAGE_EXTENSIONS)}); "
                 f"add images or remove the folder."
             )
-        for f in files:
-            arrays.append(_read_image(f))
-            labels.append(label)
-            paths.append(f)
+        labels += [label] * len(files)
+        paths += files
+    progress = quiet_progress()  # 60,000 files take a minute or more: a line every 30 s says how far
+    task = progress.add_task(f"reading {split_dir}", total=len(paths), images_per_step=1)
+    for f in paths:
+        arrays.append(_read_image(f))
+        progress.update(task, advance=1)
     return arrays, np.asarray(labels, dtype=np.int64), paths
 
 
