@@ -331,8 +331,9 @@ def _read_split(split_dir: Path, classes: list[str]) -> tuple[list[np.ndarray], 
 
 
 def load_image_folder(root: str | Path):
-    """Train and test arrays plus class names from root/{train,test}/<class>/<image files>
-    (root/val/ is the test split when there is no root/test/, as in ImageNet's layout)."""
+    """Train and test arrays, class names, and validation arrays (or None) from
+    root/{train,test,val}/<class>/<image files>: root/val/ is the test split when there is no
+    root/test/ (ImageNet's layout), else the validation split."""
     root = Path(root).expanduser()
     layout = "root/train/<class>/<images> and root/test/<class>/<images> (or root/val/<class>/<images>)"
     test_name = "test" if (root / "test").is_dir() or not (root / "val").is_dir() else "val"
@@ -350,8 +351,10 @@ def load_image_folder(root: str | Path):
         )
     train = _read_split(root / "train", classes)
     test = _read_split(root / test_name, classes)
-    arrays = train[0] + test[0]
-    paths = train[2] + test[2]
+    own_val = test_name == "test" and (root / "val").is_dir()  # see samples.own_val_dir
+    val = _read_split(root / "val", classes) if own_val else ([], None, [])
+    arrays = train[0] + test[0] + val[0]
+    paths = train[2] + test[2] + val[2]
     if not test[0]:
         raise ValueError(f"{root / test_name} holds no images; an image folder dataset needs {layout}.")
     size = arrays[0].shape[:2]
@@ -366,4 +369,5 @@ def load_image_folder(root: str | Path):
             return np.stack(items).transpose(0, 3, 1, 2).copy()
         return np.stack(items)[:, None]
 
-    return (stack(train[0]), train[1]), (stack(test[0]), test[1]), tuple(classes)
+    return ((stack(train[0]), train[1]), (stack(test[0]), test[1]), tuple(classes),
+            (stack(val[0]), val[1]) if own_val else None)

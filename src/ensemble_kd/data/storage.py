@@ -25,7 +25,7 @@ import numpy as np
 from .crops import ViewSpec
 from .datasets import DatasetSplits, load_dataset, stratified_split
 from .formats import MixedImageSizes
-from .samples import Samples, list_image_folder, list_tar_shards
+from .samples import Samples, list_image_folder, list_image_split, list_tar_shards, own_val_dir
 from .stream import estimate_channel_stats
 from .views import AugmentSpec
 
@@ -54,10 +54,10 @@ def check_headers(samples: Samples) -> list[tuple[int, int]]:
     return sizes
 
 
-def _stream(name: str, train: Samples, test: Samples, *, val_fraction: float, split_seed: int, mean, std,
-            views: ViewSpec, workers: int, on_decode_error: str) -> DatasetSplits:
-    val = None
-    if val_fraction > 0:
+def _stream(name: str, train: Samples, test: Samples, *, val: Samples | None, val_fraction: float, split_seed: int,
+            mean, std, views: ViewSpec, workers: int, on_decode_error: str) -> DatasetSplits:
+    val_source = None if val is None else f"{val.root / 'val'} ({len(val)} images)"
+    if val is None and val_fraction > 0:
         keep, held = stratified_split(train.labels, float(val_fraction), split_seed)
         train, val = train.subset(keep), train.subset(held)
     if mean is None or std is None:
@@ -65,7 +65,7 @@ def _stream(name: str, train: Samples, test: Samples, *, val_fraction: float, sp
                                            on_decode_error=on_decode_error)
         mean, std = mean or estimated[0], std or estimated[1]
     return _with_stats(DatasetSplits(name=name, train=train, val=val, test=test, mean=tuple(mean), std=tuple(std),
-                                     augment=STREAM_AUGMENT), None, None)
+                                     augment=STREAM_AUGMENT, val_source=val_source), None, None)
 
 
 def load_splits(name: str, root: str | Path | None, *, storage: str = "auto", views: ViewSpec | None = None,
@@ -88,12 +88,14 @@ def load_splits(name: str, root: str | Path | None, *, storage: str = "auto", vi
         train, test = list_tar_shards(root, views.size)
     else:
         train, test = list_image_folder(root, views.size)
-    count = len(train) + len(test)
+    val_dir = own_val_dir(Path(root).expanduser()) if name == "image-folder" else None
+    val = None if val_dir is None else list_image_split(train.root, val_dir, train.classes, views.size)
+    count = len(train) + len(test) + (len(val) if val is not None else 0)
     if storage == "memory" and train_view == "rrc":
         raise ValueError("views.train=rrc crops images as they are decoded: it needs data.storage stream or auto.")
     every = count <= HEADER_CHECK_LIMIT
     if every:  # names a file that is no image before any training
-        sizes = check_headers(train) + check_headers(test)
+        sizes = check_headers(train) + check_headers(test) + (check_headers(val) if val is not None else [])
     guessed = False  # memory chosen from a sample of the headers
     if storage == "auto":
         storage, why = _auto_storage(name, train_view, count, lambda: sizes if every else
@@ -108,7 +110,7 @@ def load_splits(name: str, root: str | Path | None, *, storage: str = "auto", vi
             if not guessed:
                 raise
             _say(f"data.storage auto: streamed after all, at views.size={views.size}: {err.found}")
-    return _stream(name, train, test, val_fraction=val_fraction, split_seed=split_seed, mean=mean, std=std,
+    return _stream(name, train, test, val=val, val_fraction=val_fraction, split_seed=split_seed, mean=mean, std=std,
                    views=views, workers=workers, on_decode_error=on_decode_error)
 
 

@@ -129,10 +129,15 @@ def _marked(row: Mapping[str, Any], column: str) -> bool:
 
 
 def footnotes(rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> list[str]:
-    """The lines under a table: the meaning of MARK, once, when some shown cell carries it."""
+    """The lines under a table: where calibrated figures' temperature was fitted (rows' calibration_split),
+    and the meaning of MARK, once, when some shown cell carries it."""
+    notes = []
+    splits = list(dict.fromkeys(r["calibration_split"] for r in rows if r.get("calibration_split")))
+    if splits and any(c in CALIBRATED for c in columns):
+        notes.append(f"cNLL and cECE: temperature fitted on {'; '.join(splits)}")
     if any(_marked(r, c) for r in rows for c in columns):
-        return [f"{MARK} {TEMPERATURE_NOTE}"]
-    return []
+        notes.append(f"{MARK} {TEMPERATURE_NOTE}")
+    return notes
 
 
 def _is_number(value: Any) -> bool:
@@ -166,7 +171,7 @@ def markdown_table(rows: Iterable[Mapping[str, Any]], columns: Sequence[str] | N
     rule = "|" + "|".join(":---" if c == "name" else "---:" for c in cols) + "|"
     body = ["| " + " | ".join(format_cell(r, c).replace("|", "\\|") for c in cols) + " |" for r in rows]
     notes = footnotes(rows, cols)
-    return "\n".join([header, rule, *body, *([""] + notes if notes else [])]) + "\n"
+    return "\n".join([header, rule, *body, *(["", "\n\n".join(notes)] if notes else [])]) + "\n"
 
 
 def print_table(
