@@ -114,3 +114,46 @@ def test_predict_reports_to_the_progress_given():
     steps = Steps()
     logits, labels = predict(torch.nn.Linear(3, 2), Loader(), "evaluate x on test", progress=steps)
     assert logits.shape == (10, 2) and steps.task == ("evaluate x on test", 3, 4) and steps.updates == [1, 1, 1]
+
+
+class Recorder:
+    """A progress that keeps each task's fields and steps."""
+
+    def __init__(self):
+        self.tasks = []
+
+    def add_task(self, description, total, completed=0, **fields):
+        self.tasks.append({"description": description, "total": total, "done": completed, **fields})
+        return len(self.tasks) - 1
+
+    def update(self, task, advance=0, completed=None, **fields):
+        t = self.tasks[task]
+        t["done"] = completed if completed is not None else t["done"] + advance
+
+
+def test_training_and_caching_rate_every_ranks_images(tmp_path):
+    from ensemble_kd import pipeline
+    from ensemble_kd.config import load_config
+    from ensemble_kd.engine import Trainer
+    from ensemble_kd.ensemble import TeacherSet
+    from ensemble_kd.ensemble.cache import build_cache
+    from ensemble_kd.methods import create_method
+    from ensemble_kd.models import create
+
+    config = load_config(None, ["device=cpu", "data.batch_size=100", "teachers.train.epochs=1",
+                                "teachers.kwargs={width: 0.25}"])
+    data = pipeline.prepare_data(config)
+    n = len(data.splits.train)
+    model = pipeline.build_model(config.teachers.resolved_members()[0], data)
+    progress = Recorder()
+    Trainer(model, create_method("ce"), data.train_loader(config.data, seed=0), config.teachers.train, tmp_path,
+            device=data.device, seed=0, progress=progress).fit()
+    (train,) = progress.tasks
+    assert train["images_per_step"] == 100 and train["done"] == train["total"] == n // 100  # drop_last
+
+    progress = Recorder()
+    build_cache(TeacherSet([model]), data.train_loader(config.data, seed=0), tmp_path / "cache", epochs=1, rank=1,
+                world_size=2, batch_size=64, progress=progress)
+    (cache,) = progress.tasks
+    assert cache["images_per_step"] == 128  # both ranks' batches of 64
+    assert 128 * (cache["total"] - 1) < n <= 128 * cache["total"]

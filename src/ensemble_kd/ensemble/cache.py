@@ -243,7 +243,7 @@ def build_cache(teachers: TeacherSet, loader, out_dir: str | Path, *, epochs: in
             total, batches = _rank_batches(loader, epoch, rank, world_size, batch_size, done)
             if progress is not None and task is None:
                 task = progress.add_task("cache teachers", total=epochs * total, status="",
-                                         images_per_step=batch_size)
+                                         images_per_step=batch_size * world_size)  # the ranks run together
             if progress is not None:
                 progress.update(task, completed=epoch * total + min(total, done))
             if done >= total:
