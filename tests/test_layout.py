@@ -75,7 +75,7 @@ def test_the_cycle_finder_finds_a_cycle():
 
 
 # The README's layout, bottom to top: each part may import only the parts before it.
-LAYERS = ["config", "plugins", "distributed", "data", "models", "metrics", "solvers", "methods", "engine", "ensemble",
+LAYERS = ["progress", "config", "plugins", "distributed", "data", "models", "metrics", "solvers", "methods", "engine", "ensemble",
           "perturbations", "evaluation", "report", "pipeline", "sweep", "reproduce", "cli"]
 
 
