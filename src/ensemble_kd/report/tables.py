@@ -19,7 +19,8 @@ MARK = "†"
 CALIBRATED = ("cnll", "cece")
 TEMPERATURE_NOTE = (f"temperature scaling hit a bound of its range: the validation NLL still falls beyond it, so "
                     f"cNLL and cECE are not identifiable; T={T_MIN:g} means every validation sample is classified "
-                    f"right with a margin (raise data.val_fraction for calibrated figures), T={T_MAX:g} that the "
+                    f"right with a margin (a larger validation split gives calibrated figures: raise "
+                    f"data.val_fraction, or add images to an image folder's own val/), T={T_MAX:g} that the "
                     f"predictions on the validation split are no better than uniform (the model has not learnt)")
 
 # Default column order; a row is a dict keyed by these names (extra keys are allowed).
