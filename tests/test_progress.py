@@ -157,3 +157,14 @@ def test_training_and_caching_rate_every_ranks_images(tmp_path):
     (cache,) = progress.tasks
     assert cache["images_per_step"] == 128  # both ranks' batches of 64
     assert 128 * (cache["total"] - 1) < n <= 128 * cache["total"]
+
+
+def test_the_corruption_suite_reports_each_pass(monkeypatch):
+    from ensemble_kd.metrics import corruptions
+
+    progress = Recorder()
+    monkeypatch.setattr(corruptions, "quiet_progress", lambda: progress)
+    images = torch.rand(6, 3, 8, 8)
+    corruptions.corruption_suite(lambda x: x.flatten(1)[:, :2], images, torch.zeros(6, dtype=torch.long),
+                                 names=["gaussian_noise", "contrast"], severities=(1, 3))
+    assert progress.tasks == [{"description": "corruptions", "total": 4, "done": 4, "images_per_step": 6}]
