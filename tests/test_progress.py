@@ -55,6 +55,15 @@ def test_a_resumed_task_rates_only_the_steps_run_here():
     assert buffer.getvalue().splitlines() == ["student: 70% (70/100 steps, 40 s, 5.0 images/s, 60 s left)"]
 
 
+def test_work_found_done_is_not_counted_in_the_rate():
+    progress, buffer, clock = _lines()
+    task = progress.add_task("cache teachers", total=100, status="", images_per_step=10)
+    progress.update(task, completed=40)  # a resumed build's committed epoch: no time spent on it here
+    clock.now += 20.0
+    progress.update(task, advance=10)  # 10 steps in 20 s: 5 images/s, 50 steps left = 100 s, shown as 2 min
+    assert buffer.getvalue().splitlines()[-1] == "cache teachers: 50% (50/100 steps, 20 s, 5.0 images/s, 2 min left)"
+
+
 def test_time_lines_only_print_nothing_for_a_short_loop():
     progress, buffer, clock = _lines(steps=0)
     task = progress.add_task("evaluate on test", total=10, status="", images_per_step=1)

@@ -44,6 +44,8 @@ class LineProgress:
         t.update(fields)
         if fields.get("status"):
             t["fresh"] = True  # a status is shown once: a later line without news repeats no stale loss
+        if completed is not None:  # a jump (work found done, as a resumed cache's epochs) took no time here
+            t["first"] += completed - t["completed"]
         t["completed"] = completed if completed is not None else t["completed"] + advance
         now = self.clock()
         quarter = self._quarter(t["completed"], t["total"])
