@@ -29,9 +29,9 @@ from .engine.checkpoint import os_error, trained_data
 from .engine.run_dir import (ACCEPT_LISTING, RESUME_SAFE, RunDirError, check_command, check_listing, check_resumable,
                              claim_run_dir, data_listing, recorded_command, saved_config)
 from .engine.runs import MetricsLog, write_config
-from .progress import ImagesPerSecond, LineProgress
 from .ensemble import MANIFEST, TeacherSet
 from .ensemble.cache import describe_kept, open_cache
+from .progress import ImagesPerSecond, LineProgress
 from .report import (MARK, TEMPERATURE_NOTE, accuracy_vs_cost, load_results, print_table, reliability_diagram,
                      teacher_weights_over_training, write_results)
 

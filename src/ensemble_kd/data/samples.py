@@ -30,7 +30,8 @@ import numpy as np
 from .formats import IMAGE_EXTENSIONS
 from .index_cache import cached_index
 
-__all__ = ["DecodeError", "ImageFiles", "TarSamples", "list_image_folder", "list_image_split", "list_tar_shards", "own_val_dir", "Samples"]
+__all__ = ["DecodeError", "ImageFiles", "TarSamples", "list_image_folder", "list_image_split", "list_tar_shards",
+           "own_val_dir", "Samples"]
 
 LISTING_REPORT_EVERY = 100_000  # listing a large folder prints a progress line every this many files
 

@@ -27,7 +27,7 @@ def predict(model: nn.Module, loader, description: str = "predict", progress=Non
     A long split prints a line every 30 s (rate, time left) unless another `progress` is given."""
     outs, labels = [], []
     progress = progress or quiet_progress()
-    task = progress.add_task(description, total=len(loader), status="", images_per_step=loader.batch_size)
+    task = progress.add_task(description, total=len(loader), status="", images_per_step=getattr(loader, "batch_size", None))
     with eval_mode(model):
         for batch in loader.batches(0):
             out = model.member_logits(batch.x) if isinstance(model, TeacherSet) else model(batch.x)
