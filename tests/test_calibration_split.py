@@ -58,3 +58,15 @@ def test_the_table_says_where_the_temperature_was_fitted(three_splits, tmp_path)
     note = f"cNLL and cECE: temperature fitted on {three_splits / 'val'} (6 images)"
     assert note in (tmp_path / "results.md").read_text().splitlines()
     assert load_results(tmp_path)[0]["calibration_split"] == data.calibration_split()
+
+
+def test_tar_shards_with_val_beside_test_calibrate_on_val(tmp_path):
+    from _images import make_tar_shards
+
+    make_tar_shards(tmp_path, shards=2, test_shards=1, sizes=(12, 12))
+    make_tar_shards(tmp_path / "v", shards=1, test_shards=1, sizes=(12, 12), seed=1)
+    (tmp_path / "v" / "test").rename(tmp_path / "val")  # train/ 20, test/ 10, val/ 10 samples
+    data = pipeline.prepare_data(load_config(None, ["device=cpu", "data.name=tar-shards", f"data.root={tmp_path}",
+                                                    "data.workers=0", "data.views.size=12", "data.val_fraction=0.2"]))
+    assert (len(data.splits.train), len(data.splits.val), len(data.splits.test)) == (20, 10, 10)
+    assert data.calibration_split() == f"{tmp_path / 'val'} (10 images)"

@@ -30,8 +30,8 @@ import numpy as np
 from .formats import IMAGE_EXTENSIONS
 from .index_cache import cached_index
 
-__all__ = ["DecodeError", "ImageFiles", "TarSamples", "list_image_folder", "list_image_split", "list_tar_shards",
-           "own_val_dir", "Samples"]
+__all__ = ["DecodeError", "ImageFiles", "TarSamples", "list_image_folder", "list_image_split", "list_shard_split",
+           "list_tar_shards", "own_val_dir", "Samples"]
 
 LISTING_REPORT_EVERY = 100_000  # listing a large folder prints a progress line every this many files
 
@@ -203,8 +203,9 @@ def test_split_dir(root: Path, kind: str) -> Path:
 
 
 def own_val_dir(root: Path) -> Path | None:
-    """root/val when root/test is the test split: the folder's own validation split, which temperature
-    scaling uses instead of data.val_fraction of train (images pretrained teachers may have learnt)."""
+    """root/val when root/test is the test split (image folders and tar shards): the dataset's own validation
+    split, which temperature scaling uses instead of data.val_fraction of train (images pretrained teachers
+    may have learnt)."""
     return root / "val" if (root / "test").is_dir() and (root / "val").is_dir() else None
 
 
@@ -339,7 +340,8 @@ def _truncated(path: Path, where: str) -> str:
             f"copy or download it again, or remove it.")
 
 
-def _list_shards(split_dir: Path, image_size: int, classes: tuple[str, ...] | None) -> TarSamples:
+def list_shard_split(split_dir: Path, image_size: int, classes: tuple[str, ...] | None) -> TarSamples:
+    """The samples of split_dir/*.tar; `classes` the training shards' (None: read from these)."""
     shards = sorted(p for p in split_dir.iterdir() if p.suffix == ".tar" and p.is_file())
     if not shards:
         raise FileNotFoundError(f"{split_dir} holds no .tar shards; tar-shards needs {split_dir}/000000.tar ...")
@@ -374,7 +376,7 @@ def list_tar_shards(root: str | Path, image_size: int) -> tuple[TarSamples, TarS
     root = Path(root).expanduser()
     test_dir = test_split_dir(root, "tar shard")
     names_file = root / "classes.txt"
-    train = _list_shards(root / "train", image_size, None)
+    train = list_shard_split(root / "train", image_size, None)
     if names_file.is_file():
         names = [line.strip() for line in names_file.read_text().splitlines() if line.strip()]
         if len(names) < train.num_classes:
@@ -389,7 +391,7 @@ def list_tar_shards(root: str | Path, image_size: int) -> tuple[TarSamples, TarS
                              f"but no sample of {len(empty)} of those {train.num_classes} classes ({shown}); "
                              f"number the classes 0..K-1 without gaps, or list every class in {names_file} "
                              f"(one name a line) to train with empty classes.")
-    return train, _list_shards(test_dir, image_size, train.classes)
+    return train, list_shard_split(test_dir, image_size, train.classes)
 
 
 def open_rgb(data: bytes, what: str):

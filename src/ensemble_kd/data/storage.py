@@ -25,7 +25,7 @@ import numpy as np
 from .crops import ViewSpec
 from .datasets import DatasetSplits, load_dataset, stratified_split
 from .formats import MixedImageSizes
-from .samples import Samples, list_image_folder, list_image_split, list_tar_shards, own_val_dir
+from .samples import Samples, list_image_folder, list_image_split, list_shard_split, list_tar_shards, own_val_dir
 from .stream import estimate_channel_stats
 from .views import AugmentSpec
 
@@ -54,9 +54,9 @@ def check_headers(samples: Samples) -> list[tuple[int, int]]:
     return sizes
 
 
-def _stream(name: str, train: Samples, test: Samples, *, val: Samples | None, val_fraction: float, split_seed: int,
-            mean, std, views: ViewSpec, workers: int, on_decode_error: str) -> DatasetSplits:
-    val_source = None if val is None else f"{val.root / 'val'} ({len(val)} images)"
+def _stream(name: str, train: Samples, test: Samples, *, val: Samples | None, val_dir: Path | None, val_fraction: float,
+            split_seed: int, mean, std, views: ViewSpec, workers: int, on_decode_error: str) -> DatasetSplits:
+    val_source = None if val is None else f"{val_dir} ({len(val)} images)"
     if val is None and val_fraction > 0:
         keep, held = stratified_split(train.labels, float(val_fraction), split_seed)
         train, val = train.subset(keep), train.subset(held)
@@ -88,8 +88,9 @@ def load_splits(name: str, root: str | Path | None, *, storage: str = "auto", vi
         train, test = list_tar_shards(root, views.size)
     else:
         train, test = list_image_folder(root, views.size)
-    val_dir = own_val_dir(Path(root).expanduser()) if name == "image-folder" else None
-    val = None if val_dir is None else list_image_split(train.root, val_dir, train.classes, views.size)
+    val_dir = own_val_dir(Path(root).expanduser())
+    val = None if val_dir is None else list_image_split(train.root, val_dir, train.classes, views.size) \
+        if name == "image-folder" else list_shard_split(val_dir, views.size, train.classes)
     count = len(train) + len(test) + (len(val) if val is not None else 0)
     if storage == "memory" and train_view == "rrc":
         raise ValueError("views.train=rrc crops images as they are decoded: it needs data.storage stream or auto.")
@@ -110,7 +111,7 @@ def load_splits(name: str, root: str | Path | None, *, storage: str = "auto", vi
             if not guessed:
                 raise
             _say(f"data.storage auto: streamed after all, at views.size={views.size}: {err.found}")
-    return _stream(name, train, test, val=val, val_fraction=val_fraction, split_seed=split_seed, mean=mean, std=std,
+    return _stream(name, train, test, val=val, val_dir=val_dir, val_fraction=val_fraction, split_seed=split_seed, mean=mean, std=std,
                    views=views, workers=workers, on_decode_error=on_decode_error)
 
 
