@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .. import distributed
 from .crops import ViewSpec
 from .datasets import DatasetSplits, load_dataset, stratified_split
 from .formats import MixedImageSizes
@@ -146,7 +147,8 @@ def _sampled_sizes(train: Samples, test: Samples, seed: int) -> list[tuple[int, 
 
 
 def _say(line: str) -> None:
-    print(line, file=sys.stderr, flush=True)
+    if distributed.world().is_main:  # every rank decides alike: one line, not one per rank
+        print(line, file=sys.stderr, flush=True)
 
 
 def _with_stats(splits: DatasetSplits, mean, std) -> DatasetSplits:
