@@ -75,8 +75,8 @@ def test_the_cycle_finder_finds_a_cycle():
 
 
 # The README's layout, bottom to top: each part may import only the parts before it.
-LAYERS = ["config", "plugins", "distributed", "precision", "data", "models", "metrics", "solvers", "methods", "engine", "ensemble",
-          "perturbations", "evaluation", "report", "pipeline", "export", "sweep", "reproduce", "cli"]
+LAYERS = ["progress", "config", "plugins", "distributed", "precision", "data", "models", "metrics", "solvers", "methods", "engine",
+          "ensemble", "perturbations", "evaluation", "report", "pipeline", "export", "sweep", "reproduce", "cli"]
 
 
 def test_no_top_level_part_imports_one_that_imports_it_back():

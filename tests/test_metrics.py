@@ -327,6 +327,21 @@ def test_evaluation_rows_report_macs_and_flops_named_as_such():
     assert row == {"params": 60, "params_bn_folded": 55}  # EnsembleNet's #Params
 
 
+def test_latency_is_measured_only_when_asked_and_its_column_then_left_out(tmp_path, capsys):
+    from ensemble_kd.cli import EVAL_COLUMNS, _finish
+    from ensemble_kd.config import load_config
+    from ensemble_kd.evaluation.evaluate import cost_row
+
+    config = load_config(None, [])
+    assert config.eval.latency is False
+    row = {"name": "m", "acc": 0.5, **cost_row(nn.Linear(10, 5), (10,), torch.device("cpu"), config.eval)}
+    assert "latency_ms" not in row and "throughput" not in row and row["macs"] == 50
+    _finish(tmp_path, [row], "t", EVAL_COLUMNS)
+    assert "latency" not in capsys.readouterr().out
+    asked = load_config(None, ["eval.latency=true", "eval.throughput_batch=2"]).eval
+    assert cost_row(nn.Linear(10, 5), (10,), torch.device("cpu"), asked)["latency_ms"] > 0
+
+
 def test_cost_functions_restore_modes_and_follow_dtype():
     layers = [nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 3)]
     model = nn.Sequential(*layers).double()

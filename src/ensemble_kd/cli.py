@@ -32,6 +32,7 @@ from .engine.runs import MetricsLog, write_config
 from .ensemble import MANIFEST, TeacherSet
 from .ensemble.cache import describe_kept, open_cache
 from .export import FORMATS, TOLERANCE, export_run
+from .progress import ImagesPerSecond, LineProgress
 from .report import (MARK, TEMPERATURE_NOTE, accuracy_vs_cost, load_results, print_table, reliability_diagram,
                      teacher_weights_over_training, write_results)
 
@@ -49,45 +50,11 @@ out = Console(width=None if sys.stdout.isatty() else 160)
 err = Console(stderr=True, width=None if sys.stderr.isatty() else 120)
 
 
-class LineProgress:
-    """Progress for logs (no terminal): one line per task at every quarter of the way."""
-
-    def __init__(self, console: Console, steps: int = 4):
-        self.console, self.steps, self.tasks = console, steps, {}
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-    def add_task(self, description, total, completed=0, **fields):
-        task = len(self.tasks)
-        self.tasks[task] = {"description": description, "total": max(1, total), "completed": completed,
-                            "shown": completed * self.steps // max(1, total), "started": time.perf_counter(),
-                            **fields}
-        return task
-
-    def update(self, task, advance=0, completed=None, **fields):
-        t = self.tasks[task]
-        t.update(fields)
-        if fields.get("status"):
-            t["fresh"] = True  # a status is shown once: a later line without news repeats no stale loss
-        t["completed"] = completed if completed is not None else t["completed"] + advance
-        tenth = t["completed"] * self.steps // t["total"]
-        if tenth > t["shown"]:
-            t["shown"] = tenth
-            status = f", {t['status']}" if t.get("status") and t.pop("fresh", False) else ""
-            self.console.print(f"{t['description']}: {100 * t['completed'] / t['total']:.0f}% "
-                               f"({t['completed']}/{t['total']} steps, {time.perf_counter() - t['started']:.0f} s"
-                               f"{status})", highlight=False)
-
-
 def progress_bar() -> Progress | LineProgress:
     if not err.is_terminal:
         return LineProgress(err)
     return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                    TextColumn("{task.fields[status]}"), TimeElapsedColumn(), TimeRemainingColumn(),
+                    TextColumn("{task.fields[status]}"), ImagesPerSecond(), TimeElapsedColumn(), TimeRemainingColumn(),
                     console=err, transient=False)
 
 
@@ -95,8 +62,6 @@ def progress_bar() -> Progress | LineProgress:
 
 def cmd_demo(args) -> None:
     config = _config(args)  # --resume reads the run's config.yaml
-    if not any(o.strip().startswith("eval.latency=") for o in args.overrides):  # not in the demo's table
-        config = config.model_copy(update={"eval": config.eval.model_copy(update={"latency": False})})
     started = time.perf_counter()
     methods = _demo_methods(args)
     data = pipeline.prepare_data(config)

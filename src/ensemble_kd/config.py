@@ -217,7 +217,7 @@ class CacheConfig(_Section):
 
 class EvalConfig(_Section):
     cost: bool = True
-    latency: bool = True
+    latency: bool = False  # batch-1 timing: minutes on a busy CPU, and noisy there; measure on a quiet machine
     throughput_batch: int = Field(256, gt=0)
     corruptions: bool = False  # accuracy/NLL/ECE under 8 corruptions x 5 severities (evaluation/robustness.py)
     ood: str | None = None  # a second dataset's test split as out-of-distribution inputs (AUROC)

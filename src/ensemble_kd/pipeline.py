@@ -48,6 +48,15 @@ class Data:
     config: Config
     device: torch.device
 
+    def calibration_split(self) -> str | None:
+        """Where cNLL's and cECE's temperature is fitted: the dataset's own validation split, or
+        data.val_fraction of train (for pretrained teachers, images they may have learnt)."""
+        if self.val is None:
+            return None
+        cfg = self.config.data
+        return getattr(self.splits, "val_source", None) or \
+            f"{cfg.val_fraction:g} of train (data.val_fraction, data.split_seed={cfg.split_seed})"
+
     def train_loader(self, cfg: DataConfig, seed: int, rank: int = 0, world_size: int = 1) -> DeviceLoader:
         """Training views and order seeded by data.view_seed, or by the trained model's seed.
 
@@ -535,19 +544,26 @@ def evaluate_student(config: Config, model, data: Data, info: dict | None = None
         return {**evaluate_model(label, net, data.test, data.val, config.eval, data.device), **timing, **extra}
     shipped = method_from(config).deployable(model, training_inputs(config, data))
     if shipped is None:
-        return [row(name, model)]
+        return _calibrated_on(data, [row(name, model)])
     members = getattr(unwrap(model), "members", "")
-    return [row(f"{name} collapsed", shipped, part="collapsed"), row(f"{name} BE (M={members})", model, part="BE")]
+    return _calibrated_on(data, [row(f"{name} collapsed", shipped, part="collapsed"),
+                                 row(f"{name} BE (M={members})", model, part="BE")])
 
 
 def evaluate_model_row(path: Path, model, config: Config, data: Data) -> dict:
     name = model.spec["name"] if path.name == "model.pt" else path.stem
     label = f"{path.parent.name}: {name}" if path.parent.name else name
-    return evaluate_model(label, model, data.test, data.val, config.eval, data.device)
+    return _calibrated_on(data, [evaluate_model(label, model, data.test, data.val, config.eval, data.device)])[0]
+
+
+def _calibrated_on(data: Data, rows: list[dict]) -> list[dict]:
+    """Rows with calibrated figures name the split their temperature was fitted on."""
+    split = data.calibration_split()
+    return [{**r, "calibration_split": split} if split and "cnll" in r else r for r in rows]
 
 
 def evaluate_teachers(config: Config, teachers: TeacherSet, data: Data, run_dir: Path | None = None) -> list[dict]:
-    rows = evaluate_teacher_set(teachers, data.test, data.val, config.eval, data.device)
+    rows = _calibrated_on(data, evaluate_teacher_set(teachers, data.test, data.val, config.eval, data.device))
     if run_dir is not None and (run_dir / MANIFEST).is_file():
         times = {m["name"]: m.get("train_time_s") for m in json.loads((run_dir / MANIFEST).read_text())["members"]}
         for row in rows:

@@ -102,6 +102,7 @@ class DatasetSplits:
     mean: tuple[float, ...]
     std: tuple[float, ...]
     augment: AugmentSpec
+    val_source: str | None = None  # the dataset's own validation split, when val is not carved from train
 
     @property
     def num_classes(self) -> int:
@@ -257,8 +258,9 @@ register_dataset("cifar100", AugmentSpec(crop_padding=4, flip=True))(_cifar_load
 @register_dataset("image-folder", AugmentSpec(crop_padding=4, flip=True))
 def _image_folder(root: Path | None) -> tuple[ImageDataset, ImageDataset]:
     root = _require_root(root, "image-folder", "train/<class>/<images> and test/<class>/<images>")
-    train, test, classes = load_image_folder(root)
-    return _to_dataset(*train, classes), _to_dataset(*test, classes)
+    train, test, classes, val = load_image_folder(root)
+    own_val = () if val is None else (_to_dataset(*val, classes),)
+    return _to_dataset(*train, classes), _to_dataset(*test, classes), *own_val
 
 
 # ----------------------------------------------------------------------------- entry point
@@ -286,15 +288,18 @@ def load_dataset(
         augment = AugmentSpec(**augment)
     elif not isinstance(augment, AugmentSpec):
         raise ValueError(f"augment must be an AugmentSpec or a mapping, got {type(augment).__name__}.")
-    train, test = fn(None if root is None else Path(root).expanduser())
+    train, test, *own_val = fn(None if root is None else Path(root).expanduser())  # a loader may give its val
     if train.classes != test.classes:
         raise ValueError(
             f"dataset '{name}' has train classes {train.classes} but test classes {test.classes}; "
             f"they must match."
         )
-    val = None
-    if val_fraction > 0:
+    val, val_source = None, None
+    if own_val:
+        val, val_source = own_val[0], f"{Path(root).expanduser() / 'val'} ({len(own_val[0])} images)"
+    elif val_fraction > 0:
         keep, held = stratified_split(train.labels, float(val_fraction), split_seed)
         train, val = train.subset(keep), train.subset(held)
     mean, std = channel_stats(train.images)
-    return DatasetSplits(name=name, train=train, val=val, test=test, mean=mean, std=std, augment=augment)
+    return DatasetSplits(name=name, train=train, val=val, test=test, mean=mean, std=std, augment=augment,
+                         val_source=val_source)

@@ -14,12 +14,15 @@ from pathlib import Path
 
 import numpy as np
 
+from ..progress import quiet_progress
+
 __all__ = [
     "read_idx",
     "find_idx_file",
     "load_idx_pair",
     "load_cifar",
     "load_image_folder",
+    "MixedImageSizes",
     "check_labels",
     "IMAGE_EXTENSIONS",
 ]
@@ -270,6 +273,14 @@ def load_cifar(root: str | Path, name: str):
 _GRAY_MODES = {"1", "L", "LA"}
 _WIDE_MODES = {"I", "I;16", "I;16B", "I;16L", "F"}
 
+class MixedImageSizes(ValueError):
+    """An image folder held in memory whose images are not all one size; `found` names two that differ."""
+
+    def __init__(self, found: str):
+        super().__init__(f"{found}; resize all images of an image folder to one size.")
+        self.found = found
+
+
 def _class_folders(split_dir: Path) -> list[Path]:
     return sorted(p for p in split_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
 
@@ -309,16 +320,20 @@ def _read_split(split_dir: Path, classes: list[str]) -> tuple[list[np.ndarray], 
                 f"class folder {folder} is empty: it holds no images ({', '.join(IMAGE_EXTENSIONS)}); "
                 f"add images or remove the folder."
             )
-        for f in files:
-            arrays.append(_read_image(f))
-            labels.append(label)
-            paths.append(f)
+        labels += [label] * len(files)
+        paths += files
+    progress = quiet_progress()  # 60,000 files take a minute or more: a line every 30 s says how far
+    task = progress.add_task(f"reading {split_dir}", total=len(paths), images_per_step=1)
+    for f in paths:
+        arrays.append(_read_image(f))
+        progress.update(task, advance=1)
     return arrays, np.asarray(labels, dtype=np.int64), paths
 
 
 def load_image_folder(root: str | Path):
-    """Train and test arrays plus class names from root/{train,test}/<class>/<image files>
-    (root/val/ is the test split when there is no root/test/, as in ImageNet's layout)."""
+    """Train and test arrays, class names, and validation arrays (or None) from
+    root/{train,test,val}/<class>/<image files>: root/val/ is the test split when there is no
+    root/test/ (ImageNet's layout), else the validation split."""
     root = Path(root).expanduser()
     layout = "root/train/<class>/<images> and root/test/<class>/<images> (or root/val/<class>/<images>)"
     test_name = "test" if (root / "test").is_dir() or not (root / "val").is_dir() else "val"
@@ -336,17 +351,16 @@ def load_image_folder(root: str | Path):
         )
     train = _read_split(root / "train", classes)
     test = _read_split(root / test_name, classes)
-    arrays = train[0] + test[0]
-    paths = train[2] + test[2]
+    own_val = test_name == "test" and (root / "val").is_dir()  # see samples.own_val_dir
+    val = _read_split(root / "val", classes) if own_val else ([], None, [])
+    arrays = train[0] + test[0] + val[0]
+    paths = train[2] + test[2] + val[2]
     if not test[0]:
         raise ValueError(f"{root / test_name} holds no images; an image folder dataset needs {layout}.")
     size = arrays[0].shape[:2]
     for a, p in zip(arrays, paths):
         if a.shape[:2] != size:
-            raise ValueError(
-                f"image {p} is {a.shape[1]}x{a.shape[0]} but {paths[0]} is {size[1]}x{size[0]}; "
-                f"resize all images of an image folder to one size."
-            )
+            raise MixedImageSizes(f"image {p} is {a.shape[1]}x{a.shape[0]} but {paths[0]} is {size[1]}x{size[0]}")
     color = any(a.ndim == 3 for a in arrays)
 
     def stack(items: list[np.ndarray]) -> np.ndarray:
@@ -355,4 +369,5 @@ def load_image_folder(root: str | Path):
             return np.stack(items).transpose(0, 3, 1, 2).copy()
         return np.stack(items)[:, None]
 
-    return (stack(train[0]), train[1]), (stack(test[0]), test[1]), tuple(classes)
+    return ((stack(train[0]), train[1]), (stack(test[0]), test[1]), tuple(classes),
+            (stack(val[0]), val[1]) if own_val else None)

@@ -29,7 +29,8 @@ import numpy as np
 from .formats import IMAGE_EXTENSIONS
 from .index_cache import cached_index
 
-__all__ = ["DecodeError", "ImageFiles", "TarSamples", "list_image_folder", "list_tar_shards", "Samples"]
+__all__ = ["DecodeError", "ImageFiles", "TarSamples", "list_image_folder", "list_image_split", "list_shard_split",
+           "list_tar_shards", "own_val_dir", "Samples"]
 
 LISTING_REPORT_EVERY = 100_000  # listing a large folder prints a progress line every this many files
 
@@ -189,8 +190,8 @@ def _class_folders(split_dir: Path) -> list[str]:
 
 
 def test_split_dir(root: Path, kind: str) -> Path:
-    """root/test, or root/val when there is no test/ (ImageNet's layout); the validation split that
-    temperature scaling uses is carved from train (data.val_fraction), as for every dataset."""
+    """root/test, or root/val when there is no test/ (ImageNet's layout); with both, root/val is the
+    validation split temperature scaling uses (own_val_dir), else it is carved from train (data.val_fraction)."""
     layout = "root/train/... and root/test/... (or root/val/...)"
     if not (root / "train").is_dir():
         raise FileNotFoundError(f"{root / 'train'} not found: a {kind} dataset needs {layout}.")
@@ -198,6 +199,13 @@ def test_split_dir(root: Path, kind: str) -> Path:
         if (root / name).is_dir():
             return root / name
     raise FileNotFoundError(f"{root} has neither test/ nor val/: a {kind} dataset needs {layout}.")
+
+
+def own_val_dir(root: Path) -> Path | None:
+    """root/val when root/test is the test split (image folders and tar shards): the dataset's own validation
+    split, which temperature scaling uses instead of data.val_fraction of train (images pretrained teachers
+    may have learnt)."""
+    return root / "val" if (root / "test").is_dir() and (root / "val").is_dir() else None
 
 
 def list_image_folder(root: str | Path, image_size: int) -> tuple[ImageFiles, ImageFiles]:
@@ -208,17 +216,20 @@ def list_image_folder(root: str | Path, image_size: int) -> tuple[ImageFiles, Im
     if not classes:
         raise ValueError(f"{root / 'train'} has no class folders; an image folder dataset needs "
                          f"root/train/<class>/<images>.")
-    splits = []
-    for split_dir in (root / "train", test_dir):
-        extra = [c for c in _class_folders(split_dir) if c not in classes]
-        if extra:
-            raise ValueError(f"{split_dir} has class folders {extra} that {root / 'train'} lacks; every "
-                             f"{split_dir.name} class needs training images (add them, or remove the folders).")
-        names, labels, sizes = _list_split(split_dir, classes, root)
-        if not names:
-            raise ValueError(f"{split_dir} holds no images; put images in {split_dir}/<class>/.")
-        splits.append(ImageFiles(root, names, labels, classes, image_size, sizes))
-    return splits[0], splits[1]
+    return (list_image_split(root, root / "train", classes, image_size),
+            list_image_split(root, test_dir, classes, image_size))
+
+
+def list_image_split(root: Path, split_dir: Path, classes, image_size: int) -> ImageFiles:
+    """The files of split_dir/<class>/*, labelled by `classes` (the training split's class folders)."""
+    extra = [c for c in _class_folders(split_dir) if c not in classes]
+    if extra:
+        raise ValueError(f"{split_dir} has class folders {extra} that {root / 'train'} lacks; every "
+                         f"{split_dir.name} class needs training images (add them, or remove the folders).")
+    names, labels, sizes = _list_split(split_dir, list(classes), root)
+    if not names:
+        raise ValueError(f"{split_dir} holds no images; put images in {split_dir}/<class>/.")
+    return ImageFiles(root, names, labels, classes, image_size, sizes)
 
 
 # ----------------------------------------------------------------------------- tar shards
@@ -328,7 +339,8 @@ def _truncated(path: Path, where: str) -> str:
             f"copy or download it again, or remove it.")
 
 
-def _list_shards(split_dir: Path, image_size: int, classes: tuple[str, ...] | None) -> TarSamples:
+def list_shard_split(split_dir: Path, image_size: int, classes: tuple[str, ...] | None) -> TarSamples:
+    """The samples of split_dir/*.tar; `classes` the training shards' (None: read from these)."""
     shards = sorted(p for p in split_dir.iterdir() if p.suffix == ".tar" and p.is_file())
     if not shards:
         raise FileNotFoundError(f"{split_dir} holds no .tar shards; tar-shards needs {split_dir}/000000.tar ...")
@@ -363,7 +375,7 @@ def list_tar_shards(root: str | Path, image_size: int) -> tuple[TarSamples, TarS
     root = Path(root).expanduser()
     test_dir = test_split_dir(root, "tar shard")
     names_file = root / "classes.txt"
-    train = _list_shards(root / "train", image_size, None)
+    train = list_shard_split(root / "train", image_size, None)
     if names_file.is_file():
         names = [line.strip() for line in names_file.read_text().splitlines() if line.strip()]
         if len(names) < train.num_classes:
@@ -378,5 +390,5 @@ def list_tar_shards(root: str | Path, image_size: int) -> tuple[TarSamples, TarS
                              f"but no sample of {len(empty)} of those {train.num_classes} classes ({shown}); "
                              f"number the classes 0..K-1 without gaps, or list every class in {names_file} "
                              f"(one name a line) to train with empty classes.")
-    return train, _list_shards(test_dir, image_size, train.classes)
+    return train, list_shard_split(test_dir, image_size, train.classes)
 

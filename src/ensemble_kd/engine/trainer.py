@@ -389,5 +389,10 @@ class Trainer:
     def _progress_task(self):
         if self.progress is None:
             return None
-        return self.progress.add_task(self.description, total=self.total_steps,
-                                      completed=self.pos.step, status="")
+        return self.progress.add_task(self.description, total=self.total_steps, completed=self.pos.step, status="",
+                                      images_per_step=self._images_per_step())
+
+    def _images_per_step(self) -> int | None:
+        """Every rank steps together, each on its own batch: the run's images per step."""
+        batch = getattr(self.loader, "batch_size", None)
+        return batch * getattr(self.loader, "world_size", 1) if batch else None

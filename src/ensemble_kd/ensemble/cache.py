@@ -242,7 +242,8 @@ def build_cache(teachers: TeacherSet, loader, out_dir: str | Path, *, epochs: in
             done = sum(record["batches"][epoch])  # batches of this epoch already committed
             total, batches = _rank_batches(loader, epoch, rank, world_size, batch_size, done)
             if progress is not None and task is None:
-                task = progress.add_task("cache teachers", total=epochs * total, status="")
+                task = progress.add_task("cache teachers", total=epochs * total, status="",
+                                         images_per_step=batch_size * world_size)  # the ranks run together
             if progress is not None:
                 progress.update(task, completed=epoch * total + min(total, done))
             if done >= total:

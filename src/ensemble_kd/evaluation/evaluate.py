@@ -17,18 +17,23 @@ from ..metrics.cost import count_parameters_bn_folded
 from ..metrics.multilabel import global_average_precision, mean_average_precision
 from ..models import unwrap
 from ..models.multihead import ensemble_logits
+from ..progress import quiet_progress
 from .robustness import robustness_fields
 
 
 @torch.no_grad()
-def predict(model: nn.Module, loader) -> tuple[torch.Tensor, torch.Tensor]:
-    """Logits and labels over a whole split, on the CPU. A TeacherSet gives (M, N, K)."""
+def predict(model: nn.Module, loader, description: str = "predict", progress=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits and labels over a whole split, on the CPU. A TeacherSet gives (M, N, K).
+    A long split prints a line every 30 s (rate, time left) unless another `progress` is given."""
     outs, labels = [], []
+    progress = progress or quiet_progress()
+    task = progress.add_task(description, total=len(loader), status="", images_per_step=getattr(loader, "batch_size", None))
     with eval_mode(model):
         for batch in loader.batches(0):
             out = model.member_logits(batch.x) if isinstance(model, TeacherSet) else model(batch.x)
             outs.append(out.float().cpu())
             labels.append(batch.y.cpu())
+            progress.update(task, advance=1)
     return torch.cat(outs, dim=-2), torch.cat(labels)
 
 
@@ -57,8 +62,8 @@ def _log_probs(probs: torch.Tensor) -> torch.Tensor:
 def evaluate_model(name: str, model: nn.Module, test_loader, val_loader, eval_cfg, device) -> dict:
     if getattr(unwrap(model), "multilabel", False):
         return evaluate_multilabel(name, model, test_loader, eval_cfg, device)
-    test_logits, labels = predict(model, test_loader)
-    val = predict(model, val_loader) if val_loader is not None else (None, None)
+    test_logits, labels = predict(model, test_loader, f"evaluate {name} on test")
+    val = predict(model, val_loader, f"evaluate {name} on val") if val_loader is not None else (None, None)
     row = metrics_row(name, test_logits.softmax(-1), labels, val_logits=val[0], val_labels=val[1],
                       test_logits=test_logits)
     with eval_mode(model):
@@ -69,7 +74,7 @@ def evaluate_model(name: str, model: nn.Module, test_loader, val_loader, eval_cf
 def evaluate_multilabel(name: str, model: nn.Module, test_loader, eval_cfg, device) -> dict:
     """Multi-label models (video): GAP@20, mAP and hit@1 (the top class is a positive) on the test set.
     MACs are counted on a real test item (padding frames are skipped, so zeros would cost nothing)."""
-    logits, labels = predict(model, test_loader)
+    logits, labels = predict(model, test_loader, f"evaluate {name} on test")
     scores = torch.sigmoid(logits)
     row = {"name": name, "gap": global_average_precision(scores, labels, top_k=20),
            "map": mean_average_precision(scores, labels),
@@ -84,8 +89,9 @@ def evaluate_multilabel(name: str, model: nn.Module, test_loader, eval_cfg, devi
 def evaluate_teacher_set(teachers: TeacherSet, test_loader, val_loader, eval_cfg, device,
                          prefix: str = "") -> list[dict]:
     """One row per member, the ensemble (mean of probabilities) and the majority vote."""
-    member_logits, labels = predict(teachers, test_loader)
-    val_logits, val_labels = predict(teachers, val_loader) if val_loader is not None else (None, None)
+    member_logits, labels = predict(teachers, test_loader, f"evaluate {prefix}teachers on test")
+    val_logits, val_labels = (predict(teachers, val_loader, f"evaluate {prefix}teachers on val")
+                              if val_loader is not None else (None, None))
     shape = _input_shape(test_loader)
     rows = []
     for i, (name, member) in enumerate(zip(teachers.names, teachers.members)):

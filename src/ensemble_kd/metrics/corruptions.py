@@ -48,6 +48,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from ..progress import quiet_progress
 from ._checks import check_logits_labels
 from .calibration import expected_calibration_error
 from .classification import negative_log_likelihood, top_k_accuracy
@@ -303,9 +304,12 @@ def corruption_suite(
 
     per: dict[str, dict[str, float]] = {}
     by_corruption: dict[str, dict[str, float]] = {}
+    progress = quiet_progress()  # 40 passes over the sample: a line every 30 s when they take that long
+    task = progress.add_task("corruptions", total=len(fns) * len(severities), images_per_step=len(images))
     for name, fn in fns.items():
         for sev in severities:
             gen = torch.Generator().manual_seed(int(seed))
             per[f"{name}/{sev}"] = run(lambda xb, fn=fn, sev=sev, gen=gen: fn(xb, sev, gen))
+            progress.update(task, advance=1)
         by_corruption[name] = _mean([per[f"{name}/{sev}"] for sev in severities])
     return {"clean": run(lambda xb: xb), "per": per, "by_corruption": by_corruption, "mean": _mean(list(per.values()))}

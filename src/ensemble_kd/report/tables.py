@@ -19,7 +19,8 @@ MARK = "†"
 CALIBRATED = ("cnll", "cece")
 TEMPERATURE_NOTE = (f"temperature scaling hit a bound of its range: the validation NLL still falls beyond it, so "
                     f"cNLL and cECE are not identifiable; T={T_MIN:g} means every validation sample is classified "
-                    f"right with a margin (raise data.val_fraction for calibrated figures), T={T_MAX:g} that the "
+                    f"right with a margin (a larger validation split gives calibrated figures: raise "
+                    f"data.val_fraction, or add images to an image folder's own val/), T={T_MAX:g} that the "
                     f"predictions on the validation split are no better than uniform (the model has not learnt)")
 
 # Default column order; a row is a dict keyed by these names (extra keys are allowed).
@@ -129,10 +130,15 @@ def _marked(row: Mapping[str, Any], column: str) -> bool:
 
 
 def footnotes(rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> list[str]:
-    """The lines under a table: the meaning of MARK, once, when some shown cell carries it."""
+    """The lines under a table: where calibrated figures' temperature was fitted (rows' calibration_split),
+    and the meaning of MARK, once, when some shown cell carries it."""
+    notes = []
+    splits = list(dict.fromkeys(r["calibration_split"] for r in rows if r.get("calibration_split")))
+    if splits and any(c in CALIBRATED for c in columns):
+        notes.append(f"cNLL and cECE: temperature fitted on {'; '.join(splits)}")
     if any(_marked(r, c) for r in rows for c in columns):
-        return [f"{MARK} {TEMPERATURE_NOTE}"]
-    return []
+        notes.append(f"{MARK} {TEMPERATURE_NOTE}")
+    return notes
 
 
 def _is_number(value: Any) -> bool:
@@ -166,7 +172,7 @@ def markdown_table(rows: Iterable[Mapping[str, Any]], columns: Sequence[str] | N
     rule = "|" + "|".join(":---" if c == "name" else "---:" for c in cols) + "|"
     body = ["| " + " | ".join(format_cell(r, c).replace("|", "\\|") for c in cols) + " |" for r in rows]
     notes = footnotes(rows, cols)
-    return "\n".join([header, rule, *body, *([""] + notes if notes else [])]) + "\n"
+    return "\n".join([header, rule, *body, *(["", "\n\n".join(notes)] if notes else [])]) + "\n"
 
 
 def print_table(
